@@ -1,0 +1,339 @@
+"""The jitted block-diffusion decoding loop: prefill, then block by block fill, denoise, commit.
+
+Layout of a request: a token buffer [batch, buffer_len] holding each prompt left-aligned, the
+prompt lengths, and a cache of fixed capacity. Blocks are aligned to absolute positions
+(multiples of block_size), as in training: prefill writes every *full* prompt block; the first
+generated block holds the prompt's tail (kept fixed) and [MASK] tokens. Sequences of a batch
+advance independently (ragged lengths), each at its own cache length.
+
+Per block:
+  1. fill: prompt tail + [MASK]; with token shift (Fast-dLLM v2) position 0 of a fresh block is
+     decided at once from the previous block's last hidden state, as batch_sample does;
+  2. the first denoising step (StepInfo.first=True: MAGE selects its indices here), then further
+     steps until no [MASK] is left (fixed_steps: exactly steps_per_block steps);
+  3. commit: the finished block runs once more, block-causally, writing its K/V to the cache; its
+     last hidden state predicts the next block's first token.
+Everything runs inside one jit: a while_loop over prefill chunks, a while_loop over blocks with a
+while_loop over steps inside, so one compile serves every prompt of a (config, batch, capacity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mage_jax import sampling
+from mage_jax.attention import DenoiseCarry, WriteCarry, make_denoise_attend, make_write_attend
+from mage_jax.config import ModelConfig
+from mage_jax.kv_cache import KVCache, check_request, init_cache
+from mage_jax.methods.base import AttentionMethod, StepInfo
+from mage_jax.methods.exact import ExactAttention
+from mage_jax.model import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  """Static decoding configuration (hashed into the jit key).
+
+  Attributes:
+    policy: fast_dllm_v2 | sdar | fixed_steps (see mage_jax.sampling).
+    threshold: confidence threshold of fast_dllm_v2 and sdar.
+    sub_block_size: fast_dllm_v2's sub-block.
+    steps_per_block: sdar's schedule length and fixed_steps' exact step count.
+    temperature, top_p: 0 = greedy; otherwise temperature / nucleus sampling with explicit keys.
+    prefill_chunk: tokens per prefill chunk (rounded to a multiple of the block size).
+    attention_impl: kernel dispatch for the prefill / commit attention.
+  """
+
+  policy: str = "fast_dllm_v2"
+  threshold: float = 0.9
+  sub_block_size: int = 8
+  steps_per_block: int = 32
+  temperature: float = 0.0
+  top_p: float = 1.0
+  prefill_chunk: int = 2048
+  attention_impl: str = "auto"
+
+  @classmethod
+  def for_model(cls, cfg: ModelConfig, **overrides) -> "DecodeOptions":
+    """The model family's decoding defaults (config.json's block_diffusion section)."""
+    fields = dict(policy=cfg.decode_policy, threshold=cfg.confidence_threshold,
+                  sub_block_size=cfg.sub_block_size, steps_per_block=cfg.steps_per_block)
+    fields.update(overrides)
+    return cls(**fields)
+
+  def validate(self, cfg: ModelConfig) -> None:
+    if self.policy not in ("fast_dllm_v2", "sdar", "fixed_steps"):
+      raise ValueError(f"DecodeOptions.policy: unknown policy {self.policy!r}")
+    if cfg.block_size % self.sub_block_size:
+      raise ValueError(f"DecodeOptions.sub_block_size={self.sub_block_size} does not divide "
+                       f"block_size={cfg.block_size}")
+    if self.steps_per_block < 1:
+      raise ValueError(f"DecodeOptions.steps_per_block must be >= 1, got {self.steps_per_block}")
+    if self.temperature < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"DecodeOptions: temperature must be >= 0 and top_p in (0, 1], got "
+                       f"{self.temperature}, {self.top_p}")
+    if self.prefill_chunk < 1:
+      raise ValueError(f"DecodeOptions.prefill_chunk must be >= 1, got {self.prefill_chunk}")
+
+
+class GenerationResult(NamedTuple):
+  tokens: list[list[int]]  # generated tokens per sequence (EOS and what follows removed)
+  finished: np.ndarray  # bool [batch]: stopped at EOS
+  num_blocks: int  # blocks decoded (max over the batch)
+  num_steps: int  # denoising forward passes, commits excluded
+  buffer: np.ndarray  # int32 [batch, buffer_len]: prompts and generated tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes (pure functions of the model; used by the loop and usable on their own).
+
+
+def forward_write(model: Transformer, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
+                  cache: KVCache, method: AttentionMethod, method_state: Any,
+                  impl: str = "auto") -> tuple[jax.Array, KVCache, Any]:
+  """Runs tokens [batch, seq] at ``positions`` block-causally against the cache, writing the
+  valid rows' K/V. Returns (hidden [batch, seq, hidden], cache, method_state)."""
+  ends = jnp.max(jnp.where(valid, positions + 1, 0), axis=1)
+  cache = KVCache(layers=cache.layers, lengths=jnp.maximum(cache.lengths, ends).astype(jnp.int32))
+  attend = make_write_attend(method, model.config.block_size, impl)
+  hidden, carry = model(tokens, positions, attend, WriteCarry(cache, method_state, positions, valid))
+  return hidden, carry.cache, carry.method_state
+
+
+def forward_denoise(model: Transformer, block_tokens: jax.Array, cache: KVCache,
+                    method: AttentionMethod, method_state: Any,
+                    step: StepInfo) -> tuple[jax.Array, Any]:
+  """One denoising step of the block starting at each sequence's cache length (no write).
+
+  Returns (logits [batch, block, vocab] float32, method_state)."""
+  block = block_tokens.shape[1]
+  positions = cache.lengths[:, None] + jnp.arange(block, dtype=jnp.int32)[None, :]
+  hidden, carry = model(block_tokens, positions, make_denoise_attend(method, step),
+                        DenoiseCarry(cache, method_state))
+  return model.logits(hidden), carry.method_state
+
+
+def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: KVCache,
+            method: AttentionMethod, method_state: Any, *, chunk: int,
+            impl: str = "auto") -> tuple[KVCache, Any, jax.Array]:
+  """Writes positions [0, lengths) of ``tokens`` [batch, buffer_len] into an empty cache, in
+  chunks of ``chunk`` tokens (a lax loop: one compile whatever the prompt lengths).
+
+  ``buffer_len`` must be a multiple of ``chunk``, and ``chunk`` of the block size. Returns the
+  cache, the method state and the float32 logits [batch, vocab] at position lengths - 1 (zeros
+  where lengths is 0)."""
+  batch, buffer_len = tokens.shape
+  if buffer_len % chunk or chunk % model.config.block_size:
+    raise ValueError(f"prefill: buffer length {buffer_len} must be a multiple of chunk {chunk}, "
+                     f"itself a multiple of block_size {model.config.block_size}")
+  hidden_size = model.config.hidden_size
+  dtype = model.embed_tokens.embedding.dtype
+
+  def cond(carry):
+    c = carry[0]
+    return c * chunk < jnp.max(lengths)
+
+  def body(carry):
+    c, cache, state, last_hidden = carry
+    start = c * chunk
+    chunk_tokens = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
+    positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
+    valid = positions < lengths[:, None]
+    hidden, cache, state = forward_write(model, chunk_tokens, positions, valid, cache, method,
+                                         state, impl)
+    offset = lengths - 1 - start
+    inside = (offset >= 0) & (offset < chunk)
+    row = jnp.take_along_axis(hidden, jnp.clip(offset, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+    return c + 1, cache, state, jnp.where(inside[:, None], row, last_hidden)
+
+  init = (jnp.int32(0), cache, method_state, jnp.zeros((batch, hidden_size), dtype))
+  _, cache, method_state, last_hidden = jax.lax.while_loop(cond, body, init)
+  return cache, method_state, model.logits(last_hidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoding loop.
+
+
+class _Blocks(NamedTuple):
+  """Carry of the loop over blocks."""
+
+  buffer: jax.Array  # int32 [batch, buffer_len]
+  cache: KVCache
+  method_state: Any
+  prev_logits: jax.Array  # float32 [batch, vocab]: logits of the last committed position
+  done: jax.Array  # bool [batch]
+  generated: jax.Array  # int32 [batch]: tokens generated so far (prompt tails excluded)
+  num_blocks: jax.Array  # int32 scalar
+  num_steps: jax.Array  # int32 scalar
+  rng: jax.Array
+
+
+class _Steps(NamedTuple):
+  """Carry of the loop over the denoising steps of one block."""
+
+  tokens: jax.Array  # int32 [batch, block]
+  masked: jax.Array  # bool [batch, block]: still [MASK]
+  method_state: Any
+  step: jax.Array  # int32 scalar
+
+
+def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, rng, *,
+            method: AttentionMethod, options: DecodeOptions, chunk: int):
+  cfg = model.config
+  bs = cfg.block_size
+  batch = buffer.shape[0]
+  arange_block = jnp.arange(bs, dtype=jnp.int32)
+  eos = jnp.asarray(cfg.eos_token_ids, jnp.int32)
+  greedy = options.temperature == 0.0
+
+  def propose(logits, key):
+    return sampling.propose_tokens(logits, None if greedy else key, options.temperature,
+                                   options.top_p)
+
+  method_state = method.init_state(cfg, batch, cache.capacity)
+  full_prompt = prompt_lengths // bs * bs
+  cache, method_state, prev_logits = prefill(model, buffer, full_prompt, cache, method,
+                                             method_state, chunk=chunk,
+                                             impl=options.attention_impl)
+
+  def denoise(blocks: _Blocks, positions, active, num_masked_at_start, steps: _Steps, first):
+    key = jax.random.fold_in(jax.random.fold_in(blocks.rng, 0), blocks.num_steps + steps.step)
+    logits, state = forward_denoise(model, steps.tokens, blocks.cache, method,
+                                    steps.method_state, StepInfo(first, steps.step))
+    if cfg.token_shift:
+      logits = jnp.concatenate([blocks.prev_logits[:, None], logits[:, :-1]], axis=1)
+    proposal, confidence = propose(logits, key)
+    masked = steps.masked & active[:, None]
+    if options.policy == "fast_dllm_v2":
+      transfer = sampling.fast_dllm_v2_transfer(confidence, masked, options.threshold,
+                                                options.sub_block_size)
+    else:
+      count = sampling.scheduled_count(num_masked_at_start, options.steps_per_block, steps.step)
+      if options.policy == "sdar":
+        transfer = sampling.sdar_transfer(confidence, masked, options.threshold, count)
+      else:
+        transfer = sampling.fixed_transfer(confidence, masked, count)
+    del positions
+    return _Steps(jnp.where(transfer, proposal, steps.tokens), steps.masked & ~transfer, state,
+                  steps.step + 1)
+
+  def block_body(blocks: _Blocks) -> _Blocks:
+    active = ~blocks.done
+    start = blocks.cache.lengths
+    positions = start[:, None] + arange_block[None, :]
+    from_prompt = positions < prompt_lengths[:, None]
+    prompt_tail = jnp.take_along_axis(blocks.buffer, positions, axis=1)
+    tokens = jnp.where(from_prompt, prompt_tail, cfg.mask_token_id)
+    masked = ~from_prompt
+    if cfg.token_shift:
+      key = jax.random.fold_in(jax.random.fold_in(blocks.rng, 1), blocks.num_blocks)
+      first_token, _ = propose(blocks.prev_logits, key)
+      tokens = tokens.at[:, 0].set(jnp.where(masked[:, 0], first_token, tokens[:, 0]))
+      masked = masked.at[:, 0].set(False)
+    num_masked_at_start = jnp.sum(masked, axis=1).astype(jnp.int32)
+
+    steps = _Steps(tokens, masked, blocks.method_state, jnp.int32(0))
+    steps = denoise(blocks, positions, active, num_masked_at_start, steps, first=True)
+
+    def step_cond(steps: _Steps):
+      if options.policy == "fixed_steps":
+        return steps.step < options.steps_per_block
+      return jnp.any(steps.masked & active[:, None]) & (steps.step < bs)
+
+    steps = jax.lax.while_loop(
+        step_cond,
+        lambda s: denoise(blocks, positions, active, num_masked_at_start, s, first=False), steps)
+    # fixed_steps may run more steps than masks: leftovers are impossible since the schedule
+    # sums to the masked count; other policies stop when no mask is left.
+    tokens = steps.tokens
+    valid = jnp.broadcast_to(active[:, None], positions.shape)
+    hidden, cache, state = forward_write(model, tokens, positions, valid, blocks.cache, method,
+                                         steps.method_state, options.attention_impl)
+    last_logits = model.logits(hidden[:, -1])
+    rows = jnp.where(valid, positions, blocks.buffer.shape[1])
+    buffer = jax.vmap(lambda b, r, t: b.at[r].set(t, mode="drop"))(blocks.buffer, rows, tokens)
+    new = ~from_prompt & active[:, None]
+    hit_eos = jnp.any(new & jnp.isin(tokens, eos), axis=1)
+    generated = blocks.generated + jnp.sum(new, axis=1).astype(jnp.int32)
+    done = blocks.done | hit_eos | (generated >= max_new_tokens)
+    return _Blocks(buffer, cache, state, jnp.where(active[:, None], last_logits, blocks.prev_logits),
+                   done, generated, blocks.num_blocks + 1, blocks.num_steps + steps.step, blocks.rng)
+
+  init = _Blocks(buffer, cache, method_state, prev_logits, jnp.zeros((batch,), bool),
+                 jnp.zeros((batch,), jnp.int32), jnp.int32(0), jnp.int32(0), rng)
+  out = jax.lax.while_loop(lambda b: ~jnp.all(b.done), block_body, init)
+  return out.buffer, out.generated, out.num_blocks, out.num_steps, out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "method", "options", "chunk"),
+                   donate_argnames=("cache",))
+def _decode_jit(graphdef, params, buffer, prompt_lengths, max_new_tokens, cache, rng, *,
+                method, options, chunk):
+  model = nnx.merge(graphdef, params)
+  return _decode(model, buffer, prompt_lengths, max_new_tokens, cache, rng, method=method,
+                 options=options, chunk=chunk)
+
+
+def prefill_chunk_size(cfg: ModelConfig, options: DecodeOptions, capacity: int) -> int:
+  bs = cfg.block_size
+  chunk = max(bs, options.prefill_chunk // bs * bs)
+  return min(chunk, -(-capacity // bs) * bs)
+
+
+def pack_prompts(prompts: Sequence[Sequence[int]], buffer_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-aligned int32 buffer [batch, buffer_len] and lengths [batch] from token lists."""
+  buffer = np.zeros((len(prompts), buffer_len), np.int32)
+  lengths = np.zeros((len(prompts),), np.int32)
+  for i, p in enumerate(prompts):
+    if len(p) > buffer_len:
+      raise ValueError(f"prompt {i} has {len(p)} tokens, more than the cache capacity {buffer_len}")
+    buffer[i, :len(p)] = p
+    lengths[i] = len(p)
+  return buffer, lengths
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             method: AttentionMethod | None = None, options: DecodeOptions | None = None,
+             capacity: int | None = None, rng: jax.Array | None = None) -> GenerationResult:
+  """Generates up to ``max_new_tokens`` tokens after each prompt (a list of token-id lists).
+
+  ``capacity`` (default: the longest prompt plus the budget, rounded up to a block) fixes the
+  cache shape; keep it fixed across calls to reuse the compiled loop.
+  """
+  cfg = model.config
+  method = method or ExactAttention()
+  options = options or DecodeOptions.for_model(cfg)
+  options.validate(cfg)
+  lengths = np.asarray([len(p) for p in prompts], np.int32)
+  if capacity is None:
+    capacity = int(-(-(lengths.max() + max_new_tokens) // cfg.block_size) * cfg.block_size)
+  check_request(cfg, capacity, lengths, max_new_tokens)
+  chunk = prefill_chunk_size(cfg, options, capacity)
+  buffer_len = -(-capacity // chunk) * chunk
+  buffer, lengths = pack_prompts(prompts, buffer_len)
+  cache = init_cache(cfg, len(prompts), capacity)
+  rng = jax.random.key(0) if rng is None else rng
+  graphdef, params = nnx.split(model)
+  out_buffer, generated, num_blocks, num_steps, _ = _decode_jit(
+      graphdef, params, jnp.asarray(buffer), jnp.asarray(lengths), jnp.int32(max_new_tokens),
+      cache, rng, method=method, options=options, chunk=chunk)
+  out_buffer = np.asarray(out_buffer)
+  generated = np.asarray(generated)
+  eos = set(cfg.eos_token_ids)
+  tokens, finished = [], np.zeros(len(prompts), bool)
+  for i, n in enumerate(lengths):
+    seq = out_buffer[i, n:n + min(int(generated[i]), max_new_tokens)].tolist()
+    for j, t in enumerate(seq):
+      if t in eos:
+        seq, finished[i] = seq[:j], True
+        break
+    tokens.append(seq)
+  return GenerationResult(tokens, finished, int(num_blocks), int(num_steps), out_buffer)

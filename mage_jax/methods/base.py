@@ -1,0 +1,52 @@
+"""The interface between the model and the attention methods (exact, MAGE, baselines).
+
+During a denoising step the model hands each layer's block queries, the block's own keys and
+values, and the layer's cache to ``AttentionMethod.attend``; the method decides which cache rows
+are attended and returns the output and its updated state. The state is a pytree that the
+decoding loop carries (selected indices and valid counts, page summaries, ...), with static
+shapes. Methods are frozen dataclasses: their fields are static configuration, hashed into the
+jit cache key, so each distinct configuration compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+
+from mage_jax.config import ModelConfig
+from mage_jax.kv_cache import LayerCache
+
+
+class StepInfo(NamedTuple):
+  """Where a denoising step sits inside its block."""
+
+  first: bool  # static: the block's first (All-[MASK]) step
+  step: jax.Array  # int32 scalar: index of this step within the block (0 for the first)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMethod:
+  """Base class: dense attention and no state. Subclasses override what they need."""
+
+  name: ClassVar[str] = "base"
+
+  def init_state(self, cfg: ModelConfig, batch: int, capacity: int) -> Any:
+    """The method's state for a fresh cache (a pytree of arrays with static shapes)."""
+    del cfg, batch, capacity
+    return ()
+
+  def attend(self, layer: int, q: jax.Array, k_block: jax.Array, v_block: jax.Array,
+             cache: LayerCache, state: Any, step: StepInfo) -> tuple[jax.Array, Any]:
+    """Attention of the block's queries over (a subset of) the cache plus the block itself.
+
+    q: [batch, block, q_heads, head_dim]; k_block, v_block: [batch, block, kv_heads, head_dim].
+    Returns (out [batch, block, q_heads, head_dim], new state).
+    """
+    raise NotImplementedError(f"{type(self).__name__} does not define attend")
+
+  def after_write(self, layer: int, cache: LayerCache, state: Any) -> Any:
+    """Called after a prefill chunk or a committed block was written to ``cache``."""
+    del layer, cache
+    return state

@@ -1,0 +1,170 @@
+"""The block-diffusion transformer (Qwen2.5 and Qwen3 layouts) in Flax NNX.
+
+The model computes projections, norms, RoPE and MLPs; it never decides what a query attends
+to. Every attention call goes through an ``AttendFn`` handed in by the caller:
+
+    attend(layer, q, k, v, carry) -> (out, carry)
+
+q is [batch, seq, q_heads, head_dim] after q-norm and RoPE, k and v are the current tokens'
+[batch, seq, kv_heads, head_dim]; ``carry`` is whatever pytree the caller threads through the
+layers (the KV cache, a sparse method's selections). Prefill, the denoising step, the commit
+step and training are all the same forward with different attend functions (mage_jax.attention).
+
+Weights keep their head structure (q: [embed, heads, head_dim], o: [heads, head_dim, embed]);
+the Hugging Face name map lives in mage_jax.checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mage_jax.config import ModelConfig
+
+AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def _dtype(cfg: ModelConfig):
+  return jnp.dtype(cfg.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32, returned in the input dtype (as Qwen does)."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, half-rotation convention (HF ``rotate_half``), in float32.
+
+  x: [batch, seq, heads, head_dim]; positions: int [batch, seq].
+  """
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """GQA projections with q/k/v bias (Qwen2.5) or per-head q/k RMSNorm before RoPE (Qwen3)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = _dtype(cfg)
+    e, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init = nnx.initializers.normal(0.02)
+
+    def proj(einsum, kernel_shape, bias_shape):
+      return nnx.Einsum(einsum, kernel_shape, bias_shape if cfg.attention_bias else None,
+                        dtype=dt, param_dtype=dt, kernel_init=init, rngs=rngs)
+
+    self.q_proj = proj("bse,ehd->bshd", (e, hq, d), (hq, d))
+    self.k_proj = proj("bse,ehd->bshd", (e, hkv, d), (hkv, d))
+    self.v_proj = proj("bse,ehd->bshd", (e, hkv, d), (hkv, d))
+    self.o_proj = nnx.Einsum("bshd,hde->bse", (hq, d, e), None, dtype=dt, param_dtype=dt,
+                             kernel_init=init, rngs=rngs)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=dt)
+      self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=dt)
+    else:
+      self.q_norm = self.k_norm = None
+    self.rope_theta = cfg.rope_theta
+
+  def __call__(self, x, positions, layer: int, attend: AttendFn, carry):
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions, self.rope_theta)
+    k = apply_rope(k, positions, self.rope_theta)
+    out, carry = attend(layer, q, k, v, carry)
+    return self.o_proj(out.astype(x.dtype)), carry
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = _dtype(cfg)
+    init = nnx.initializers.normal(0.02)
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dt, param_dtype=dt,
+                                     kernel_init=init, rngs=rngs)
+    self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size)
+    self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size)
+    self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = _dtype(cfg)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dt)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dt)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, layer: int, attend: AttendFn, carry):
+    h, carry = self.self_attn(self.input_layernorm(x), positions, layer, attend, carry)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, carry
+
+
+class Transformer(nnx.Module):
+  """Decoder-only transformer; ``__call__`` returns final hidden states, ``logits`` the head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = _dtype(cfg)
+    self.config = cfg
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt,
+                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dt)
+    if cfg.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dt,
+                                param_dtype=dt, kernel_init=nnx.initializers.normal(0.02),
+                                rngs=rngs)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array, attend: AttendFn, carry,
+               *, remat: bool = False):
+    """tokens, positions: int32 [batch, seq]. Returns (hidden [batch, seq, hidden], carry)."""
+    x = self.embed_tokens(tokens)
+    for i, layer in enumerate(self.layers):
+      if remat:
+        x, carry = nnx.remat(lambda mod, x, carry, i=i: mod(x, positions, i, attend, carry))(
+            layer, x, carry)
+      else:
+        x, carry = layer(x, positions, i, attend, carry)
+    return self.norm(x), carry
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """LM head with float32 accumulation and output (logits feed softmax confidences and the
+    CE / KL losses); the weights are read in their own dtype, never up-cast in memory."""
+    if self.lm_head is None:
+      w, spec = self.embed_tokens.embedding[...], "...e,ve->...v"
+    else:
+      w, spec = self.lm_head.kernel[...], "...e,ev->...v"
+    return jnp.einsum(spec, hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  """A model with random weights (normal(0.02), norms at 1)."""
+  return Transformer(cfg, rngs=nnx.Rngs(params=seed))
