@@ -89,6 +89,7 @@ class GenerationResult(NamedTuple):
   num_blocks: int  # blocks decoded (max over the batch)
   num_steps: int  # denoising forward passes, commits excluded
   buffer: np.ndarray  # int32 [batch, buffer_len]: prompts and generated tokens
+  method_state: Any  # the attention method's final state (e.g. a recall probe's totals)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def forward_denoise(model: Transformer, block_tokens: jax.Array, cache: KVCache,
   positions = cache.lengths[:, None] + jnp.arange(block, dtype=jnp.int32)[None, :]
   hidden, carry = model(block_tokens, positions, make_denoise_attend(method, step),
                         DenoiseCarry(cache, method_state))
-  return model.logits(hidden), carry.method_state
+  return model.logits(hidden), method.after_step(carry.method_state, step)
 
 
 def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: KVCache,
@@ -204,7 +205,7 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
                                              method_state, chunk=chunk,
                                              impl=options.attention_impl)
 
-  def denoise(blocks: _Blocks, positions, active, num_masked_at_start, steps: _Steps, first):
+  def denoise(blocks: _Blocks, active, num_masked_at_start, steps: _Steps, first):
     key = jax.random.fold_in(jax.random.fold_in(blocks.rng, 0), blocks.num_steps + steps.step)
     logits, state = forward_denoise(model, steps.tokens, blocks.cache, method,
                                     steps.method_state, StepInfo(first, steps.step))
@@ -221,7 +222,6 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
         transfer = sampling.sdar_transfer(confidence, masked, options.threshold, count)
       else:
         transfer = sampling.fixed_transfer(confidence, masked, count)
-    del positions
     return _Steps(jnp.where(transfer, proposal, steps.tokens), steps.masked & ~transfer, state,
                   steps.step + 1)
 
@@ -241,7 +241,7 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
     num_masked_at_start = jnp.sum(masked, axis=1).astype(jnp.int32)
 
     steps = _Steps(tokens, masked, blocks.method_state, jnp.int32(0))
-    steps = denoise(blocks, positions, active, num_masked_at_start, steps, first=True)
+    steps = denoise(blocks, active, num_masked_at_start, steps, first=True)
 
     def step_cond(steps: _Steps):
       if options.policy == "fixed_steps":
@@ -250,9 +250,7 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
 
     steps = jax.lax.while_loop(
         step_cond,
-        lambda s: denoise(blocks, positions, active, num_masked_at_start, s, first=False), steps)
-    # fixed_steps may run more steps than masks: leftovers are impossible since the schedule
-    # sums to the masked count; other policies stop when no mask is left.
+        lambda s: denoise(blocks, active, num_masked_at_start, s, first=False), steps)
     tokens = steps.tokens
     valid = jnp.broadcast_to(active[:, None], positions.shape)
     hidden, cache, state = forward_write(model, tokens, positions, valid, blocks.cache, method,
@@ -270,7 +268,7 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
   init = _Blocks(buffer, cache, method_state, prev_logits, jnp.zeros((batch,), bool),
                  jnp.zeros((batch,), jnp.int32), jnp.int32(0), jnp.int32(0), rng)
   out = jax.lax.while_loop(lambda b: ~jnp.all(b.done), block_body, init)
-  return out.buffer, out.generated, out.num_blocks, out.num_steps, out.cache
+  return out.buffer, out.generated, out.num_blocks, out.num_steps, out.method_state
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "method", "options", "chunk"),
@@ -322,7 +320,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
   cache = init_cache(cfg, len(prompts), capacity)
   rng = jax.random.key(0) if rng is None else rng
   graphdef, params = nnx.split(model)
-  out_buffer, generated, num_blocks, num_steps, _ = _decode_jit(
+  out_buffer, generated, num_blocks, num_steps, method_state = _decode_jit(
       graphdef, params, jnp.asarray(buffer), jnp.asarray(lengths), jnp.int32(max_new_tokens),
       cache, rng, method=method, options=options, chunk=chunk)
   out_buffer = np.asarray(out_buffer)
@@ -336,4 +334,5 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         seq, finished[i] = seq[:j], True
         break
     tokens.append(seq)
-  return GenerationResult(tokens, finished, int(num_blocks), int(num_steps), out_buffer)
+  return GenerationResult(tokens, finished, int(num_blocks), int(num_steps), out_buffer,
+                          method_state)

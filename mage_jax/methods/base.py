@@ -46,6 +46,12 @@ class AttentionMethod:
     """
     raise NotImplementedError(f"{type(self).__name__} does not define attend")
 
+  def after_step(self, state: Any, step: StepInfo) -> Any:
+    """Called once after every denoising forward, when all layers have run (e.g. to turn
+    per-layer statistics of the first step into budgets that depend on every layer)."""
+    del step
+    return state
+
   def after_write(self, layer: int, cache: LayerCache, state: Any) -> Any:
     """Called after a prefill chunk or a committed block was written to ``cache``."""
     del layer, cache
