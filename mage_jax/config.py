@@ -114,8 +114,18 @@ class ModelConfig:
 
     ``family`` (fast_dllm_v2 | sdar) picks the block-diffusion defaults; without it the
     ``block_diffusion`` section, then the architecture (Qwen3 -> sdar, else fast_dllm_v2), decide.
-    ``overrides`` replace any field last.
+    ``overrides`` replace any field last. Both spellings of transformers are read (< 5:
+    ``rope_theta``, ``torch_dtype``; >= 5: ``rope_parameters``, ``dtype``). RoPE scaling and
+    sliding windows change the attention itself, which the model does not implement, so they are
+    refused rather than ignored.
     """
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+      raise ValueError(f"RoPE type {rope_type!r} is not supported (only 'default')")
+    if hf.get("use_sliding_window"):
+      raise ValueError("sliding-window attention is not supported")
+    torch_dtype = hf.get("torch_dtype") or (hf["dtype"] if isinstance(hf.get("dtype"), str) else None)
     model_type = str(hf.get("model_type", "")).lower()
     archs = " ".join(hf.get("architectures", []) or []).lower()
     is_qwen3 = "qwen3" in model_type or "qwen3" in archs or "sdar" in model_type or "sdar" in archs
@@ -140,8 +150,8 @@ class ModelConfig:
 
     num_heads = need("num_attention_heads")
     hidden = need("hidden_size")
-    eos = hf.get("eos_token_id", _QWEN_EOS)
-    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    eos = hf.get("eos_token_id")
+    eos = _QWEN_EOS if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
     pad = hf.get("pad_token_id")
     fields.update(
         family=family,
@@ -152,7 +162,7 @@ class ModelConfig:
         num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         head_dim=hf.get("head_dim") or hidden // num_heads,
         intermediate_size=need("intermediate_size"),
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         # Qwen2 always has q/k/v bias; Qwen3 has attention_bias=False and q/k norms.
@@ -162,8 +172,8 @@ class ModelConfig:
         eos_token_ids=tuple(int(e) for e in eos if e is not None),
         pad_token_id=int(pad if pad is not None else eos[0]),
     )
-    if "torch_dtype" in hf and "dtype" not in overrides and "dtype" not in bd:
-      fields["dtype"] = {"float32": "float32", "float16": "float16"}.get(hf["torch_dtype"], "bfloat16")
+    if torch_dtype and "dtype" not in overrides and "dtype" not in bd:
+      fields["dtype"] = {"float32": "float32", "float16": "float16"}.get(torch_dtype, "bfloat16")
     fields.update(overrides)
     return cls(**fields)
 
