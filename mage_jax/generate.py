@@ -268,7 +268,7 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
   init = _Blocks(buffer, cache, method_state, prev_logits, jnp.zeros((batch,), bool),
                  jnp.zeros((batch,), jnp.int32), jnp.int32(0), jnp.int32(0), rng)
   out = jax.lax.while_loop(lambda b: ~jnp.all(b.done), block_body, init)
-  return out.buffer, out.generated, out.num_blocks, out.num_steps, out.method_state
+  return out.buffer, out.generated, out.num_blocks, out.num_steps, out.method_state, out.cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "method", "options", "chunk"),
@@ -320,7 +320,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
   cache = init_cache(cfg, len(prompts), capacity)
   rng = jax.random.key(0) if rng is None else rng
   graphdef, params = nnx.split(model)
-  out_buffer, generated, num_blocks, num_steps, method_state = _decode_jit(
+  out_buffer, generated, num_blocks, num_steps, method_state, _ = _decode_jit(
       graphdef, params, jnp.asarray(buffer), jnp.asarray(lengths), jnp.int32(max_new_tokens),
       cache, rng, method=method, options=options, chunk=chunk)
   out_buffer = np.asarray(out_buffer)

@@ -1,0 +1,189 @@
+"""Runs evaluation cases: builds samples, generates with each method, scores, logs line by line.
+
+Kept apart from the absl entry point so tests and other code can drive it with plain arguments.
+A case is (method, budget, task, context length, depth, sample index, seed); finished cases are
+read back from the output folder's results.jsonl and skipped, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import tqdm
+
+from eval.results import CaseKey, ResultStore
+from mage_jax.generate import DecodeOptions, generate
+from mage_jax.methods import METHODS, get_method
+from mage_jax.tasks import longbench, metrics, niah, ruler
+from mage_jax.tasks.haystack import Haystack
+from mage_jax.tasks.sample import Sample
+
+MEASURES = ("accuracy", "recall", "latency")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """An attention method at one budget (None for methods without one, e.g. exact)."""
+
+  name: str
+  budget: int | None
+
+  def build(self):
+    if self.budget is None:
+      return get_method(self.name)
+    return get_method(self.name, budget=self.budget)
+
+
+def method_specs(names: Sequence[str], budgets: Sequence[int]) -> list[MethodSpec]:
+  """Every named method at every budget; methods without a budget once."""
+  specs = []
+  for name in names:
+    if name not in METHODS:
+      raise ValueError(f"--method: unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    fields = {f.name for f in dataclasses.fields(METHODS[name])}
+    if "budget" in fields:
+      specs.extend(MethodSpec(name, b) for b in budgets)
+    else:
+      specs.append(MethodSpec(name, None))
+  return specs
+
+
+@dataclasses.dataclass
+class Tokenizer:
+  """The pieces of a tokenizer the runner needs (ids in, text out, optional chat template)."""
+
+  encode: Callable[[str], list[int]]
+  decode: Callable[[list[int]], str]
+  chat_template: Callable[[str], str] | None = None
+
+  def count(self, text: str) -> int:
+    return len(self.encode(text))
+
+  def prompt_ids(self, text: str) -> list[int]:
+    return self.encode(self.chat_template(text) if self.chat_template else text)
+
+
+def build_samples(task: str, context_lengths: Sequence[int], *, num_samples: int, seed: int,
+                  depths: Sequence[float], tokenizer: Tokenizer,
+                  haystack_file: str | None = None) -> list[Sample]:
+  """Samples of ``task``: niah, a RULER task name, or longbench:<path>."""
+  haystack = Haystack.from_file(haystack_file) if haystack_file else None
+  if task == "niah":
+    return niah.niah_grid(context_lengths, depths, num_samples=num_samples, seed=seed,
+                          count_tokens=tokenizer.count, haystack=haystack)
+  if task in ruler.RULER_TASKS:
+    return ruler.ruler_samples(task, context_lengths, num_samples=num_samples, seed=seed,
+                               count_tokens=tokenizer.count, haystack=haystack)
+  if task.startswith("longbench:"):
+    samples = longbench.load_longbench(task.split(":", 1)[1])[:num_samples]
+    out = []
+    for length in context_lengths:
+      for s in samples:
+        prompt = longbench.truncate_middle(s.prompt(), length, tokenizer.encode, tokenizer.decode)
+        out.append(dataclasses.replace(
+            s, context=prompt, template="{context}", question="", answer_prefix="",
+            meta={**s.meta, "length": length}))
+    return out
+  raise ValueError(f"--task: unknown task {task!r}; use niah, one of "
+                   f"{', '.join(sorted(ruler.RULER_TASKS))}, or longbench:<path.jsonl>")
+
+
+def case_key(spec: MethodSpec, sample: Sample, index: int, seed: int) -> CaseKey:
+  meta = sample.meta
+  return CaseKey(method=spec.name, budget=spec.budget, task=sample.task,
+                 context_length=int(meta.get("length", meta.get("context_length", 0))),
+                 depth=meta.get("depth"), sample_index=int(meta.get("index", index)), seed=seed)
+
+
+def _batches(items: Sequence[Any], size: int):
+  for i in range(0, len(items), size):
+    yield items[i:i + size]
+
+
+def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Sequence[MethodSpec],
+              *, store: ResultStore, batch_size: int, seed: int, measure: Sequence[str],
+              options: DecodeOptions | None = None, progress: bool = True) -> list[dict]:
+  """Runs every unfinished (method, sample) case; returns the rows written this run.
+
+  Cases are grouped by context length so one compiled loop (fixed batch and capacity) serves
+  a group; a short last batch is padded with copies of its first prompt and the copies dropped.
+  """
+  cfg = model.config
+  finished = store.finished()
+  prompts = [tokenizer.prompt_ids(s.prompt()) for s in samples]
+  todo = [(spec, i) for spec in specs for i, s in enumerate(samples)
+          if case_key(spec, s, i, seed).case_id not in finished]
+  written = []
+  groups: dict[tuple, list[int]] = {}
+  for spec, i in todo:
+    groups.setdefault((spec, case_key(spec, samples[i], i, seed).context_length), []).append(i)
+  bar = tqdm.tqdm(total=len(todo), desc="eval", unit="case", disable=not progress)
+  for (spec, _), indices in groups.items():
+    method = spec.build()
+    max_new = max(samples[i].max_new_tokens for i in indices)
+    capacity = max(len(prompts[i]) for i in indices) + max_new + cfg.block_size
+    capacity = math.ceil(capacity / cfg.block_size) * cfg.block_size
+    warm = False
+    for batch in _batches(indices, batch_size):
+      batch_prompts = [prompts[i] for i in batch]
+      batch_prompts += [batch_prompts[0]] * (batch_size - len(batch))
+      run = lambda: generate(model, batch_prompts, max_new_tokens=max_new, method=method,
+                             options=options, capacity=capacity)
+      if "latency" in measure and not warm:
+        run()  # compile outside the timed call
+        warm = True
+      t0 = time.perf_counter()
+      result = run()
+      elapsed = time.perf_counter() - t0
+      recall = None
+      if "recall" in measure and spec.budget is not None:
+        from mage_jax.recall import measure_recall
+        report = measure_recall(model, batch_prompts, method, budget=spec.budget,
+                                max_new_tokens=max_new, options=options, capacity=capacity)
+        recall = float(report.overall_index_recall)
+        mass = float(report.overall_mass_recall)
+      for row, i in enumerate(batch):
+        s = samples[i]
+        text = tokenizer.decode(result.tokens[row])
+        measurements = {"score": metrics.score_sample(s, text), "prediction": text,
+                        "answers": list(s.answers)}
+        if "latency" in measure:
+          measurements["ms_per_step"] = 1e3 * elapsed / max(result.num_steps, 1)
+          measurements["tokens_per_s"] = sum(len(t) for t in result.tokens[:len(batch)]) / elapsed
+        if recall is not None:
+          measurements["recall"] = recall
+          measurements["mass_recall"] = mass
+        written.append(store.append(case_key(spec, s, i, seed), measurements))
+        bar.update(1)
+  bar.close()
+  return written
+
+
+def parse_measures(values: Sequence[str]) -> list[str]:
+  unknown = sorted(set(values) - set(MEASURES))
+  if unknown:
+    raise ValueError(f"--measure: unknown {unknown}; choose from {', '.join(MEASURES)}")
+  return list(values)
+
+
+def as_ints(flag: str, values: Sequence[str]) -> list[int]:
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--{flag}: expected integers, got {','.join(values)}") from None
+  if any(v < 1 for v in out):
+    raise ValueError(f"--{flag}: values must be >= 1, got {out}")
+  return out
+
+
+def as_depths(values: Sequence[str]) -> list[float]:
+  try:
+    out = [float(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--depths: expected numbers in [0, 1], got {','.join(values)}") from None
+  if any(not 0 <= d <= 1 for d in out):
+    raise ValueError(f"--depths: values must be in [0, 1], got {out}")
+  return out
