@@ -126,6 +126,16 @@ class DecoderLayer(nnx.Module):
     return x, carry
 
 
+def _layer_call(index: int, positions: jax.Array, attend: AttendFn):
+  """A layer call for nnx.remat with the layer index closed over, so it stays a Python int
+  (remat traces every argument, defaults included)."""
+
+  def call(layer: DecoderLayer, x, carry):
+    return layer(x, positions, index, attend, carry)
+
+  return call
+
+
 class Transformer(nnx.Module):
   """Decoder-only transformer; ``__call__`` returns final hidden states, ``logits`` the head."""
 
@@ -149,8 +159,7 @@ class Transformer(nnx.Module):
     x = self.embed_tokens(tokens)
     for i, layer in enumerate(self.layers):
       if remat:
-        x, carry = nnx.remat(lambda mod, x, carry, i=i: mod(x, positions, i, attend, carry))(
-            layer, x, carry)
+        x, carry = nnx.remat(_layer_call(i, positions, attend))(layer, x, carry)
       else:
         x, carry = layer(x, positions, i, attend, carry)
     return self.norm(x), carry
