@@ -1,0 +1,341 @@
+"""Builds, checks and times the decode-time kernels of pallas_kernels on one GPU, in one call.
+
+  python benchmarks/decode_kernels.py --mode check,sweep,table --out $OUT
+
+* check: every kernel against its plain-JAX reference on the GPU (bf16, ragged lengths).
+* sweep: tuning variants at the 1.5B shape, 128K cache, batch 1.
+* table: Fast-dLLM v2 1.5B (12 q / 2 KV heads) and 7B (28 / 4), hd 128, 32-token block, caches
+  16K..128K, batch 1 and 8: exact split-KV, mask step (attention + alpha), sparse k=512, index
+  selection, against XLA's dot_product_attention and lax.top_k, next to the floor
+  max(K+V bytes / copy bandwidth, FLOPs / matmul rate) measured in the same run.
+
+Timing: each timed call runs `REPS` kernel calls inside one jitted program, every call on its own
+query (and index list) and cycling through enough K/V sets to exceed the 50 MB L2; the median of
+several such programs, divided by `REPS`, is reported. Results go to OUT/decode_kernels.json and
+OUT/decode_kernels.md; the table is printed last.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
+from pallas_kernels import sparse_attention
+from pallas_kernels import topk
+
+MODELS = {"1.5B": (12, 2), "7B": (28, 4)}
+HEAD_DIM = 128
+BLOCK = 32
+CACHES = (16384, 32768, 65536, 131072)
+BATCHES = (1, 8)
+SPARSE_K = 512
+REPS = 20
+TIMINGS = 7
+L2_BYTES = 50e6
+# The H100 leads of shared/docs/gpu.md (device copy, bf16 matmul); the floors use these, and the
+# run's own, lower, host-timed measurements are reported beside them.
+COPY_BYTES_PER_S = 3.0e12
+MATMUL_FLOPS_PER_S = 7.0e14
+
+
+def _median_seconds(fn, args) -> float:
+  jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(TIMINGS):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    samples.append(time.perf_counter() - start)
+  return float(np.median(samples))
+
+
+def time_per_call(call, per_call_args: tuple, shared_sets: list) -> float:
+  """Median seconds of one `call(*per_call_args[i], *shared_sets[i % len(shared_sets)])`.
+
+  ``per_call_args`` holds arrays stacked along a leading axis of length REPS. A scan runs the
+  calls back to back on the device; each scan step makes one call per K/V set (unrolled, as a
+  conditional would cost a device-to-host sync per call), so successive calls read different
+  sets.
+  """
+  num_sets = len(shared_sets)
+  steps = REPS // num_sets
+
+  def program(per_call, sets):
+    def body(total, args):
+      for j, shared in enumerate(sets):
+        mine = jax.tree_util.tree_map(lambda x, j=j: x[j], args)
+        # The barrier keeps every output (alpha too) alive and unsliced.
+        result = lax.optimization_barrier(call(*mine, *shared))
+        for leaf in jax.tree_util.tree_leaves(result):
+          total = total + leaf.reshape(-1)[0].astype(jnp.float32)
+      return total, None
+    grouped = jax.tree_util.tree_map(
+        lambda x: x[:steps * num_sets].reshape(steps, num_sets, *x.shape[1:]), per_call)
+    total, _ = lax.scan(body, jnp.float32(0), grouped)
+    return total
+  return _median_seconds(jax.jit(program), (per_call_args, shared_sets)) / (steps * num_sets)
+
+
+def measure_ceilings() -> dict:
+  """Device-to-device copy bandwidth (read + written) and bf16 matmul rate."""
+  x = jax.random.normal(jax.random.key(0), (512 * 1024 * 1024,), jnp.bfloat16)
+  copy = jax.jit(lambda a: a * 2)
+  copy_s = _median_seconds(copy, (x,))
+  del x
+  a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
+  matmul_s = _median_seconds(jax.jit(jnp.matmul), (a, b))
+  return {"copy_bytes_per_s": 2 * 2 * 512 * 1024 * 1024 / copy_s,
+          "matmul_flops_per_s": 2 * 8192**3 / matmul_s}
+
+
+class Problem:
+  """Random bf16 inputs of one shape; K/V sets enough to defeat the L2."""
+
+  def __init__(self, batch, q_heads, kv_heads, capacity, seed=0, lengths=None):
+    self.shape = (batch, q_heads, kv_heads, capacity)
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
+    normal = lambda shape: jax.random.normal(next(keys), shape, jnp.bfloat16)
+    kv_bytes = 2 * batch * kv_heads * capacity * HEAD_DIM * 2
+    num_sets = max(1, min(4, math.ceil(2 * L2_BYTES / kv_bytes)))
+    self.kv_sets = [(normal((batch, kv_heads, capacity, HEAD_DIM)),
+                     normal((batch, kv_heads, capacity, HEAD_DIM))) for _ in range(num_sets)]
+    self.queries = normal((REPS, batch, BLOCK, q_heads, HEAD_DIM))
+    self.k_block = normal((batch, BLOCK, kv_heads, HEAD_DIM))
+    self.v_block = normal((batch, BLOCK, kv_heads, HEAD_DIM))
+    self.lengths = (jnp.full((batch,), capacity, jnp.int32) if lengths is None
+                    else jnp.asarray(lengths, jnp.int32))
+    rng = np.random.default_rng(seed)
+    self.index_lists = jnp.asarray(np.sort(np.stack([
+        rng.choice(capacity, size=min(SPARSE_K, capacity), replace=False)
+        for _ in range(REPS * batch * kv_heads)]).reshape(REPS, batch, kv_heads, -1), axis=-1),
+                                   jnp.int32)
+    self.counts = jnp.full((batch, kv_heads), min(SPARSE_K, capacity), jnp.int32)
+
+  def floor_seconds(self) -> tuple[float, float]:
+    batch, q_heads, kv_heads, capacity = self.shape
+    kv_bytes = 2 * batch * kv_heads * capacity * HEAD_DIM * 2
+    flops = 4 * batch * q_heads * BLOCK * capacity * HEAD_DIM
+    return kv_bytes / COPY_BYTES_PER_S, flops / MATMUL_FLOPS_PER_S
+
+  def time_exact(self, **tuning):
+    call = lambda q, k, v: decode_attention.exact_block_attention(
+        q, k, v, self.lengths, self.k_block, self.v_block, impl="pallas", **tuning)
+    return time_per_call(call, (self.queries,), self.kv_sets)
+
+  def time_mask_step(self, **tuning):
+    call = lambda q, k, v: decode_attention.mask_step_attention(
+        q, k, v, self.lengths, self.k_block, self.v_block, impl="pallas", **tuning)
+    return time_per_call(call, (self.queries,), self.kv_sets)
+
+  def time_sparse(self, **tuning):
+    call = lambda q, idx, k, v: sparse_attention.sparse_block_attention(
+        q, k, v, idx, self.counts, self.k_block, self.v_block, impl="pallas", **tuning)
+    return time_per_call(call, (self.queries, self.index_lists), self.kv_sets)
+
+  def time_xla(self):
+    """XLA's attention over the cache in its preferred [batch, seq, heads, dim] layout."""
+    sets = [(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) for k, v in self.kv_sets]
+    call = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=self.lengths, implementation="xla")
+    return time_per_call(call, (self.queries,), sets)
+
+  def alpha_sets(self):
+    batch, _, kv_heads, capacity = self.shape
+    return [(jax.random.uniform(jax.random.key(100 + i), (batch, kv_heads, capacity)),)
+            for i in range(4)]
+
+  def time_select(self, impl, **tuning):
+    call = lambda _, scores: topk.select_kv_indices(scores, self.lengths[:, None], SPARSE_K,
+                                                 impl=impl, **tuning)
+    return time_per_call(call, (jnp.zeros((REPS,)),), self.alpha_sets())
+
+
+def attempt(log, label: str, fn):
+  """Runs fn(); a failure is logged and returns None, so one broken variant spares the rest."""
+  try:
+    return fn()
+  except Exception as error:  # pylint: disable=broad-except
+    log(f"{label} failed: {type(error).__name__}: {error}"[:600])
+    return None
+
+
+def relative_error(out, ref) -> float:
+  out = np.asarray(out, np.float64)
+  ref = np.asarray(ref, np.float64)
+  if not np.all(np.isfinite(out)):
+    return float("inf")
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def run_checks(log) -> list[dict]:
+  """Kernel vs reference on the GPU, bf16 inputs; selection compared as sets."""
+  rows = []
+  for model, (q_heads, kv_heads) in MODELS.items():
+    for batch, capacity, lengths in ((3, 5000, [0, 5000, 3333]), (1, 131072, [131072])):
+      row = attempt(log, f"check {model} {batch} {capacity}",
+                    lambda: check_one(q_heads, kv_heads, batch, capacity, lengths))
+      if row is not None:
+        rows.append({"model": model, **row})
+        log(json.dumps(rows[-1]))
+  return rows
+
+
+def check_one(q_heads, kv_heads, batch, capacity, lengths) -> dict:
+  """Relative errors of every kernel against its reference on one random bf16 problem."""
+  problem = Problem(batch, q_heads, kv_heads, capacity, seed=7, lengths=lengths)
+  q = problem.queries[0]
+  k, v = problem.kv_sets[0]
+  args = (q, k, v, problem.lengths, problem.k_block, problem.v_block)
+  ref = decode_attention.exact_block_attention(*args, impl="reference")
+  out = decode_attention.exact_block_attention(*args, impl="pallas")
+  row = {"batch": batch, "capacity": capacity, "exact_rel_err": relative_error(out, ref)}
+  for includes in (True, False):
+    ref_out, ref_alpha = decode_attention.mask_step_attention(
+        *args, impl="reference", alpha_includes_block=includes)
+    out, alpha = decode_attention.mask_step_attention(
+        *args, impl="pallas", alpha_includes_block=includes)
+    suffix = "with_block" if includes else "cache_only"
+    row[f"mask_out_rel_err_{suffix}"] = relative_error(out, ref_out)
+    row[f"alpha_rel_err_{suffix}"] = relative_error(alpha, ref_alpha)
+  sparse_args = (q, k, v, problem.index_lists[0], problem.counts // 2 + 1,
+                 problem.k_block, problem.v_block)
+  row["sparse_rel_err"] = relative_error(
+      sparse_attention.sparse_block_attention(*sparse_args, impl="pallas"),
+      sparse_attention.sparse_block_attention(*sparse_args, impl="reference"))
+  scores = ref_alpha
+  fast, fast_counts = topk.select_kv_indices(scores, problem.lengths[:, None], SPARSE_K,
+                                             impl="pallas")
+  slow, slow_counts = topk.select_kv_indices(scores, problem.lengths[:, None], SPARSE_K,
+                                             impl="reference")
+  row["select_equal"] = bool(jnp.all(fast == slow) and jnp.all(fast_counts == slow_counts))
+  return row
+
+
+def run_sweep(log) -> list[dict]:
+  """Tuning variants at 128K, batch 1: the 1.5B shape for every kernel, 7B for the exact one."""
+  rows = []
+
+  def record(kernel, model, timer, tuning):
+    seconds = attempt(log, f"{kernel} {model} {tuning}", lambda: timer(**tuning))
+    if seconds is not None:
+      rows.append({"kernel": kernel, "model": model, **tuning, "us": seconds * 1e6})
+      log(json.dumps(rows[-1]))
+
+  for model in ("1.5B", "7B"):
+    q_heads, kv_heads = MODELS[model]
+    problem = Problem(1, q_heads, kv_heads, 131072)
+    if model == "1.5B":
+      variants = [dict(block_k=bk, num_warps=w, num_stages=st)
+                  for bk in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+      variants += [dict(num_splits=s) for s in (33, 66, 132)]
+    else:
+      variants = [dict(block_k=bk, num_warps=w) for bk in (32, 64, 128) for w in (4, 8)]
+    for tuning in variants:
+      record("exact", model, problem.time_exact, tuning)
+    if model != "1.5B":
+      continue
+    for tuning in [dict(alpha_block_k=bk, alpha_num_warps=w) for bk in (64, 128) for w in (4, 8)]:
+      record("mask_step", model, problem.time_mask_step, tuning)
+    for tuning in [dict(num_splits=s, block_k=bk) for s in (1, 2, 4, 8) for bk in (32, 64)]:
+      record("sparse", model, problem.time_sparse, tuning)
+    for bits, chunk in ((2, 1024), (4, 256), (4, 1024), (4, 4096), (8, 1024)):
+      record("select", model, lambda **t: problem.time_select("pallas", **t),
+             dict(radix_bits=bits, chunk_size=chunk))
+    record("lax_top_k", model, lambda: problem.time_select("reference"), {})
+    record("xla", model, problem.time_xla, {})
+  return rows
+
+
+def run_table(log, tuning: dict, batches, caches) -> list[dict]:
+  rows = []
+  for batch in batches:
+    for model, (q_heads, kv_heads) in MODELS.items():
+      for capacity in caches:
+        problem = Problem(batch, q_heads, kv_heads, capacity)
+        bytes_s, flops_s = problem.floor_seconds()
+        row = {"model": model, "batch": batch, "cache": capacity,
+               "floor_us": max(bytes_s, flops_s) * 1e6, "bytes_floor_us": bytes_s * 1e6,
+               "flops_floor_us": flops_s * 1e6,
+               "exact_us": problem.time_exact(**tuning.get("exact", {})) * 1e6,
+               "mask_step_us": problem.time_mask_step(**tuning.get("mask_step", {})) * 1e6,
+               "sparse_us": problem.time_sparse(**tuning.get("sparse", {})) * 1e6,
+               "select_us": problem.time_select("pallas", **tuning.get("select", {})) * 1e6,
+               "lax_top_k_us": problem.time_select("reference") * 1e6}
+        try:
+          row["xla_us"] = problem.time_xla() * 1e6
+        except Exception as error:  # pylint: disable=broad-except
+          log(f"xla {model} {batch} {capacity} failed: {type(error).__name__}: {error}"[:300])
+          row["xla_us"] = float("nan")
+        log(json.dumps(row))
+        rows.append(row)
+        del problem
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  header = ("| model | batch | cache | floor us | exact us | exact/floor | XLA us | mask step us |"
+            " mask/exact | sparse k=512 us | select us | lax.top_k us | select/mask |")
+  lines = [header, "|" + "---|" * 13]
+  for r in rows:
+    lines.append(
+        f"| {r['model']} | {r['batch']} | {r['cache'] // 1024}K | {r['floor_us']:.1f} | "
+        f"{r['exact_us']:.1f} | {r['exact_us'] / r['floor_us']:.2f} | {r['xla_us']:.1f} | "
+        f"{r['mask_step_us']:.1f} | {r['mask_step_us'] / r['exact_us']:.2f} | "
+        f"{r['sparse_us']:.1f} | {r['select_us']:.1f} | {r['lax_top_k_us']:.1f} | "
+        f"{r['select_us'] / r['mask_step_us']:.2f} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--mode", default="check,table")
+  parser.add_argument("--out", default=os.environ.get("OUT", "."))
+  parser.add_argument("--tuning", default="{}", help="JSON: {kernel: {keyword: value}}")
+  parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+  parser.add_argument("--caches", default=",".join(map(str, CACHES)))
+  flags = parser.parse_args()
+  modes = flags.mode.split(",")
+  log_file = open(os.path.join(flags.out, "decode_kernels.log"), "a")
+
+  def log(message: str) -> None:
+    print(message, flush=True)
+    log_file.write(message + "\n")
+    log_file.flush()
+
+  report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tuning": json.loads(flags.tuning)}
+  log(json.dumps(report))
+  report["ceilings"] = measure_ceilings()
+  log(json.dumps(report["ceilings"]))
+  if "check" in modes:
+    report["checks"] = run_checks(log)
+  if "sweep" in modes:
+    report["sweep"] = run_sweep(log)
+  if "table" in modes:
+    report["table"] = run_table(
+        log, report["tuning"], [int(b) for b in flags.batches.split(",")],
+        [int(c) for c in flags.caches.split(",")])
+  with open(os.path.join(flags.out, "decode_kernels.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  if "table" in modes:
+    table = format_table(report["table"])
+    with open(os.path.join(flags.out, "decode_kernels.md"), "w") as f:
+      f.write(f"Device: {report['device']}, jax {report['jax']}, {report['date']}\n\n")
+      f.write(f"Ceilings: {json.dumps(report['ceilings'])}\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,249 @@
+"""Pieces shared by the split-KV attention kernels of this package.
+
+The decode kernels all attend one block of B query tokens over a set of cache rows plus the
+block's own keys. They share one layout trick and one reduction:
+
+* Query packing: the G query heads that share a KV head and the B block tokens form one query
+  tile of G*B rows (row = g*B + t), padded to a power of two as Triton requires. One program then
+  reads each K/V row once for all the queries that need it.
+* Split-KV (flash-decoding): programs along the last grid axis each cover a part of the rows,
+  write a normalised partial output and its base-2 log-sum-exp, and `combine_partials` merges
+  them. The last split always holds the block's own keys, so that statistics over the cache
+  alone stay available (mask step with ``alpha_includes_block=False``).
+
+Scores are kept in base 2 (``qk_scale = sm_scale * log2(e)``, ``exp2``), which saves a multiply
+per score inside the kernels.
+"""
+
+import math
+from typing import Callable
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+LOG2_E = math.log2(math.e)
+# Finite start for the running maximum: a row whose scores are all masked then keeps l = 0 and
+# never computes inf - inf.
+_RUNNING_MAX_START = -1e30
+# Programs to aim for when choosing the number of splits: two waves on a 132-SM H100 keeps the
+# tail of the last wave short without shrinking each program's loop too far.
+TARGET_PROGRAMS = 264
+
+
+def next_power_of_two(n: int, minimum: int = 16) -> int:
+  """Smallest power of two >= max(n, minimum); Triton tiles need power-of-two extents."""
+  return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def fit_block_k(block_k: int, rows: int) -> int:
+  """Tile size no larger than the rows it tiles (so every tile's full-size access is in
+  bounds), kept a power of two >= 16; callers pad arrays of fewer than 16 rows."""
+  largest_fitting = 1 << max(4, rows.bit_length() - 1)
+  return min(next_power_of_two(block_k), largest_fitting)
+
+
+def pad_rows(x: jax.Array, axis: int, minimum: int = 16) -> jax.Array:
+  """Zero-pads ``axis`` up to ``minimum`` (only tiny arrays are ever this short)."""
+  if x.shape[axis] >= minimum:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, minimum - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def default_num_splits(pairs: int, rows: int, block_k: int) -> int:
+  """Splits per (batch, KV head) so the grid fills the GPU, with at least one tile per split."""
+  wanted = -(-TARGET_PROGRAMS // max(pairs, 1))
+  return max(1, min(wanted, -(-rows // block_k)))
+
+
+def check_block_attention_inputs(q, k_rows, v_rows, k_block, v_block, rows_name: str):
+  """Validates shapes shared by the block-attention entry points.
+
+  Args:
+    q: [batch, block, q_heads, head_dim].
+    k_rows: [batch, kv_heads, rows, head_dim] (the cache).
+    v_rows: same shape as ``k_rows``.
+    k_block: [batch, block, kv_heads, head_dim].
+    v_block: same shape as ``k_block``.
+    rows_name: name of ``k_rows`` in error messages.
+
+  Returns:
+    (batch, block, q_heads, kv_heads, head_dim).
+
+  Raises:
+    ValueError: naming the tensor whose rank or shape does not fit.
+  """
+  for name, array in (("q", q), (rows_name, k_rows), ("v_cache", v_rows),
+                      ("k_block", k_block), ("v_block", v_block)):
+    if array.ndim != 4:
+      raise ValueError(f"{name} must have rank 4, got shape {array.shape}")
+  batch, block, q_heads, head_dim = q.shape
+  _, kv_heads, _, _ = k_rows.shape
+  if v_rows.shape != k_rows.shape:
+    raise ValueError(f"v_cache shape {v_rows.shape} differs from {rows_name} {k_rows.shape}")
+  if k_rows.shape[0] != batch or k_rows.shape[3] != head_dim:
+    raise ValueError(f"{rows_name} shape {k_rows.shape} does not match q {q.shape} "
+                     "in batch or head_dim")
+  if kv_heads < 1 or q_heads % kv_heads:
+    raise ValueError(f"q_heads={q_heads} (q) must be a multiple of kv_heads={kv_heads} "
+                     f"({rows_name})")
+  expected_block = (batch, block, kv_heads, head_dim)
+  for name, array in (("k_block", k_block), ("v_block", v_block)):
+    if array.shape != expected_block:
+      raise ValueError(f"{name} must have shape {expected_block}, got {array.shape}")
+  return batch, block, q_heads, kv_heads, head_dim
+
+
+def check_kernel_head_dim(head_dim: int) -> None:
+  """Triton dots need power-of-two operand extents of at least 16."""
+  if head_dim < 16 or head_dim & (head_dim - 1):
+    raise ValueError(f"head_dim={head_dim} (q) must be a power of two >= 16 for the Pallas "
+                     "kernels; use impl='reference'")
+
+
+def pack_queries(q: jax.Array, kv_heads: int, tile_rows: int) -> jax.Array:
+  """[batch, block, q_heads, D] -> [batch, kv_heads, tile_rows, D], row = g*block + t."""
+  batch, block, q_heads, head_dim = q.shape
+  group = q_heads // kv_heads
+  packed = q.reshape(batch, block, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+  packed = packed.reshape(batch, kv_heads, group * block, head_dim)
+  return jnp.pad(packed, ((0, 0), (0, 0), (0, tile_rows - group * block), (0, 0)))
+
+
+def unpack_queries(packed: jax.Array, block: int, group: int) -> jax.Array:
+  """Inverse of `pack_queries`: [batch, kv_heads, >= G*B, D] -> [batch, block, q_heads, D]."""
+  batch, kv_heads, _, head_dim = packed.shape
+  rows = packed[:, :, :group * block].reshape(batch, kv_heads, group, block, head_dim)
+  return rows.transpose(0, 3, 1, 2, 4).reshape(batch, block, kv_heads * group, head_dim)
+
+
+def pack_block_keys(x: jax.Array, tile_rows: int) -> jax.Array:
+  """[batch, block, kv_heads, D] -> [batch, kv_heads, tile_rows, D], zero padded."""
+  packed = x.transpose(0, 2, 1, 3)
+  return jnp.pad(packed, ((0, 0), (0, 0), (0, tile_rows - x.shape[1]), (0, 0)))
+
+
+def initial_state(tile_rows: int, head_dim: int):
+  """(acc, running max, running sum) of the online softmax before any key."""
+  return (jnp.zeros((tile_rows, head_dim), jnp.float32),
+          jnp.full((tile_rows,), _RUNNING_MAX_START, jnp.float32),
+          jnp.zeros((tile_rows,), jnp.float32))
+
+
+def scores_of(q: jax.Array, k: jax.Array) -> jax.Array:
+  """q @ k.T in float32, contracting the head dim of both (no explicit transpose)."""
+  return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def attend_tile(state, q, k, v, valid: jax.Array | None, qk_scale: float):
+  """One online-softmax step of the query tile over a tile of keys.
+
+  Args:
+    state: (acc [M, D] f32, running max [M] f32, running sum [M] f32), base-2 units.
+    q: [M, D] queries.
+    k, v: [N, D] keys and values of the tile.
+    valid: [N] bool, or None when every key of the tile is valid (the hot loop skips the mask).
+    qk_scale: sm_scale * log2(e).
+
+  Returns:
+    The updated state.
+  """
+  acc, running_max, running_sum = state
+  scores = scores_of(q, k) * qk_scale
+  if valid is not None:
+    scores = jnp.where(valid[None, :], scores, -jnp.inf)
+  new_max = jnp.maximum(running_max, jnp.max(scores, axis=1))
+  correction = jnp.exp2(running_max - new_max)
+  probs = jnp.exp2(scores - new_max[:, None])
+  running_sum = running_sum * correction + jnp.sum(probs, axis=1)
+  acc = acc * correction[:, None] + jnp.dot(probs.astype(v.dtype), v,
+                                            preferred_element_type=jnp.float32)
+  return acc, new_max, running_sum
+
+
+def attend_block_keys(state, q, k_block_ref, v_block_ref, block_tokens: int, qk_scale: float):
+  """Attends the block's own keys (a padded [block_rows, D] tile of which ``block_tokens`` are
+  real); the last split of every kernel does this."""
+  valid = jnp.arange(k_block_ref.shape[0]) < block_tokens
+  return attend_tile(state, q, k_block_ref[...], v_block_ref[...], valid, qk_scale)
+
+
+def attend_rows(state, q, num_rows: jax.Array, block_k: int,
+                load_tile: Callable[[jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]],
+                qk_scale: float):
+  """Attends ``num_rows`` keys in tiles of ``block_k``; only the last, partial tile is masked.
+
+  ``load_tile(first, valid)`` returns the (k, v) tile whose first key is ``first`` (an offset
+  relative to this program's range); masked-out rows must load as finite values.
+  """
+  full_tiles = num_rows // block_k
+
+  def full_tile(i, carry):
+    k, v = load_tile(i * block_k, None)
+    return attend_tile(carry, q, k, v, None, qk_scale)
+
+  def last_tile(i, carry):
+    valid = i * block_k + jnp.arange(block_k) < num_rows
+    k, v = load_tile(i * block_k, valid)
+    return attend_tile(carry, q, k, v, valid, qk_scale)
+
+  state = lax.fori_loop(0, full_tiles, full_tile, state)
+  return lax.fori_loop(full_tiles, pl.cdiv(num_rows, block_k), last_tile, state)
+
+
+def split_range(split: jax.Array, num_splits: int, total: jax.Array, block_k: int):
+  """[start, end) of ``split`` when ``total`` rows are shared out in whole tiles."""
+  tiles = pl.cdiv(total, block_k)
+  chunk = pl.cdiv(tiles, num_splits) * block_k
+  start = split * chunk
+  end = jnp.minimum(start + chunk, total)
+  return start, jnp.maximum(end - start, 0)
+
+
+def store_partial(state, out_ref, lse_ref) -> None:
+  """Writes the normalised partial output and its base-2 log-sum-exp (-inf if nothing seen)."""
+  acc, running_max, running_sum = state
+  seen = running_sum > 0
+  out = acc / jnp.where(seen, running_sum, 1.0)[:, None]
+  out_ref[...] = out.astype(out_ref.dtype)
+  lse_ref[...] = jnp.where(seen, running_max + jnp.log2(jnp.where(seen, running_sum, 1.0)),
+                           -jnp.inf)
+
+
+def combine_partials(partial_out: jax.Array, partial_lse: jax.Array):
+  """Merges split results along axis 2.
+
+  Args:
+    partial_out: [batch, kv_heads, splits, M, D] normalised partial outputs.
+    partial_lse: [batch, kv_heads, splits, M] base-2 log-sum-exp, -inf for empty splits.
+
+  Returns:
+    (out [batch, kv_heads, M, D] float32, lse [batch, kv_heads, M] float32, -inf where every
+    split was empty).
+  """
+  lse_max = jnp.max(partial_lse, axis=2)
+  finite_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
+  weights = jnp.exp2(partial_lse - finite_max[:, :, None])
+  total = jnp.sum(weights, axis=2)
+  # An elementwise product and a sum, which XLA fuses into one reduction (an einsum here would
+  # become a batched matmul with a contraction of only `splits`).
+  out = jnp.sum(weights[..., None] * partial_out.astype(jnp.float32), axis=2)
+  out = out / jnp.where(total > 0, total, 1.0)[..., None]
+  lse = jnp.where(total > 0, finite_max + jnp.log2(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+  return out, lse
+
+
+def compiler_params(num_warps: int, num_stages: int):
+  """Triton compiler parameters; always passed so every jax version picks the Triton backend."""
+  return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def check_tuning(tuning: dict, allowed: tuple[str, ...], entry_point: str) -> None:
+  """Rejects misspelled tuning keywords instead of silently ignoring them."""
+  unknown = sorted(set(tuning) - set(allowed))
+  if unknown:
+    raise ValueError(f"{entry_point}: unknown tuning arguments {unknown}; allowed {allowed}")

@@ -1,0 +1,169 @@
+"""Attention of a block over a selected subset of cache rows (MAGE's steps 2..T).
+
+Each (batch, KV head) has its own list of cache row ids (the top-k of the mask step), shared by
+the G query heads of the group and the B block tokens, plus the block's own keys. The kernel is
+the split-KV kernel of `decode_attention` with the contiguous row loads replaced by a gather of
+rows through the index list (`ref[indices, :]`, as in jax's paged attention); the index list,
+not the cache, is what is split across programs.
+"""
+
+import functools
+import math
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import _triton_utils as tu
+from pallas_kernels.dispatch import resolve_impl
+
+_TUNING = ("block_k", "num_splits", "num_warps", "num_stages")
+
+
+def _sparse_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, k_block_ref, v_block_ref,
+                   out_ref, lse_ref, *, num_splits: int, block_k: int, block_tokens: int,
+                   qk_scale: float):
+  """One (batch, KV head, split) program; split == num_splits attends the block's own keys."""
+  split = pl.program_id(2)
+  capacity, head_dim = k_ref.shape
+  q = q_ref[...]
+  state = tu.initial_state(q.shape[0], head_dim)
+
+  def attend_block():
+    return tu.attend_block_keys(state, q, k_block_ref, v_block_ref, block_tokens, qk_scale)
+
+  def attend_selected():
+    count = jnp.minimum(counts_ref[0], indices_ref.shape[0])
+    start, num_slots = tu.split_range(split, num_splits, count, block_k)
+
+    def load_tile(first, valid):
+      slots = pl.ds(start + first, block_k)
+      if valid is None:
+        rows = indices_ref[slots]
+      else:
+        rows = plt.load(indices_ref.at[slots], mask=valid, other=0)
+      # Padding slots past the count hold arbitrary ids; clipping keeps every gather in bounds.
+      rows = jnp.clip(rows, 0, capacity - 1)
+      return k_ref[rows, :], v_ref[rows, :]
+
+    return tu.attend_rows(state, q, num_slots, block_k, load_tile, qk_scale)
+
+  state = lax.cond(split == num_splits, attend_block, attend_selected)
+  tu.store_partial(state, out_ref, lse_ref)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_k", "num_splits",
+                                             "num_warps", "num_stages"))
+def _sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block, *,
+                      sm_scale: float, interpret: bool, block_k: int, num_splits: int | None,
+                      num_warps: int | None, num_stages: int):
+  batch, block, q_heads, head_dim = q.shape
+  kv_heads = k_cache.shape[1]
+  group = q_heads // kv_heads
+  tile_rows = tu.next_power_of_two(group * block)
+  block_rows = tu.next_power_of_two(block)
+  block_k = tu.fit_block_k(block_k, indices.shape[2])
+  indices = tu.pad_rows(indices.astype(jnp.int32), 2)
+  k_cache, v_cache = tu.pad_rows(k_cache, 2), tu.pad_rows(v_cache, 2)
+  capacity, budget = k_cache.shape[2], indices.shape[2]
+  if num_splits is None:
+    num_splits = tu.default_num_splits(batch * kv_heads, budget, block_k)
+  kernel = functools.partial(_sparse_kernel, num_splits=num_splits, block_k=block_k,
+                             block_tokens=block, qk_scale=sm_scale * tu.LOG2_E)
+  per_head = lambda b, h, s: (b, h, 0, 0)
+  partial_out, partial_lse = pl.pallas_call(
+      kernel,
+      grid=(batch, kv_heads, num_splits + 1),
+      in_specs=[
+          pl.BlockSpec((None, None, 1), lambda b, h, s: (b, h, 0)),
+          pl.BlockSpec((None, None, budget), lambda b, h, s: (b, h, 0)),
+          pl.BlockSpec((None, None, tile_rows, head_dim), per_head),
+          pl.BlockSpec((None, None, capacity, head_dim), per_head),
+          pl.BlockSpec((None, None, capacity, head_dim), per_head),
+          pl.BlockSpec((None, None, block_rows, head_dim), per_head),
+          pl.BlockSpec((None, None, block_rows, head_dim), per_head),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, tile_rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+          pl.BlockSpec((None, None, None, tile_rows), lambda b, h, s: (b, h, s, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((batch, kv_heads, num_splits + 1, tile_rows, head_dim), q.dtype),
+          jax.ShapeDtypeStruct((batch, kv_heads, num_splits + 1, tile_rows), jnp.float32),
+      ],
+      compiler_params=tu.compiler_params(num_warps or (8 if tile_rows >= 256 else 4),
+                                         num_stages),
+      interpret=interpret,
+      name="block_sparse_attention",
+  )(counts.astype(jnp.int32).reshape(batch, kv_heads, 1), indices,
+    tu.pack_queries(q, kv_heads, tile_rows), k_cache, v_cache,
+    tu.pack_block_keys(k_block, block_rows), tu.pack_block_keys(v_block, block_rows))
+  out, _ = tu.combine_partials(partial_out, partial_lse)
+  return tu.unpack_queries(out, block, group).astype(q.dtype)
+
+
+def _check_selection(indices, counts, batch: int, kv_heads: int) -> None:
+  if indices.ndim != 3 or indices.shape[:2] != (batch, kv_heads):
+    raise ValueError(f"indices must have shape ({batch}, {kv_heads}, K), got {indices.shape}")
+  if indices.shape[2] < 1:
+    raise ValueError("indices must have K >= 1 slots")
+  if counts.shape != (batch, kv_heads):
+    raise ValueError(f"counts must have shape ({batch}, {kv_heads}), got {counts.shape}")
+
+
+def sparse_block_attention(q, k_cache, v_cache, indices, counts, k_block, v_block, *,
+                           sm_scale: float | None = None, impl: str = "auto", **tuning):
+  """Attention of a block over the selected cache rows of each KV head plus the block itself.
+
+  Args:
+    q: [batch, block, q_heads, head_dim]; query head h*G + g uses KV head h.
+    k_cache, v_cache: [batch, kv_heads, capacity, head_dim].
+    indices: int32 [batch, kv_heads, K] cache row ids; only the first counts[b, h] are used.
+    counts: int32 [batch, kv_heads], 0..K.
+    k_block, v_block: [batch, block, kv_heads, head_dim], always attended.
+    sm_scale: logit scale, default 1/sqrt(head_dim).
+    impl: "auto", "pallas", "interpret" or "reference" (see `dispatch.resolve_impl`).
+    **tuning: block_k (rows gathered per tile, default 64), num_splits, num_warps, num_stages.
+
+  Returns:
+    [batch, block, q_heads, head_dim] in q.dtype.
+  """
+  batch, _, _, kv_heads, head_dim = tu.check_block_attention_inputs(q, k_cache, v_cache,
+                                                                    k_block, v_block, "k_cache")
+  _check_selection(indices, counts, batch, kv_heads)
+  tu.check_tuning(tuning, _TUNING, "sparse_block_attention")
+  sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+  impl = resolve_impl(impl)
+  if impl == "reference":
+    return sparse_block_attention_reference(q, k_cache, v_cache, indices, counts, k_block,
+                                            v_block, sm_scale=sm_scale)
+  tu.check_kernel_head_dim(head_dim)
+  return _sparse_attention(
+      q, k_cache, v_cache, indices, counts, k_block, v_block, sm_scale=sm_scale,
+      interpret=impl == "interpret", block_k=tuning.get("block_k", 64),
+      num_splits=tuning.get("num_splits"), num_warps=tuning.get("num_warps"),
+      num_stages=tuning.get("num_stages", 2))
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
+def sparse_block_attention_reference(q, k_cache, v_cache, indices, counts, k_block, v_block, *,
+                                     sm_scale: float | None = None):
+  """Plain-JAX gather-then-attend: the definition `sparse_block_attention` must match."""
+  batch, block, q_heads, head_dim = q.shape
+  kv_heads = k_cache.shape[1]
+  sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+  gather = jax.vmap(jax.vmap(lambda rows, ids: rows[ids]))
+  keys = jnp.concatenate([gather(k_cache, indices), k_block.transpose(0, 2, 1, 3)], axis=2)
+  values = jnp.concatenate([gather(v_cache, indices), v_block.transpose(0, 2, 1, 3)], axis=2)
+  grouped_q = q.reshape(batch, block, kv_heads, q_heads // kv_heads, head_dim)
+  logits = jnp.einsum("bthgd,bhjd->bhgtj", grouped_q, keys, preferred_element_type=jnp.float32,
+                      precision=lax.Precision.HIGHEST) * sm_scale
+  budget = indices.shape[2]
+  slots = jnp.arange(budget + block)
+  used = (slots[None, None, :] < counts[:, :, None]) | (slots >= budget)
+  probs = jax.nn.softmax(jnp.where(used[:, :, None, None], logits, -jnp.inf), axis=-1)
+  out = jnp.einsum("bhgtj,bhjd->bthgd", probs, values.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST)
+  return out.reshape(batch, block, q_heads, head_dim).astype(q.dtype)
