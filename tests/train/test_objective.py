@@ -1,0 +1,105 @@
+"""The noising, the prediction positions and the MAGE-FT loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mage_jax.config import ModelConfig
+from mage_jax.model import build_model
+from train import objective
+
+BLOCK = 8
+
+
+def test_complementary_views_mask_every_token_exactly_once():
+  tokens = jnp.arange(64, dtype=jnp.int32).reshape(2, 32) + 10
+  views = objective.noise_views(jax.random.key(0), tokens, block_size=BLOCK, mask_id=3,
+                                eps=0.01, complementary=True)
+  masked = np.asarray(views.masked)
+  np.testing.assert_array_equal(masked[:2] ^ masked[2:], True)
+  noise = np.asarray(views.noise)
+  np.testing.assert_allclose(noise[:2] + noise[2:], 1.0, rtol=1e-6)
+  assert np.all((noise >= 0.01) & (noise <= 0.99))
+  # One level per block, and the mask id exactly where masked.
+  np.testing.assert_array_equal(noise.reshape(4, 4, BLOCK).std(-1), 0)
+  np.testing.assert_array_equal(np.asarray(views.noisy) == 3, masked)
+
+
+def test_token_shift_predicts_block_starts_from_the_clean_stream():
+  h_noisy = jnp.arange(16.0).reshape(1, 16, 1)
+  h_clean = 100 + h_noisy
+  hidden, scored = objective.predicting_hidden(h_noisy, h_clean, 4, token_shift=True)
+  expected = [0, 0, 1, 2, 103, 4, 5, 6, 107, 8, 9, 10, 111, 12, 13, 14]
+  np.testing.assert_array_equal(np.asarray(hidden[0, :, 0]), expected)
+  np.testing.assert_array_equal(np.asarray(scored), np.arange(16) > 0)
+  same, scored = objective.predicting_hidden(h_noisy, h_clean, 4, token_shift=False)
+  np.testing.assert_array_equal(np.asarray(same), np.asarray(h_noisy))
+  assert np.all(np.asarray(scored))
+
+
+def test_chunked_losses_match_unchunked():
+  cfg = ModelConfig.preset("tiny_qwen2", dtype="float32")
+  model = build_model(cfg, seed=1)
+  hidden = jax.random.normal(jax.random.key(1), (2, 24, cfg.hidden_size))
+  teacher_hidden = hidden + jax.random.normal(jax.random.key(4), hidden.shape)
+  targets = jax.random.randint(jax.random.key(2), (2, 24), 0, cfg.vocab_size)
+  weights = jax.random.uniform(jax.random.key(3), (2, 24))
+  kl_mask = weights > 0.5
+  ce, kl = objective.chunked_losses(model, hidden, targets, weights, chunk=7, teacher=model,
+                                    teacher_hidden=teacher_hidden, kl_mask=kl_mask)
+  log_p = jax.nn.log_softmax(model.logits(hidden))
+  log_q = jax.nn.log_softmax(model.logits(teacher_hidden))
+  expected_ce = -jnp.sum(weights * jnp.take_along_axis(log_p, targets[..., None], -1)[..., 0])
+  expected_kl = jnp.sum(kl_mask * jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1))
+  np.testing.assert_allclose(ce, expected_ce, rtol=1e-5)
+  np.testing.assert_allclose(kl, expected_kl, rtol=1e-4)
+
+
+def _selfdistill_terms(budget, seq=32):
+  cfg = ModelConfig.preset("tiny_qwen2", dtype="float32")
+  model = build_model(cfg, seed=0)
+  tokens = jax.random.randint(jax.random.key(5), (2, seq), 4, cfg.vocab_size)
+  views = objective.noise_views(jax.random.key(6), tokens, block_size=cfg.block_size,
+                                mask_id=cfg.mask_token_id, eps=0.05, complementary=True)
+  selections = objective.select_keys(model, views, budget=budget, dense_layers=1,
+                                     selection_queries="all_mask", alpha_includes_block=True,
+                                     score_chunk=8, num_views=2, impl="reference")
+  teacher_states = objective.teacher_hidden(model, views, impl="reference")
+  _, metrics = objective.selfdistill_loss(model, model, views, selections, teacher_states,
+                                          kl_weight=1.0, chunk=16, remat=False,
+                                          impl="reference")
+  pretrain, _ = objective.pretrain_loss(model, views, chunk=16, remat=False, impl="reference")
+  return metrics, pretrain
+
+
+def test_kl_is_zero_when_the_student_attends_exactly():
+  metrics, pretrain = _selfdistill_terms(budget=32)
+  assert abs(float(metrics["kl"])) < 1e-6
+  np.testing.assert_allclose(metrics["ce"], pretrain, rtol=1e-5)
+
+
+def test_kl_is_positive_when_the_budget_drops_keys():
+  metrics, _ = _selfdistill_terms(budget=2)
+  assert float(metrics["kl"]) > 1e-5
+
+
+@pytest.mark.parametrize("queries", ["all_mask", "noisy"])
+@pytest.mark.parametrize("includes_block", [True, False])
+def test_selection_options_select_within_earlier_blocks(queries, includes_block):
+  cfg = ModelConfig.preset("tiny_qwen2", dtype="float32")
+  model = build_model(cfg, seed=0)
+  tokens = jax.random.randint(jax.random.key(5), (1, 32), 4, cfg.vocab_size)
+  views = objective.noise_views(jax.random.key(6), tokens, block_size=cfg.block_size,
+                                mask_id=cfg.mask_token_id, eps=0.05, complementary=True)
+  selections = objective.select_keys(model, views, budget=4, dense_layers=1,
+                                     selection_queries=queries,
+                                     alpha_includes_block=includes_block, score_chunk=8,
+                                     num_views=2, impl="reference")
+  assert selections[0] is None
+  indices, counts = (np.asarray(x) for x in selections[1])
+  assert indices.shape == (2, 4, cfg.num_kv_heads, 4)
+  np.testing.assert_array_equal(counts[0, :, 0], [0, 4, 4, 4])
+  starts = np.arange(4)[None, :, None, None] * cfg.block_size
+  used = np.arange(4) < counts[..., None]
+  assert np.all(indices[used] < np.broadcast_to(starts, indices.shape)[used])

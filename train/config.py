@@ -1,0 +1,281 @@
+"""Training configuration: frozen dataclasses read from one JSON file plus command-line overrides.
+
+The JSON mirrors the dataclasses section by section (``optim``, ``mage``, ``data``,
+``checkpoint``); unknown keys are errors, so a typo never silently falls back to a default.
+Overrides use dotted paths with JSON values (``optim.learning_rate=1e-4``, ``data.seed=3``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from typing import Any, Mapping
+
+from mage_jax.config import ModelConfig
+
+MODES = ("pretrain", "selfdistill")
+# Synthetic training samples draw seeds from [TRAIN_SEED_OFFSET, ...): eval uses seeds below it,
+# so no training sequence is ever an eval sample.
+TRAIN_SEED_OFFSET = 10**6
+SYNTHETIC_KINDS = ("niah", "ruler_niah_single", "ruler_niah_multikey", "ruler_niah_multivalue",
+                   "ruler_niah_multiquery", "ruler_vt", "ruler_cwe")
+
+
+class ConfigError(ValueError):
+  """A configuration problem, reported to the user as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup then cosine decay to ``min_lr_ratio`` of the peak.
+
+  ``grad_accum`` micro-batches of ``batch_size`` sequences make one optimizer step.
+  """
+
+  learning_rate: float = 3e-4
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip_norm: float = 1.0
+  batch_size: int = 8
+  grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MageConfig:
+  """MAGE-FT (selfdistill) settings.
+
+  Attributes:
+    budget: clean keys kept per noisy block and KV head (k).
+    dense_layers: the first layers attend exactly (MAGE keeps two dense).
+    kl_weight: lambda of L = CE + lambda * KL(p_sparse || p_exact); not published, 1 by default.
+    selection_queries: "all_mask" selects from a fully masked block, as MAGE does at the first
+      denoising step; "noisy" from the partially masked x_t the student trains on.
+    alpha_includes_block: whether alpha's softmax includes the block's own keys (not published;
+      match the inference method's setting).
+    score_chunk: clean keys per step of the alpha computation (memory vs. loop length).
+  """
+
+  budget: int = 512
+  dense_layers: int = 2
+  kl_weight: float = 1.0
+  selection_queries: str = "all_mask"
+  alpha_includes_block: bool = True
+  score_chunk: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+  """One data source of the mixture.
+
+  ``kind`` is "files" (``paths``: .jsonl with a ``text`` field per line, or plain text with one
+  document per blank-line-separated paragraph) or a synthetic task (niah, ruler_*) whose samples
+  are generated at ``context_tokens`` (default: the training length minus the answer).
+  """
+
+  kind: str
+  weight: float = 1.0
+  paths: tuple[str, ...] = ()
+  context_tokens: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Sources, tokenizer and the data seed.
+
+  ``tokenizer`` is a tokenizer.json path, or "word": a word-level tokenizer trained on the
+  sources (``word_vocab_docs`` documents) with the model's vocab size and special ids, for the
+  small models trained from scratch here.
+  """
+
+  sources: tuple[SourceConfig, ...] = (SourceConfig(kind="niah"),)
+  tokenizer: str = "word"
+  seed: int = 0
+  word_vocab_docs: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 500
+  max_to_keep: int = 3
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a run needs.
+
+  Attributes:
+    model: a preset name (configs/*.json), a model config.json path, or a Hugging Face
+      checkpoint directory (weights are loaded from it).
+    model_overrides: ModelConfig fields to replace (e.g. dtype, vocab_size).
+    init_seed: seed of the random initialisation when ``model`` has no weights.
+    workdir: checkpoints, tokenizer, metrics.jsonl.
+    steps: optimizer steps of the whole run (the LR schedule spans them).
+    seq_len: training length L (a multiple of the block size); each forward runs 2L tokens.
+    noise_eps: t ~ U(eps, 1) per block (U(eps, 1 - eps) with complementary masking, so that the
+      complementary view's 1 / (1 - t) weight stays bounded too).
+    complementary: also train each sequence with the complementary mask (Fast-dLLM v2).
+    remat: recompute each layer's activations in the backward pass.
+    loss_chunk: tokens per chunk of the LM head + loss (never [tokens, vocab] at once).
+    attention_impl: kernel dispatch (auto: Pallas on GPU, reference elsewhere).
+    log_every: steps between log lines.
+    export_dir: Hugging Face export of the final weights ("" for none).
+  """
+
+  model: str
+  workdir: str
+  steps: int
+  seq_len: int
+  model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  init_seed: int = 0
+  seed: int = 0
+  noise_eps: float = 1e-3
+  complementary: bool = True
+  remat: bool = True
+  loss_chunk: int = 1024
+  attention_impl: str = "auto"
+  log_every: int = 10
+  progress_bar: bool = True
+  export_dir: str = ""
+  optim: OptimConfig = OptimConfig()
+  mage: MageConfig = MageConfig()
+  data: DataConfig = DataConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+
+  def validate(self, model_cfg: ModelConfig, mode: str) -> None:
+    """Raises ConfigError naming the first inconsistent field."""
+    checks = [
+        (mode in MODES, "mode", f"must be one of {MODES}, got {mode!r}"),
+        (self.steps >= 1, "steps", f"must be >= 1, got {self.steps}"),
+        (self.seq_len >= 1 and self.seq_len % model_cfg.block_size == 0, "seq_len",
+         f"{self.seq_len} is not a positive multiple of block_size={model_cfg.block_size}"),
+        (self.seq_len <= model_cfg.max_position_embeddings, "seq_len",
+         f"{self.seq_len} exceeds max_position_embeddings={model_cfg.max_position_embeddings}"),
+        (0 < self.noise_eps < 0.5, "noise_eps", f"must be in (0, 0.5), got {self.noise_eps}"),
+        (self.loss_chunk >= 1, "loss_chunk", f"must be >= 1, got {self.loss_chunk}"),
+        (self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}"),
+        (self.optim.batch_size >= 1, "optim.batch_size", "must be >= 1"),
+        (self.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1"),
+        (self.optim.learning_rate > 0, "optim.learning_rate", "must be > 0"),
+        (0 <= self.optim.warmup_steps, "optim.warmup_steps", "must be >= 0"),
+        (0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]"),
+        (self.optim.clip_norm > 0, "optim.clip_norm", "must be > 0"),
+        (self.mage.budget >= 1, "mage.budget", "must be >= 1"),
+        (0 <= self.mage.dense_layers <= model_cfg.num_layers, "mage.dense_layers",
+         f"must be in [0, {model_cfg.num_layers}], got {self.mage.dense_layers}"),
+        (self.mage.kl_weight >= 0, "mage.kl_weight", "must be >= 0"),
+        (self.mage.selection_queries in ("all_mask", "noisy"), "mage.selection_queries",
+         f"must be all_mask or noisy, got {self.mage.selection_queries!r}"),
+        (self.mage.score_chunk >= 1, "mage.score_chunk", "must be >= 1"),
+        (len(self.data.sources) >= 1, "data.sources", "needs at least one source"),
+        (0 <= self.data.seed < TRAIN_SEED_OFFSET, "data.seed",
+         f"must be in [0, {TRAIN_SEED_OFFSET}) (synthetic seeds are data.seed + "
+         f"{TRAIN_SEED_OFFSET})"),
+        (self.checkpoint.every >= 1, "checkpoint.every", "must be >= 1"),
+        (self.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1"),
+    ]
+    for source in self.data.sources:
+      checks += [
+          (source.kind == "files" or source.kind in SYNTHETIC_KINDS, "data.sources.kind",
+           f"unknown kind {source.kind!r}; expected files or one of {SYNTHETIC_KINDS}"),
+          (source.weight > 0, "data.sources.weight", f"must be > 0, got {source.weight}"),
+          (source.kind != "files" or source.paths, "data.sources.paths",
+           "a files source needs paths"),
+      ]
+    for ok, field, why in checks:
+      if not ok:
+        raise ConfigError(f"{field}: {why}")
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+  """JSON value -> the dataclass field type (nested dataclasses, tuples, optionals)."""
+  origin = typing.get_origin(annotation)
+  if dataclasses.is_dataclass(annotation):
+    if not isinstance(value, Mapping):
+      raise ConfigError(f"{where}: expected an object, got {value!r}")
+    return _build(annotation, value, where)
+  if origin in (typing.Union, types.UnionType):
+    if value is None:
+      return None
+    (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return _convert(value, inner, where)
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{where}: expected a list, got {value!r}")
+    inner = typing.get_args(annotation)[0]
+    return tuple(_convert(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+  if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  expected = origin or annotation
+  if expected is not Any and not isinstance(value, expected) or (
+      expected in (int, float) and isinstance(value, bool)):
+    raise ConfigError(f"{where}: expected {getattr(expected, '__name__', expected)}, "
+                      f"got {value!r}")
+  return value
+
+
+def _build(cls, values: Mapping[str, Any], where: str = ""):
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ConfigError(f"{where or 'config'}: unknown field {unknown[0]!r}; known: "
+                      f"{', '.join(fields)}")
+  missing = [n for n, f in fields.items() if n not in values and
+             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise ConfigError(f"{where or 'config'}: missing required field {missing[0]!r}")
+  return cls(**{k: _convert(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in values.items()})
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """Sets dotted paths (``optim.learning_rate``) in a copy of the raw JSON dictionary."""
+  raw = json.loads(json.dumps(raw))
+  for path, value in overrides.items():
+    node = raw
+    *parents, leaf = path.split(".")
+    for key in parents:
+      node = node.setdefault(key, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f"override {path}: {key} is not a section")
+    node[leaf] = value
+  return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+  """``key.path=value`` with a JSON value (bare words are strings)."""
+  key, sep, value = text.partition("=")
+  if not sep or not key:
+    raise ConfigError(f"--set {text!r}: expected key.path=value")
+  try:
+    return key, json.loads(value)
+  except json.JSONDecodeError:
+    return key, value
+
+
+def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] = ()) -> TrainConfig:
+  """Reads the JSON file, applies the overrides, returns the validated structure."""
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f"cannot read training config {os.fspath(path)}: {e}") from e
+  if not isinstance(raw, dict):
+    raise ConfigError(f"training config {os.fspath(path)} must hold a JSON object")
+  return from_dict(apply_overrides(raw, dict(overrides)))
+
+
+def from_dict(raw: Mapping[str, Any]) -> TrainConfig:
+  return _build(TrainConfig, raw)
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+  """JSON-ready dictionary (saved next to every checkpoint)."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg)))

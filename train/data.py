@@ -1,0 +1,206 @@
+"""Training data: tokenized documents packed into fixed-length sequences, addressed by index.
+
+Sequence i of a run is a pure function of (data seed, i): the mixture picks its source from a
+generator seeded with (seed, i), a synthetic source generates its documents from task seeds
+derived from i, and a file source reads chunk i of a seeded per-epoch permutation of its token
+stream. So the data position of a checkpoint is just the number of sequences consumed, and a
+resumed run sees exactly the sequences an uninterrupted one would.
+
+Seed rule: synthetic training samples use task seed ``TRAIN_SEED_OFFSET + data.seed`` (>= 10**6)
+with index ``i * DOCS_PER_SEQUENCE + j``; eval draws seeds below 10**6, so training never sees an
+eval sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import models, pre_tokenizers, trainers
+
+from mage_jax.config import ModelConfig
+from mage_jax.tasks import niah, ruler
+from mage_jax.tasks import sample as sample_lib
+from train.config import TRAIN_SEED_OFFSET, ConfigError, DataConfig, SourceConfig
+
+TOKENIZER_FILE = "tokenizer.json"
+# Documents a synthetic sequence may draw before it is full: far above what packing needs
+# (each document is about a sequence long), and the stride of the per-sequence task indices.
+DOCS_PER_SEQUENCE = 1024
+# Room left after a synthetic prompt for its answer and EOS when context_tokens is not set.
+ANSWER_ROOM = 32
+
+
+def _special_tokens(cfg: ModelConfig) -> list[str]:
+  """Special tokens in id order, so the word-level vocabulary puts them at the model's ids."""
+  roles = {cfg.pad_token_id: "[PAD]", cfg.mask_token_id: "[MASK]"}
+  roles.setdefault(cfg.eos_token_ids[0], "[EOS]")
+  size = max(roles) + 1
+  if size > 64:
+    raise ConfigError(f"data.tokenizer: a word-level tokenizer needs special ids < 64, the model "
+                      f"has {sorted(roles)}; pass a tokenizer.json instead")
+  names = [roles.get(i, f"[RESERVED_{i}]") for i in range(size)]
+  free = [i for i in range(size) if i not in roles]
+  if free:
+    names[free[0]] = "[UNK]"
+  else:
+    names.append("[UNK]")
+  return names
+
+
+def build_word_tokenizer(cfg: ModelConfig, texts: Sequence[str]) -> tokenizers.Tokenizer:
+  """A word-level tokenizer with the model's vocab size and its pad / EOS / mask ids.
+
+  Digits are split one per token, so needle values (7 digits) are learnable with a small
+  vocabulary; words beyond the vocabulary become [UNK].
+  """
+  tokenizer = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+      [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+  specials = _special_tokens(cfg)
+  if len(specials) >= cfg.vocab_size:
+    raise ConfigError(f"model vocab_size={cfg.vocab_size} leaves no room for words")
+  trainer = trainers.WordLevelTrainer(vocab_size=cfg.vocab_size, special_tokens=specials,
+                                      show_progress=False)
+  tokenizer.train_from_iterator(texts, trainer)
+  return tokenizer
+
+
+def _read_documents(path: str) -> list[str]:
+  """A .jsonl file's ``text`` fields, or a text file's blank-line separated paragraphs."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      content = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"data.sources.paths: cannot read {path}: {e}") from e
+  if path.endswith(".jsonl"):
+    docs = []
+    for n, line in enumerate(content.splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        docs.append(json.loads(line)["text"])
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
+  else:
+    docs = [p.strip() for p in content.split("\n\n") if p.strip()]
+  if not docs:
+    raise ConfigError(f"data.sources.paths: {path} holds no documents")
+  return docs
+
+
+class _Synthetic:
+  """Prompt + answer documents of one synthetic task, generated on demand."""
+
+  def __init__(self, source: SourceConfig, seed: int, seq_len: int, count_tokens):
+    self.kind = source.kind
+    self.context = source.context_tokens or max(1, seq_len - ANSWER_ROOM)
+    self.seed = TRAIN_SEED_OFFSET + seed
+    self.count_tokens = count_tokens
+
+  def text(self, index: int) -> str:
+    if self.kind == "niah":
+      depth = random.Random(f"train-depth/{self.seed}/{index}").random()
+      sample = niah.niah_sample(self.context, depth, seed=self.seed, index=index,
+                                count_tokens=self.count_tokens)
+    else:
+      sample = ruler.RULER_TASKS[self.kind](self.context, seed=self.seed, index=index,
+                                            count_tokens=self.count_tokens)
+    return f"{sample.prompt()} {', '.join(sample.answers)}."
+
+
+class PackedData:
+  """The run's sequences: ``sequence(i)`` int32 [seq_len], ``batch(step)`` [accum, micro, L]."""
+
+  def __init__(self, cfg: DataConfig, model_cfg: ModelConfig, seq_len: int,
+               tokenizer: tokenizers.Tokenizer):
+    self.cfg, self.seq_len, self.tokenizer = cfg, seq_len, tokenizer
+    self.eos = model_cfg.eos_token_ids[0]
+    weights = np.array([s.weight for s in cfg.sources], np.float64)
+    self.weights = weights / weights.sum()
+    self.sources = []
+    for source in cfg.sources:
+      if source.kind == "files":
+        docs = [d for p in source.paths for d in _read_documents(p)]
+        stream = np.concatenate([self._encode(d) for d in docs])
+        if len(stream) < seq_len:
+          raise ConfigError(f"data.sources.paths: {len(stream)} tokens in "
+                            f"{', '.join(source.paths)}, fewer than seq_len={seq_len}")
+        self.sources.append(stream)
+      else:
+        synthetic = _Synthetic(source, cfg.seed, seq_len, self._count)
+        try:
+          synthetic.text(0)
+        except ValueError as e:
+          raise ConfigError(f"data.sources: {source.kind} at {synthetic.context} tokens: {e}")
+        self.sources.append(synthetic)
+
+  def _count(self, text: str) -> int:
+    return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+  def _encode(self, text: str) -> np.ndarray:
+    ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+    return np.asarray(ids + [self.eos], np.int32)
+
+  def sequence(self, i: int) -> np.ndarray:
+    """Packed sequence number ``i`` (documents joined by EOS, the last one cut)."""
+    choice = np.random.default_rng([self.cfg.seed, i]).choice(len(self.sources), p=self.weights)
+    source = self.sources[choice]
+    if isinstance(source, np.ndarray):
+      chunks = len(source) // self.seq_len
+      epoch, slot = divmod(i, chunks)
+      chunk = np.random.default_rng([self.cfg.seed, choice, epoch]).permutation(chunks)[slot]
+      return source[chunk * self.seq_len:(chunk + 1) * self.seq_len]
+    parts, filled = [], 0
+    for j in range(DOCS_PER_SEQUENCE):
+      parts.append(self._encode(source.text(i * DOCS_PER_SEQUENCE + j)))
+      filled += len(parts[-1])
+      if filled >= self.seq_len:
+        return np.concatenate(parts)[:self.seq_len]
+    raise RuntimeError(f"{DOCS_PER_SEQUENCE} documents did not fill {self.seq_len} tokens")
+
+  def batch(self, step: int, micro_batch: int, accum: int) -> np.ndarray:
+    """Sequences [step * G, (step + 1) * G) for G = accum * micro_batch, as [accum, micro, L]."""
+    size = micro_batch * accum
+    rows = [self.sequence(step * size + r) for r in range(size)]
+    return np.stack(rows).reshape(accum, micro_batch, self.seq_len)
+
+
+def _vocabulary_texts(cfg: DataConfig, seq_len: int) -> list[str]:
+  """Documents to train the word-level vocabulary on (lengths counted in words)."""
+  texts = []
+  for source in cfg.sources:
+    if source.kind == "files":
+      texts += [d for p in source.paths for d in _read_documents(p)][:cfg.word_vocab_docs]
+    else:
+      synthetic = _Synthetic(source, cfg.seed, seq_len, sample_lib.count_words)
+      try:
+        texts += [synthetic.text(i) for i in range(cfg.word_vocab_docs)]
+      except ValueError as e:
+        raise ConfigError(f"data.sources: {source.kind} at {synthetic.context} words: {e}")
+  return texts
+
+
+def load_tokenizer(cfg: DataConfig, model_cfg: ModelConfig, seq_len: int,
+                   workdir: str) -> tokenizers.Tokenizer:
+  """The run's tokenizer, stored in ``workdir`` on first use so a resume reuses it as is."""
+  saved = os.path.join(workdir, TOKENIZER_FILE)
+  path = saved if os.path.exists(saved) else (None if cfg.tokenizer == "word" else cfg.tokenizer)
+  if path is not None:
+    try:
+      tokenizer = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file.
+      raise ConfigError(f"data.tokenizer: cannot load {path}: {e}") from e
+  else:
+    tokenizer = build_word_tokenizer(model_cfg, _vocabulary_texts(cfg, seq_len))
+  if tokenizer.get_vocab_size() > model_cfg.vocab_size:
+    raise ConfigError(f"data.tokenizer: {tokenizer.get_vocab_size()} tokens exceed the model's "
+                      f"vocab_size={model_cfg.vocab_size}")
+  os.makedirs(workdir, exist_ok=True)
+  if not os.path.exists(saved):
+    tokenizer.save(saved)
+  return tokenizer

@@ -1,0 +1,206 @@
+"""The block-diffusion training objective and MAGE-FT self-distillation.
+
+Noise: every block of every sequence draws a noise level t and masks each of its tokens
+(replaces it with the mask id) with probability t. With complementary masking (Fast-dLLM v2)
+each sequence is used twice, with mask m at level t and with the complement 1 - m at level
+1 - t, so across the pair every token is masked exactly once and no token goes unsupervised.
+t ~ U(eps, 1) alone, U(eps, 1 - eps) with the complement, so both levels stay >= eps.
+
+Loss: CE on masked tokens weighted by 1/t (the masked-diffusion ELBO: a token masked with
+probability t carries 1/t of the expected loss, so the sum is an unbiased estimate of the loss on
+every token, and low-noise blocks, which mask few tokens, are not under-weighted), divided by
+the number of predicted tokens (so it reads as nats per token whatever t was drawn).
+
+Prediction position: with token shift (Fast-dLLM v2) token i is predicted from hidden state
+i - 1: inside a block from the noisy stream, and for the first token of a block from the clean
+stream's last hidden state of the previous block, which is what decoding uses (the commit of the
+previous block predicts the next block's first token). Position 0 has no predictor and is never
+scored. Without token shift, token i is predicted from its own noisy hidden state.
+
+Self-distillation (MAGE-FT) per sequence: (1) select, from the exact attention of the masked
+blocks with the current weights and no gradient, each noisy block's top-k clean keys per KV
+head; (2) the student forward attends to those keys plus its own block and takes the gradient;
+(3) the teacher (the frozen initial weights) runs the exact forward without gradient. Loss =
+CE + lambda * KL(p_student || p_teacher), the KL averaged over the scored masked tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mage_jax import attention
+from mage_jax.model import Transformer
+
+
+class Views(NamedTuple):
+  """The noised sequences of a micro-batch (views of one sequence are batch rows V*b apart).
+
+  Attributes:
+    noisy: int32 [V*b, L], x_t.
+    clean: int32 [V*b, L], x_0.
+    masked: bool [V*b, L], tokens replaced by the mask id.
+    noise: float32 [V*b, L], the noise level t of each token's block.
+  """
+
+  noisy: jax.Array
+  clean: jax.Array
+  masked: jax.Array
+  noise: jax.Array
+
+
+def noise_views(key: jax.Array, tokens: jax.Array, *, block_size: int, mask_id: int, eps: float,
+                complementary: bool) -> Views:
+  """Masks every block of ``tokens`` [b, L] at its own level t (and the complement, if asked)."""
+  batch, seq = tokens.shape
+  level_key, token_key = jax.random.split(key)
+  high = 1.0 - eps if complementary else 1.0
+  t = jax.random.uniform(level_key, (batch, seq // block_size), minval=eps, maxval=high)
+  t = jnp.repeat(t, block_size, axis=1)
+  masked = jax.random.uniform(token_key, (batch, seq)) < t
+  if complementary:
+    masked = jnp.concatenate([masked, ~masked])
+    t = jnp.concatenate([t, 1.0 - t])
+    tokens = jnp.concatenate([tokens, tokens])
+  noisy = jnp.where(masked, mask_id, tokens)
+  return Views(noisy.astype(jnp.int32), tokens.astype(jnp.int32), masked, t)
+
+
+def doubled_forward(model: Transformer, noisy: jax.Array, clean: jax.Array, attend, carry: Any,
+                    *, remat: bool = False):
+  """Runs [x_t | x_0] (both at positions 0..L-1). Returns (h_noisy, h_clean, carry)."""
+  batch, seq = clean.shape
+  positions = jnp.broadcast_to(jnp.tile(jnp.arange(seq, dtype=jnp.int32), 2), (batch, 2 * seq))
+  hidden, carry = model(jnp.concatenate([noisy, clean], axis=1), positions, attend, carry,
+                        remat=remat)
+  return hidden[:, :seq], hidden[:, seq:], carry
+
+
+def predicting_hidden(h_noisy: jax.Array, h_clean: jax.Array, block_size: int,
+                      token_shift: bool) -> tuple[jax.Array, jax.Array]:
+  """The hidden state that predicts each token, and whether the token is scored at all."""
+  seq = h_noisy.shape[1]
+  if not token_shift:
+    return h_noisy, jnp.ones((seq,), bool)
+  shift = lambda h: jnp.pad(h[:, :-1], ((0, 0), (1, 0), (0, 0)))
+  first_of_block = (jnp.arange(seq) % block_size == 0)[None, :, None]
+  return jnp.where(first_of_block, shift(h_clean), shift(h_noisy)), jnp.arange(seq) > 0
+
+
+def chunked_losses(model: Transformer, hidden: jax.Array, targets: jax.Array,
+                   ce_weights: jax.Array, *, chunk: int, teacher: Transformer | None = None,
+                   teacher_hidden: jax.Array | None = None,
+                   kl_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """sum(ce_weights * CE) and sum(kl_mask * KL(student || teacher)) over all tokens.
+
+  The LM head runs ``chunk`` tokens at a time under jax.checkpoint, so neither the forward nor
+  the backward ever holds [tokens, vocab] logits (20 GB in float32 at 32K x 152K).
+  """
+  width = hidden.shape[-1]
+  n = targets.size
+  padded = -(-n // chunk) * chunk
+
+  def flat(x, trailing=()):
+    x = x.reshape((n,) + trailing)
+    return jnp.pad(x, ((0, padded - n),) + ((0, 0),) * len(trailing)).reshape(
+        (padded // chunk, chunk) + trailing)
+
+  distill = teacher is not None
+  xs = (flat(hidden, (width,)), flat(targets), flat(ce_weights.astype(jnp.float32)))
+  if distill:
+    xs += (flat(jax.lax.stop_gradient(teacher_hidden), (width,)),
+           flat(kl_mask.astype(jnp.float32)))
+
+  @jax.checkpoint
+  def chunk_losses(x):
+    log_p = jax.nn.log_softmax(model.logits(x[0]), axis=-1)
+    ce = -jnp.take_along_axis(log_p, x[1][:, None], axis=-1)[:, 0]
+    ce_sum = jnp.sum(x[2] * ce)
+    if not distill:
+      return ce_sum, jnp.zeros((), jnp.float32)
+    log_q = jax.lax.stop_gradient(jax.nn.log_softmax(teacher.logits(x[3]), axis=-1))
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    return ce_sum, jnp.sum(x[4] * kl)
+
+  def step(totals, x):
+    ce, kl = chunk_losses(x)
+    return (totals[0] + ce, totals[1] + kl), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (ce_sum, kl_sum), _ = jax.lax.scan(step, (zero, zero), xs)
+  return ce_sum, kl_sum
+
+
+def _weights(views: Views, scored: jax.Array):
+  """Per-token CE weights (masked / t), the KL mask and the number of scored tokens."""
+  scored = jnp.broadcast_to(scored, views.masked.shape)
+  kl_mask = views.masked & scored
+  return jnp.where(kl_mask, 1.0 / views.noise, 0.0), kl_mask, jnp.sum(scored)
+
+
+def pretrain_loss(model: Transformer, views: Views, *, chunk: int, remat: bool,
+                  impl: str = "auto") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The block-diffusion loss of one micro-batch through the exact training attention."""
+  cfg = model.config
+  attend = attention.make_training_attend(cfg.block_size, impl)
+  h_noisy, h_clean, _ = doubled_forward(model, views.noisy, views.clean, attend, None,
+                                        remat=remat)
+  hidden, scored = predicting_hidden(h_noisy, h_clean, cfg.block_size, cfg.token_shift)
+  ce_weights, _, count = _weights(views, scored)
+  ce_sum, _ = chunked_losses(model, hidden, views.clean, ce_weights, chunk=chunk)
+  ce = ce_sum / count
+  return ce, {"loss": ce, "ce": ce, "kl": jnp.zeros_like(ce)}
+
+
+def select_keys(model: Transformer, views: Views, *, budget: int, dense_layers: int,
+                selection_queries: str, alpha_includes_block: bool, score_chunk: int,
+                num_views: int, impl: str = "auto") -> tuple[Any, ...]:
+  """MAGE-FT step (1): per layer, the BlockSelection of every noisy block (None if dense).
+
+  With "all_mask" selection the noisy half is all mask tokens, so both views of a sequence
+  select the same keys: the pass runs once per sequence and its result is repeated.
+  """
+  cfg = model.config
+  attend = attention.make_selection_attend(
+      cfg.block_size, budget, dense_layers, alpha_includes_block=alpha_includes_block,
+      chunk=score_chunk, impl=impl)
+  if selection_queries == "all_mask":
+    clean = views.clean[:views.clean.shape[0] // num_views]
+    _, _, selections = doubled_forward(model, jnp.full_like(clean, cfg.mask_token_id), clean,
+                                       attend, ())
+    repeat = lambda x: jnp.concatenate([x] * num_views)
+    selections = jax.tree.map(repeat, selections)
+  else:
+    _, _, selections = doubled_forward(model, views.noisy, views.clean, attend, ())
+  return jax.lax.stop_gradient(selections)
+
+
+def teacher_hidden(teacher: Transformer, views: Views, impl: str = "auto") -> jax.Array:
+  """MAGE-FT step (3): the frozen teacher's exact predicting hidden states, no gradient."""
+  cfg = teacher.config
+  attend = attention.make_training_attend(cfg.block_size, impl)
+  h_noisy, h_clean, _ = doubled_forward(teacher, views.noisy, views.clean, attend, None)
+  hidden, _ = predicting_hidden(h_noisy, h_clean, cfg.block_size, cfg.token_shift)
+  return jax.lax.stop_gradient(hidden)
+
+
+def selfdistill_loss(model: Transformer, teacher: Transformer, views: Views,
+                     selections: tuple[Any, ...], teacher_states: jax.Array, *,
+                     kl_weight: float, chunk: int, remat: bool,
+                     impl: str = "auto") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """MAGE-FT step (2) and the loss: the sparse student against the exact teacher."""
+  cfg = model.config
+  attend = attention.make_sparse_training_attend(cfg.block_size, impl)
+  h_noisy, h_clean, _ = doubled_forward(model, views.noisy, views.clean, attend, selections,
+                                        remat=remat)
+  hidden, scored = predicting_hidden(h_noisy, h_clean, cfg.block_size, cfg.token_shift)
+  ce_weights, kl_mask, count = _weights(views, scored)
+  ce_sum, kl_sum = chunked_losses(model, hidden, views.clean, ce_weights, chunk=chunk,
+                                  teacher=teacher, teacher_hidden=teacher_states,
+                                  kl_mask=kl_mask)
+  ce = ce_sum / count
+  kl = kl_sum / jnp.maximum(jnp.sum(kl_mask), 1)
+  loss = ce + kl_weight * kl
+  return loss, {"loss": loss, "ce": ce, "kl": kl}

@@ -1,0 +1,345 @@
+"""The training loop: optimizer, jitted step, orbax checkpoints, logging, export.
+
+Precision: the trainable weights live in float32 (``TrainState.params``, the master copy the
+optimizer updates and its float32 moments); each forward casts them to the model's dtype
+(bfloat16 for the real models), so matmuls run in bf16 and gradients come back in float32
+through the cast. Softmax, norms, logits and losses are float32 inside the model.
+
+One step = ``grad_accum`` micro-batches scanned inside one jit (their float32 gradients
+averaged) then one AdamW update, so the step counter, the LR schedule, the data position and
+the PRNG stream (fold_in(run key, step)) all advance together and a checkpoint restores them
+exactly. A step whose loss or gradient norm is not finite leaves the state untouched; the loop
+then stops before any save, so the last checkpoint on disk is the last good state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from flax import nnx
+
+from mage_jax import checkpoint as hf_checkpoint
+from mage_jax.config import ModelConfig
+from mage_jax.model import Transformer, build_model
+from train import data as data_lib
+from train import objective
+from train.config import ConfigError, OptimConfig, TrainConfig, to_dict
+
+
+class TrainingDiverged(RuntimeError):
+  """A non-finite loss or gradient norm stopped the run."""
+
+
+class TrainState(NamedTuple):
+  """Everything a checkpoint restores.
+
+  Attributes:
+    step: int32 scalar, optimizer steps completed.
+    params: float32 master weights by dotted name (``layers.0.mlp.up_proj.kernel``).
+    opt_state: the optax state of ``params``.
+    rng: uint32 key data of the run's PRNG key; step s uses fold_in(key, s).
+    data_position: int32 scalar, packed sequences consumed (step * global batch).
+  """
+
+  step: jax.Array
+  params: dict[str, jax.Array]
+  opt_state: Any
+  rng: jax.Array
+  data_position: jax.Array
+
+
+class ParamLayout:
+  """Flat float32 weights <-> a Transformer in the model's dtype.
+
+  Flat string-keyed dicts are what optax, orbax and the logs handle best; the graph of the
+  model is built once, abstractly, and re-filled with cast weights inside every forward.
+  """
+
+  def __init__(self, cfg: ModelConfig):
+    self.config = cfg
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    self.graphdef, state = nnx.split(abstract)
+    self.variables = list(nnx.to_flat_state(state))
+
+  @staticmethod
+  def name(path: tuple) -> str:
+    return ".".join(map(str, path))
+
+  def flatten(self, model: Transformer) -> dict[str, jax.Array]:
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {self.name(p): v.get_value().astype(jnp.float32) for p, v in flat}
+
+  def model(self, params: dict[str, jax.Array]) -> Transformer:
+    dtype = jnp.dtype(self.config.dtype)
+    state = nnx.from_flat_state(
+        [(p, v.replace(params[self.name(p)].astype(dtype))) for p, v in self.variables])
+    return nnx.merge(self.graphdef, state)
+
+
+def initial_model(cfg: TrainConfig) -> Transformer:
+  """The weights a run starts from: a Hugging Face checkpoint directory, or random ones for a
+  preset name or a config.json path. Deterministic, so MAGE-FT re-derives its frozen teacher
+  from it on resume instead of storing a second copy in every checkpoint."""
+  overrides = dict(cfg.model_overrides)
+  try:
+    if os.path.isdir(cfg.model):
+      model, _ = hf_checkpoint.load_pretrained(cfg.model, config_overrides=overrides)
+      return model
+    if cfg.model.endswith(".json"):
+      model_cfg = ModelConfig.from_json_file(cfg.model, **overrides)
+    else:
+      model_cfg = ModelConfig.preset(cfg.model, **overrides)
+  except (OSError, TypeError, ValueError) as e:
+    raise ConfigError(f"model: {e}") from e
+  return build_model(model_cfg, seed=cfg.init_seed)
+
+
+def make_optimizer(optim: OptimConfig, steps: int) -> tuple[optax.GradientTransformation,
+                                                            optax.Schedule]:
+  """Clip by global norm, then AdamW (no decay on vectors: norms and biases) on a warmup +
+  cosine schedule spanning the run."""
+  warmup = min(optim.warmup_steps, steps - 1)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, optim.learning_rate, warmup, max(steps, warmup + 1),
+      end_value=optim.learning_rate * optim.min_lr_ratio)
+  decay_mask = lambda params: {k: v.ndim >= 2 for k, v in params.items()}
+  tx = optax.chain(
+      optax.clip_by_global_norm(optim.clip_norm),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay, mask=decay_mask))
+  return tx, schedule
+
+
+def initial_state(params: dict[str, jax.Array], tx: optax.GradientTransformation,
+                  seed: int) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)),
+                    data_position=jnp.zeros((), jnp.int32))
+
+
+def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
+  """The jitted step: (state, tokens [accum, micro, L], teacher weights) -> (state, metrics)."""
+  model_cfg = layout.config
+  num_views = 2 if cfg.complementary else 1
+  mage = cfg.mage
+  impl = cfg.attention_impl
+
+  def micro_loss(params, views, selections, teacher_states, teacher):
+    model = layout.model(params)
+    if mode == "pretrain":
+      return objective.pretrain_loss(model, views, chunk=cfg.loss_chunk, remat=cfg.remat,
+                                     impl=impl)
+    return objective.selfdistill_loss(model, teacher, views, selections, teacher_states,
+                                      kl_weight=mage.kl_weight, chunk=cfg.loss_chunk,
+                                      remat=cfg.remat, impl=impl)
+
+  def step(state: TrainState, tokens: jax.Array, teacher_params):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    teacher = layout.model(teacher_params) if mode == "selfdistill" else None
+
+    def accumulate(grad_sum, xs):
+      micro_tokens, micro_key = xs
+      views = objective.noise_views(
+          micro_key, micro_tokens, block_size=model_cfg.block_size,
+          mask_id=model_cfg.mask_token_id, eps=cfg.noise_eps, complementary=cfg.complementary)
+      selections = teacher_states = None
+      if mode == "selfdistill":
+        selections = objective.select_keys(
+            layout.model(state.params), views, budget=mage.budget,
+            dense_layers=mage.dense_layers, selection_queries=mage.selection_queries,
+            alpha_includes_block=mage.alpha_includes_block, score_chunk=mage.score_chunk,
+            num_views=num_views, impl=impl)
+        teacher_states = objective.teacher_hidden(teacher, views, impl)
+      (_, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+          state.params, views, selections, teacher_states, teacher)
+      return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+    accum = tokens.shape[0]
+    keys = jax.random.split(key, accum)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grad_sum, metrics = jax.lax.scan(accumulate, zeros, (tokens, keys))
+    grads = jax.tree.map(lambda g: g / accum, grad_sum)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        rng=state.rng,
+        data_position=state.data_position + tokens.shape[0] * tokens.shape[1])
+    metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step))
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+class Checkpoints:
+  """Orbax CheckpointManager: numbered steps, async saves, the newest ``max_to_keep`` kept.
+
+  Each step holds the TrainState and, as JSON, the step, data position and training config.
+  """
+
+  def __init__(self, directory: str, every: int, max_to_keep: int, async_save: bool):
+    self.directory = os.path.abspath(directory)
+    self.every = every
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, state: TrainState, meta: dict[str, Any]) -> None:
+    self.manager.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, step: int, abstract: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+  def close(self) -> None:
+    """Waits for pending async saves (a save is only complete once this returns)."""
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _memory_stats() -> dict[str, int]:
+  """Device memory in use and its peak, where the backend reports them (GPUs do, CPUs not)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use") if k in stats}
+
+
+class MetricsLog:
+  """One JSON object per logged step in ``metrics.jsonl`` and a line on stdout."""
+
+  def __init__(self, path: str):
+    self.file = open(path, "a")
+
+  def write(self, record: dict[str, Any], echo: Callable[[str], None]) -> None:
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    fields = []
+    for k, v in record.items():
+      fields.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    echo(" ".join(fields))
+
+  def close(self) -> None:
+    self.file.close()
+
+
+def export(layout: ParamLayout, params: dict[str, jax.Array], directory: str,
+           tokenizer_file: str) -> None:
+  """Writes the weights (in the model's dtype) as a Hugging Face checkpoint, with the run's
+  tokenizer, loadable by mage_jax.checkpoint.load_pretrained and transformers."""
+  hf_checkpoint.save_pretrained(layout.model(params), directory)
+  shutil.copy(tokenizer_file, os.path.join(directory, data_lib.TOKENIZER_FILE))
+
+
+def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None) -> list[dict]:
+  """Runs (or resumes, from the newest checkpoint in the workdir) a training run.
+
+  Args:
+    cfg: the run's configuration.
+    mode: "pretrain" or "selfdistill".
+    stop_at_step: stop after this step (checkpointed) as a time-boxed job would, leaving the
+      run resumable; None runs to ``cfg.steps``.
+
+  Returns:
+    The metrics of every step this call ran (floats), in order.
+
+  Raises:
+    ConfigError: an inconsistent configuration or unreadable input.
+    TrainingDiverged: a non-finite loss; the newest checkpoint is the last good state.
+  """
+  init = initial_model(cfg)
+  model_cfg = init.config
+  cfg.validate(model_cfg, mode)
+  os.makedirs(cfg.workdir, exist_ok=True)
+  tokenizer = data_lib.load_tokenizer(cfg.data, model_cfg, cfg.seq_len, cfg.workdir)
+  dataset = data_lib.PackedData(cfg.data, model_cfg, cfg.seq_len, tokenizer)
+  layout = ParamLayout(model_cfg)
+  init_params = layout.flatten(init)
+  del init
+  tx, schedule = make_optimizer(cfg.optim, cfg.steps)
+  teacher_params = None
+  if mode == "selfdistill":
+    dtype = jnp.dtype(model_cfg.dtype)
+    # A copy even when the dtypes agree: the state's buffers are donated to every step.
+    teacher_params = {k: jnp.array(v, dtype, copy=True) for k, v in init_params.items()}
+
+  fresh = initial_state(init_params, tx, cfg.seed)
+  ckpt = Checkpoints(os.path.join(cfg.workdir, "checkpoints"), cfg.checkpoint.every,
+                     cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = fresh
+  else:
+    state, meta = ckpt.restore(latest, jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh))
+    if meta.get("mode") != mode:
+      ckpt.close()
+      raise ConfigError(f"workdir {cfg.workdir} holds a {meta.get('mode')} run, not {mode}")
+  del fresh
+
+  micro, accum = cfg.optim.batch_size, cfg.optim.grad_accum
+  step_fn = make_train_step(cfg, mode, layout, tx, schedule)
+  tokens_per_step = accum * micro * cfg.seq_len
+  start = int(state.step)
+  end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
+  log = MetricsLog(os.path.join(cfg.workdir, "metrics.jsonl"))
+  bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=mode, disable=not cfg.progress_bar,
+                  file=sys.stderr, dynamic_ncols=True)
+  history = []
+  interval_start, interval_steps = time.perf_counter(), 0
+  try:
+    for step in range(start, end):
+      batch = dataset.batch(step, micro, accum)
+      state, metrics = step_fn(state, jnp.asarray(batch), teacher_params)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      done = step + 1
+      if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+        ckpt.manager.wait_until_finished()
+        good = ckpt.latest_step()
+        raise TrainingDiverged(
+            f"non-finite loss {metrics['loss']} (grad norm {metrics['grad_norm']}) at step "
+            f"{done}: training stopped; last good checkpoint: "
+            f"{'none' if good is None else f'step {good}'} in {ckpt.directory}")
+      history.append(metrics)
+      bar.update(1)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+      interval_steps += 1
+      if done % cfg.log_every == 0 or done == end:
+        elapsed = time.perf_counter() - interval_start
+        record = {"step": done, **metrics,
+                  "tokens_per_s": interval_steps * tokens_per_step / elapsed,
+                  **_memory_stats()}
+        log.write(record, bar.write)
+        interval_start, interval_steps = time.perf_counter(), 0
+      if done % cfg.checkpoint.every == 0 or done == end:
+        ckpt.save(state, {"mode": mode, "step": done,
+                          "data_position": int(state.data_position), "config": to_dict(cfg)})
+  finally:
+    bar.close()
+    log.close()
+    ckpt.close()
+  if cfg.export_dir and end == cfg.steps:
+    export(layout, state.params, cfg.export_dir,
+           os.path.join(cfg.workdir, data_lib.TOKENIZER_FILE))
+  return history
