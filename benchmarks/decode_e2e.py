@@ -10,7 +10,8 @@ one first step and one later step per batch size. Per-step times are medians of 
   * first step: the block's first denoising step (MAGE: exact attention + alpha + selection);
   * step: a later step (MAGE: sparse attention over the selection).
 Methods: ``exact`` (split-KV Pallas kernel), ``mage`` (budget --budget, first 2 layers dense),
-``xla`` (dense attention through jax.nn.dot_product_attention, the off-the-shelf baseline).
+``xla`` (dense attention through jax.nn.dot_product_attention over the whole capacity, the
+off-the-shelf baseline), ``none`` (attention replaced by zeros: the cost of everything else).
 The floor of a step is (weight bytes + attended K/V bytes) / measured copy bandwidth.
 ``--loop_context`` also times the whole jitted generate loop (compile, prefill, fixed 32 steps
 per block) for exact attention at batch 1. Writes decode_e2e.json and decode_e2e.md under --out.
@@ -74,9 +75,22 @@ class XlaDenseAttention(AttentionMethod):
     return jax.nn.dot_product_attention(q, keys, values, mask=mask), state
 
 
+@dataclasses.dataclass(frozen=True)
+class NoAttention(AttentionMethod):
+  """Attention replaced by zeros: what the rest of the step costs (weights, norms, LM head)."""
+
+  name: ClassVar[str] = "none"
+
+  def attend(self, layer, q, k_block, v_block, cache, state, step):
+    del layer, k_block, v_block, cache, step
+    return jnp.zeros_like(q), state
+
+
 def _method(name: str) -> AttentionMethod:
   if name == "xla":
     return XlaDenseAttention()
+  if name == "none":
+    return NoAttention()
   return get_method(name) if name == "exact" else get_method(name, budget=FLAGS.budget)
 
 
@@ -109,6 +123,8 @@ def _kv_row_bytes(cfg: ModelConfig) -> int:
 
 def _attended_bytes(cfg: ModelConfig, method: str, context: int, batch: int, first: bool) -> int:
   rows = cfg.num_layers * context
+  if method == "none":
+    return 0
   if method == "mage" and not first:
     dense = 2
     rows = dense * context + (cfg.num_layers - dense) * min(FLAGS.budget, context)

@@ -2,11 +2,17 @@
 
 import dataclasses
 
-from mage_jax.methods.base import AttentionMethod, StepInfo
+from mage_jax.methods.base import AttentionMethod, Selection, StepInfo
 from mage_jax.methods.exact import ExactAttention
+from mage_jax.methods.mage import MageAttention
+from mage_jax.methods.oracle import OracleAttention
+from mage_jax.methods.quest import QuestAttention
+from mage_jax.methods.sparsed import SparseDAttention
+from mage_jax.methods.tidal import TidalAttention
 
 METHODS: dict[str, type[AttentionMethod]] = {
-    ExactAttention.name: ExactAttention,
+    cls.name: cls for cls in (ExactAttention, MageAttention, QuestAttention, TidalAttention,
+                              SparseDAttention, OracleAttention)
 }
 
 
@@ -22,4 +28,6 @@ def get_method(name: str, **options) -> AttentionMethod:
   return cls(**options)
 
 
-__all__ = ["AttentionMethod", "StepInfo", "METHODS", "get_method", "ExactAttention"]
+__all__ = ["AttentionMethod", "Selection", "StepInfo", "METHODS", "get_method", "ExactAttention",
+           "MageAttention", "QuestAttention", "TidalAttention", "SparseDAttention",
+           "OracleAttention"]

@@ -19,6 +19,16 @@ from mage_jax.config import ModelConfig
 from mage_jax.kv_cache import LayerCache
 
 
+class Selection(NamedTuple):
+  """The cache rows one layer attends, per (sequence, KV head): shared by the block's queries
+  and the G query heads of the group."""
+
+  indices: jax.Array  # int32 [batch, kv_heads, K]: row ids, ascending in the first counts slots
+  counts: jax.Array  # int32 [batch, kv_heads]: valid slots
+  # bool scalar: this step attended the whole cache instead (SparseD's dense steps)
+  whole_cache: jax.Array | bool = False
+
+
 class StepInfo(NamedTuple):
   """Where a denoising step sits inside its block."""
 
@@ -45,6 +55,14 @@ class AttentionMethod:
     Returns (out [batch, block, q_heads, head_dim], new state).
     """
     raise NotImplementedError(f"{type(self).__name__} does not define attend")
+
+  def selection(self, layer: int, state: Any) -> Selection | None:
+    """The rows ``layer`` attended at its latest ``attend`` call, read from the state it
+    returned; None where the layer always attends the whole cache (exact, dense layers).
+
+    Lets a recall probe compare a method's choice with the oracle's, whatever the method."""
+    del layer, state
+    return None
 
   def after_step(self, state: Any, step: StepInfo) -> Any:
     """Called once after every denoising forward, when all layers have run (e.g. to turn

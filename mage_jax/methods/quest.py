@@ -1,0 +1,120 @@
+"""Quest under the per-block constraint: pages ranked by an upper bound of their logits.
+
+Each page of ``page_size`` cache rows keeps per-channel min and max keys. For a query q the page's
+bound sum_d max(q_d * kmax_d, q_d * kmin_d) is >= q . k for every key k of the page. Quest ranks
+pages per query head; a block shares one page set per KV head, so the bounds of the block's B
+queries and the group's G heads are aggregated (max by default) before the top pages are kept.
+The selection is recomputed at every denoising step, the first included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from mage_jax.methods import common
+from mage_jax.methods.base import AttentionMethod
+
+AGGREGATES = ("max", "mean")
+
+
+class QuestState(NamedTuple):
+  key_min: jax.Array  # [sparse_layers, batch, kv_heads, pages, head_dim], 0 on empty pages
+  key_max: jax.Array  # same
+  selections: common.LayerSelections  # the rows of the latest step, per sparse layer
+
+
+def page_summaries(k_cache: jax.Array, lengths: jax.Array,
+                   page_size: int) -> tuple[jax.Array, jax.Array]:
+  """Per-page per-channel (min, max) of k_cache [batch, kv_heads, capacity, head_dim] over the
+  rows < length: [batch, kv_heads, pages, head_dim] each, 0 on pages without a valid row."""
+  key_min = jnp.min(common.tile_rows(k_cache, lengths, page_size, jnp.inf), axis=3)
+  key_max = jnp.max(common.tile_rows(k_cache, lengths, page_size, -jnp.inf), axis=3)
+  pages = key_min.shape[2]
+  filled = (jnp.arange(pages) < common.num_tiles(lengths, page_size)[:, None])[:, None, :, None]
+  return jnp.where(filled, key_min, 0), jnp.where(filled, key_max, 0)
+
+
+def page_bounds(q: jax.Array, key_min: jax.Array, key_max: jax.Array) -> jax.Array:
+  """sum_d max(q_d kmax_d, q_d kmin_d) for q [batch, block, q_heads, head_dim] and summaries
+  [batch, kv_heads, pages, head_dim]: float32 [batch, kv_heads, group, block, pages] (unscaled
+  logits). Written as q+ . kmax + q- . kmin, two matmuls."""
+  batch, block, q_heads, head_dim = q.shape
+  kv_heads = key_min.shape[1]
+  grouped = q.reshape(batch, block, kv_heads, q_heads // kv_heads, head_dim).astype(jnp.float32)
+  dot = lambda a, b: jnp.einsum("bthgd,bhpd->bhgtp", a, b.astype(jnp.float32),
+                                precision=lax.Precision.HIGHEST)
+  return dot(jnp.maximum(grouped, 0), key_max) + dot(jnp.minimum(grouped, 0), key_min)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestAttention(AttentionMethod):
+  """Quest (page top-k by key bounds), one page set per (sequence, layer, KV head).
+
+  Attributes:
+    budget: token budget; max(3, budget // page_size) pages are kept, as in Quest.
+    page_size: rows per page (16 in Quest).
+    dense_layers: the first layers run exact attention (2 in Quest).
+    aggregate: how the bounds of the block's queries and the group's heads combine into one page
+      score: "max" (default: a page any query may need is kept, and the result is still a bound
+      on every query's logits) or "mean".
+    impl: kernel dispatch.
+
+  Page summaries are recomputed from the whole layer cache after every write (prefill chunk or
+  committed block): simple and correct, at one extra read of K per layer and write; only the
+  pages the write touched would need it.
+  """
+
+  name: ClassVar[str] = "quest"
+  budget: int = 512
+  page_size: int = 16
+  dense_layers: int = 2
+  aggregate: str = "max"
+  impl: str = "auto"
+
+  def __post_init__(self):
+    common.check_positive(self, "budget", "page_size")
+    common.require(self.aggregate in AGGREGATES, self, "aggregate",
+                   f"must be one of {AGGREGATES}, got {self.aggregate!r}")
+
+  def pages_kept(self, capacity: int) -> int:
+    return min(max(3, self.budget // self.page_size), -(-capacity // self.page_size))
+
+  def init_state(self, cfg, batch, capacity):
+    common.check_dense_layers(self, cfg)
+    layers = cfg.num_layers - self.dense_layers
+    pages = -(-capacity // self.page_size)
+    summary = jnp.zeros((layers, batch, cfg.num_kv_heads, pages, cfg.head_dim), cfg.dtype)
+    slots = self.pages_kept(capacity) * self.page_size
+    return QuestState(summary, summary,
+                      common.LayerSelections.empty(layers, batch, cfg.num_kv_heads, slots))
+
+  def after_write(self, layer, cache, state):
+    if layer < self.dense_layers:
+      return state
+    i = layer - self.dense_layers
+    key_min, key_max = page_summaries(cache.k, cache.lengths, self.page_size)
+    return state._replace(key_min=state.key_min.at[i].set(key_min.astype(state.key_min.dtype)),
+                          key_max=state.key_max.at[i].set(key_max.astype(state.key_max.dtype)))
+
+  def attend(self, layer, q, k_block, v_block, cache, state, step):
+    del step
+    if layer < self.dense_layers:
+      return common.exact(q, k_block, v_block, cache, self.impl), state
+    i = layer - self.dense_layers
+    bounds = page_bounds(q, state.key_min[i], state.key_max[i])
+    scores = jnp.max(bounds, axis=(2, 3)) if self.aggregate == "max" else jnp.mean(bounds, (2, 3))
+    pages = common.top_rows(scores, common.num_tiles(cache.lengths, self.page_size),
+                            self.pages_kept(cache.k.shape[2]), self.impl)
+    rows = common.expand_tiles(pages, self.page_size, cache.lengths)
+    out = common.attend_selected(q, k_block, v_block, cache, rows, self.impl)
+    return out, state._replace(selections=state.selections.set(i, rows))
+
+  def selection(self, layer, state):
+    if layer < self.dense_layers:
+      return None
+    return state.selections.get(layer - self.dense_layers)
