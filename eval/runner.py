@@ -138,13 +138,16 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
       t0 = time.perf_counter()
       result = run()
       elapsed = time.perf_counter() - t0
-      recall = None
+      recalls = {}
       if "recall" in measure and spec.budget is not None:
         from mage_jax.recall import measure_recall
-        report = measure_recall(model, batch_prompts, method, budget=spec.budget,
-                                max_new_tokens=max_new, options=options, capacity=capacity)
-        recall = float(report.overall_index_recall)
-        mass = float(report.overall_mass_recall)
+        for i in batch:
+          report = measure_recall(model, [prompts[i]], method, budget=spec.budget,
+                                  max_new_tokens=max_new, options=options, capacity=capacity)
+          recalls[i] = {"recall": report.overall_index_recall,
+                        "mass_recall": report.overall_mass_recall,
+                        "layer_recall": [float(x) for x in report.index_recall],
+                        "layer_mass_recall": [float(x) for x in report.mass_recall]}
       for row, i in enumerate(batch):
         s = samples[i]
         text = tokenizer.decode(result.tokens[row])
@@ -153,9 +156,7 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
         if "latency" in measure:
           measurements["ms_per_step"] = 1e3 * elapsed / max(result.num_steps, 1)
           measurements["tokens_per_s"] = sum(len(t) for t in result.tokens[:len(batch)]) / elapsed
-        if recall is not None:
-          measurements["recall"] = recall
-          measurements["mass_recall"] = mass
+        measurements.update(recalls.get(i, {}))
         written.append(store.append(case_key(spec, s, i, seed), measurements))
         bar.update(1)
   bar.close()

@@ -40,7 +40,7 @@ def _word_tokenizer(size: int) -> Tokenizer:
 def checkpoint(tmp_path_factory):
   path = tmp_path_factory.mktemp("ckpt")
   cfg = ModelConfig.preset("tiny_qwen2", vocab_size=128, mask_token_id=3, eos_token_ids=(2,),
-                           pad_token_id=0)
+                           pad_token_id=0, num_layers=3)  # layers 0-1 dense for MAGE, 2 sparse
   save_pretrained(build_model(cfg, seed=0), path)
   _word_tokenizer(128).save(str(path / "tokenizer.json"))
   return str(path)
@@ -56,12 +56,17 @@ def test_longbench_fixture_runs_end_to_end_and_resumes(checkpoint, tmp_path):
   out = tmp_path / "out"
   args = ["--method=mage", "--budget=16", f"--checkpoint={checkpoint}", f"--task=longbench:{LONGBENCH}",
           "--context_lengths=96", "--num_samples=2", "--batch_size=2", f"--output_dir={out}",
-          "--measure=accuracy,latency"]
+          "--measure=accuracy,latency,recall"]
   first = _cli(*args, cwd=REPO)
   assert first.returncode == 0, first.stderr[-2000:]
   rows = ResultStore(out).rows()
   assert {r["method"] for r in rows} == {"exact", "mage"} and len(rows) == 4
   assert all(0.0 <= r["score"] <= 1.0 and r["ms_per_step"] > 0 for r in rows)
+  mage_rows = [r for r in rows if r["method"] == "mage"]
+  for r in mage_rows:
+    assert r["layer_recall"][:2] == [1.0, 1.0]  # dense layers
+    assert 0.0 < r["layer_recall"][2] < 1.0 and r["recall"] == r["layer_recall"][2]
+  assert all("recall" not in r for r in rows if r["method"] == "exact")
   assert "exact" in first.stdout and "mage" in first.stdout
   assert (out / "summary.json").exists()
   # A restarted run finds every case finished and writes nothing new.
