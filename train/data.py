@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 import tokenizers
-from tokenizers import models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mage_jax.config import ModelConfig
 from mage_jax.tasks import niah, ruler
@@ -55,12 +55,18 @@ def _special_tokens(cfg: ModelConfig) -> list[str]:
 def build_word_tokenizer(cfg: ModelConfig, texts: Sequence[str]) -> tokenizers.Tokenizer:
   """A word-level tokenizer with the model's vocab size and its pad / EOS / mask ids.
 
-  Digits are split one per token, so needle values (7 digits) are learnable with a small
-  vocabulary; words beyond the vocabulary become [UNK].
+  Words carry their leading space as "▁" (Metaspace, as SentencePiece does) and punctuation and
+  digits are tokens of their own, digits one per token: needle values (7 digits) are learnable
+  with a small vocabulary, and decoding restores the text exactly ("is 7654321." round-trips;
+  joining word-level tokens with spaces would give "7 6 5 4 3 2 1 ."). Words beyond the
+  vocabulary become [UNK].
   """
   tokenizer = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
-  tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-      [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+      pre_tokenizers.Punctuation(),
+      pre_tokenizers.Digits(individual_digits=True)])
+  tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
   specials = _special_tokens(cfg)
   if len(specials) >= cfg.vocab_size:
     raise ConfigError(f"model vocab_size={cfg.vocab_size} leaves no room for words")
