@@ -1,8 +1,10 @@
 """Builds, checks and times the decode-time kernels of pallas_kernels on one GPU, in one call.
 
-  python benchmarks/decode_kernels.py --mode check,sweep,table --out $OUT
+  python benchmarks/decode_kernels.py --mode check,profile,sweep,table --out $OUT
 
 * check: every kernel against its plain-JAX reference on the GPU (bf16, ragged lengths).
+* profile: device time of every kernel launched by each entry point (jax.profiler trace), at the
+  1.5B shape, batch 1, 16K and 128K: which launches a step is made of, and what the harness adds.
 * sweep: tuning variants at the 1.5B shape, 128K cache, batch 1.
 * table: Fast-dLLM v2 1.5B (12 q / 2 KV heads) and 7B (28 / 4), hd 128, 32-token block, caches
   16K..128K, batch 1 and 8: exact split-KV, mask step (attention + alpha), sparse k=512, index
@@ -11,16 +13,21 @@
 
 Timing: each timed call runs `REPS` kernel calls inside one jitted program, every call on its own
 query (and index list) and cycling through enough K/V sets to exceed the 50 MB L2; the median of
-several such programs, divided by `REPS`, is reported. Results go to OUT/decode_kernels.json and
-OUT/decode_kernels.md; the table is printed last.
+several such programs, divided by `REPS`, is reported ("wall"; it includes the scan's own
+per-call cost, reported as "harness"). "dev" is the sum of the durations of the GPU kernels one
+call launches, from a jax.profiler trace (launch gaps excluded). Results go to OUT/NAME.json and
+OUT/NAME.md; the table is printed last.
 """
 
 import argparse
+import collections
 import datetime
+import glob
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -86,6 +93,26 @@ def time_per_call(call, per_call_args: tuple, shared_sets: list) -> float:
   return _median_seconds(jax.jit(program), (per_call_args, shared_sets)) / (steps * num_sets)
 
 
+def profile_launches(fn, args, iterations: int = 5) -> dict[str, float]:
+  """Mean device microseconds per call of each GPU kernel that ``fn(*args)`` launches."""
+  jax.block_until_ready(fn(*args))
+  trace_dir = tempfile.mkdtemp()
+  jax.profiler.start_trace(trace_dir)
+  for _ in range(iterations):
+    jax.block_until_ready(fn(*args))
+  jax.profiler.stop_trace()
+  totals = collections.Counter()
+  for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+      if not plane.name.startswith("/device:GPU"):
+        continue
+      for line in plane.lines:
+        if line.name.startswith("Stream"):
+          for event in line.events:
+            totals[event.name[:60]] += event.duration_ns / 1e3 / iterations
+  return dict(totals.most_common())
+
+
 def measure_ceilings() -> dict:
   """Device-to-device copy bandwidth (read + written) and bf16 matmul rate."""
   x = jax.random.normal(jax.random.key(0), (512 * 1024 * 1024,), jnp.bfloat16)
@@ -142,6 +169,27 @@ class Problem:
     call = lambda q, idx, k, v: sparse_attention.sparse_block_attention(
         q, k, v, idx, self.counts, self.k_block, self.v_block, impl="pallas", **tuning)
     return time_per_call(call, (self.queries, self.index_lists), self.kv_sets)
+
+  def time_harness(self):
+    """The scan's own cost per call (slicing a query, the barrier, the running sum)."""
+    return time_per_call(lambda q, k, v: q, (self.queries,), self.kv_sets)
+
+  def entry_points(self) -> dict:
+    """name -> (fn, args) for one call of each kernel entry point, for profiling."""
+    q, (k, v) = self.queries[0], self.kv_sets[0]
+    common = (self.lengths, self.k_block, self.v_block)
+    return {
+        "exact": (jax.jit(lambda q, k, v: decode_attention.exact_block_attention(
+            q, k, v, *common, impl="pallas")), (q, k, v)),
+        "mask_step": (jax.jit(lambda q, k, v: decode_attention.mask_step_attention(
+            q, k, v, *common, impl="pallas")), (q, k, v)),
+        "sparse": (jax.jit(lambda q, k, v, idx: sparse_attention.sparse_block_attention(
+            q, k, v, idx, self.counts, self.k_block, self.v_block, impl="pallas")),
+                   (q, k, v, self.index_lists[0])),
+        "select": (jax.jit(lambda s: topk.select_kv_indices(s, self.lengths[:, None], SPARSE_K,
+                                                            impl="pallas")),
+                   self.alpha_sets()[0]),
+    }
 
   def time_xla(self):
     """XLA's attention over the cache in its preferred [batch, seq, heads, dim] layout."""
@@ -222,6 +270,22 @@ def check_one(q_heads, kv_heads, batch, capacity, lengths) -> dict:
   return row
 
 
+def run_profile(log) -> list[dict]:
+  rows = []
+  for capacity in (16384, 131072):
+    problem = Problem(1, *MODELS["1.5B"], capacity)
+    for name, (fn, args) in problem.entry_points().items():
+      launches = attempt(log, f"profile {name} {capacity}", lambda: profile_launches(fn, args))
+      if launches is not None:
+        rows.append({"kernel": name, "cache": capacity, "launches": launches,
+                     "device_us": sum(launches.values())})
+        log(json.dumps(rows[-1]))
+    harness = problem.time_harness() * 1e6
+    rows.append({"kernel": "harness", "cache": capacity, "us": harness})
+    log(json.dumps(rows[-1]))
+  return rows
+
+
 def run_sweep(log) -> list[dict]:
   """Tuning variants at 128K, batch 1: the 1.5B shape for every kernel, 7B for the exact one."""
   rows = []
@@ -232,32 +296,19 @@ def run_sweep(log) -> list[dict]:
       rows.append({"kernel": kernel, "model": model, **tuning, "us": seconds * 1e6})
       log(json.dumps(rows[-1]))
 
-  for model in ("1.5B", "7B"):
-    q_heads, kv_heads = MODELS[model]
-    problem = Problem(1, q_heads, kv_heads, 131072)
-    if model == "1.5B":
-      variants = [dict(block_k=bk, num_warps=w, num_stages=st)
-                  for bk in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
-      variants += [dict(num_splits=s) for s in (33, 66, 132)]
-    else:
-      variants = [dict(block_k=bk, num_warps=w) for bk in (32, 64, 128) for w in (4, 8)]
-    for tuning in variants:
-      record("exact", model, problem.time_exact, tuning)
-    if model != "1.5B":
-      continue
-    for tuning in [dict(alpha_block_k=bk, alpha_num_warps=w) for bk in (64, 128) for w in (4, 8)]:
-      record("mask_step", model, problem.time_mask_step, tuning)
-    for tuning in [dict(num_splits=s, block_k=bk) for s in (1, 2, 4, 8) for bk in (32, 64)]:
-      record("sparse", model, problem.time_sparse, tuning)
-    for bits, chunk in ((2, 1024), (4, 256), (4, 1024), (4, 4096), (8, 1024)):
-      record("select", model, lambda **t: problem.time_select("pallas", **t),
-             dict(radix_bits=bits, chunk_size=chunk))
-    record("lax_top_k", model, lambda: problem.time_select("reference"), {})
-    record("xla", model, problem.time_xla, {})
+  problem = Problem(1, *MODELS["1.5B"], 131072)
+  for tuning in [{}, dict(block_q=256), dict(num_splits=21), dict(num_splits=64)]:
+    record("exact", "1.5B", problem.time_exact, tuning)
+  for tuning in [{}, dict(alpha_num_stages=2), dict(alpha_num_warps=8)]:
+    record("mask_step", "1.5B", problem.time_mask_step, tuning)
+  for tuning in [{}, dict(num_splits=1), dict(num_splits=4), dict(num_splits=8, block_q=256),
+                 dict(num_stages=3), dict(block_k=32, num_splits=16)]:
+    record("sparse", "1.5B", problem.time_sparse, tuning)
   return rows
 
 
-def run_table(log, tuning: dict, batches, caches) -> list[dict]:
+def run_table(log, tuning: dict, batches, caches, baselines: bool) -> list[dict]:
+  """Harness (wall) times and profiled device times per call of every entry point."""
   rows = []
   for batch in batches:
     for model, (q_heads, kv_heads) in MODELS.items():
@@ -271,12 +322,18 @@ def run_table(log, tuning: dict, batches, caches) -> list[dict]:
                "mask_step_us": problem.time_mask_step(**tuning.get("mask_step", {})) * 1e6,
                "sparse_us": problem.time_sparse(**tuning.get("sparse", {})) * 1e6,
                "select_us": problem.time_select("pallas", **tuning.get("select", {})) * 1e6,
-               "lax_top_k_us": problem.time_select("reference") * 1e6}
-        try:
-          row["xla_us"] = problem.time_xla() * 1e6
-        except Exception as error:  # pylint: disable=broad-except
-          log(f"xla {model} {batch} {capacity} failed: {type(error).__name__}: {error}"[:300])
-          row["xla_us"] = float("nan")
+               "harness_us": problem.time_harness() * 1e6}
+        for name, (fn, args) in problem.entry_points().items():
+          launches = profile_launches(fn, args)
+          row[f"{name}_device_us"] = sum(launches.values())
+          row[f"{name}_launches"] = len(launches)
+        if baselines:
+          row["lax_top_k_us"] = problem.time_select("reference") * 1e6
+          try:
+            row["xla_us"] = problem.time_xla() * 1e6
+          except Exception as error:  # pylint: disable=broad-except
+            log(f"xla {model} {batch} {capacity} failed: {type(error).__name__}: {error}"[:300])
+            row["xla_us"] = float("nan")
         log(json.dumps(row))
         rows.append(row)
         del problem
@@ -284,16 +341,21 @@ def run_table(log, tuning: dict, batches, caches) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-  header = ("| model | batch | cache | floor us | exact us | exact/floor | XLA us | mask step us |"
-            " mask/exact | sparse k=512 us | select us | lax.top_k us | select/mask |")
-  lines = [header, "|" + "---|" * 13]
+  """Device times (sum of the profiled kernels per call) first, harness wall times after."""
+  header = ("| model | batch | cache | floor us | exact dev us (x floor) | mask step dev us"
+            " (x exact) | sparse k=512 dev us | select dev us (x mask) | launches e/m/s/sel |"
+            " wall us: exact / mask / sparse / select / harness |")
+  lines = [header, "|" + "---|" * 10]
   for r in rows:
     lines.append(
         f"| {r['model']} | {r['batch']} | {r['cache'] // 1024}K | {r['floor_us']:.1f} | "
-        f"{r['exact_us']:.1f} | {r['exact_us'] / r['floor_us']:.2f} | {r['xla_us']:.1f} | "
-        f"{r['mask_step_us']:.1f} | {r['mask_step_us'] / r['exact_us']:.2f} | "
-        f"{r['sparse_us']:.1f} | {r['select_us']:.1f} | {r['lax_top_k_us']:.1f} | "
-        f"{r['select_us'] / r['mask_step_us']:.2f} |")
+        f"{r['exact_device_us']:.1f} ({r['exact_device_us'] / r['floor_us']:.2f}) | "
+        f"{r['mask_step_device_us']:.1f} ({r['mask_step_device_us'] / r['exact_device_us']:.2f})"
+        f" | {r['sparse_device_us']:.1f} | {r['select_device_us']:.1f} "
+        f"({r['select_device_us'] / r['mask_step_device_us']:.2f}) | {r['exact_launches']}/"
+        f"{r['mask_step_launches']}/{r['sparse_launches']}/{r['select_launches']} | "
+        f"{r['exact_us']:.1f} / {r['mask_step_us']:.1f} / {r['sparse_us']:.1f} / "
+        f"{r['select_us']:.1f} / {r['harness_us']:.1f} |")
   return "\n".join(lines)
 
 
@@ -304,6 +366,9 @@ def main() -> None:
   parser.add_argument("--tuning", default="{}", help="JSON: {kernel: {keyword: value}}")
   parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
   parser.add_argument("--caches", default=",".join(map(str, CACHES)))
+  parser.add_argument("--name", default="decode_kernels", help="OUT/NAME.json, OUT/NAME.md")
+  parser.add_argument("--baselines", default=True, action=argparse.BooleanOptionalAction,
+                      help="also time lax.top_k and XLA attention in the table")
   flags = parser.parse_args()
   modes = flags.mode.split(",")
   log_file = open(os.path.join(flags.out, "decode_kernels.log"), "a")
@@ -321,17 +386,19 @@ def main() -> None:
   log(json.dumps(report["ceilings"]))
   if "check" in modes:
     report["checks"] = run_checks(log)
+  if "profile" in modes:
+    report["profile"] = run_profile(log)
   if "sweep" in modes:
     report["sweep"] = run_sweep(log)
   if "table" in modes:
     report["table"] = run_table(
         log, report["tuning"], [int(b) for b in flags.batches.split(",")],
-        [int(c) for c in flags.caches.split(",")])
-  with open(os.path.join(flags.out, "decode_kernels.json"), "w") as f:
+        [int(c) for c in flags.caches.split(",")], flags.baselines)
+  with open(os.path.join(flags.out, f"{flags.name}.json"), "w") as f:
     json.dump(report, f, indent=1)
   if "table" in modes:
     table = format_table(report["table"])
-    with open(os.path.join(flags.out, "decode_kernels.md"), "w") as f:
+    with open(os.path.join(flags.out, f"{flags.name}.md"), "w") as f:
       f.write(f"Device: {report['device']}, jax {report['jax']}, {report['date']}\n\n")
       f.write(f"Ceilings: {json.dumps(report['ceilings'])}\n\n{table}\n")
     print(table)

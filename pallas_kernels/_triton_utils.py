@@ -3,13 +3,17 @@
 The decode kernels all attend one block of B query tokens over a set of cache rows plus the
 block's own keys. They share one layout trick and one reduction:
 
-* Query packing: the G query heads that share a KV head and the B block tokens form one query
-  tile of G*B rows (row = g*B + t), padded to a power of two as Triton requires. One program then
-  reads each K/V row once for all the queries that need it.
-* Split-KV (flash-decoding): programs along the last grid axis each cover a part of the rows,
-  write a normalised partial output and its base-2 log-sum-exp, and `combine_partials` merges
-  them. The last split always holds the block's own keys, so that statistics over the cache
-  alone stay available (mask step with ``alpha_includes_block=False``).
+* Query tiles gathered in the kernel: the G query heads that share a KV head and the B block
+  tokens form one query tile (row r = t*G + g), padded to a power of two as Triton requires. The
+  kernels read these rows straight out of q's own [B*Hq, D] layout with an index vector (and the
+  block's keys out of [B*kv_heads, D]), and store results back the same way, so no XLA
+  transpose or pad runs around them. Padding rows repeat the last real query: their loads need
+  no mask, and their stores write the very bits the real row writes.
+* Split-KV (flash-decoding): programs along a grid axis each cover a part of the rows, write a
+  normalised partial output and its base-2 log-sum-exp in the final [B*Hq] row order, and
+  `combine_partials` merges them in one reduction over the splits. In the dense kernels the last
+  split holds the block's own keys alone, so that statistics over the cache alone stay
+  available (mask step with ``alpha_includes_block=False``).
 
 Scores are kept in base 2 (``qk_scale = sm_scale * log2(e)``, ``exp2``), which saves a multiply
 per score inside the kernels.
@@ -28,9 +32,12 @@ LOG2_E = math.log2(math.e)
 # Finite start for the running maximum: a row whose scores are all masked then keeps l = 0 and
 # never computes inf - inf.
 _RUNNING_MAX_START = -1e30
-# Programs to aim for when choosing the number of splits: two waves on a 132-SM H100 keeps the
-# tail of the last wave short without shrinking each program's loop too far.
+# Programs to aim for when choosing the number of splits on a 132-SM H100: one wave of 64-row
+# query tiles (4 warps, two programs per SM), or two short waves of 8-warp 256-row tiles.
 TARGET_PROGRAMS = 264
+# Fewest key tiles per split: each split writes a [rows, D] partial, as many bytes as rows/2 keys
+# and values, so short splits would move more partial bytes than cache bytes.
+MIN_SPLIT_TILES = 4
 
 
 def next_power_of_two(n: int, minimum: int = 16) -> int:
@@ -54,10 +61,11 @@ def pad_rows(x: jax.Array, axis: int, minimum: int = 16) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-def default_num_splits(pairs: int, rows: int, block_k: int) -> int:
-  """Splits per (batch, KV head) so the grid fills the GPU, with at least one tile per split."""
-  wanted = -(-TARGET_PROGRAMS // max(pairs, 1))
-  return max(1, min(wanted, -(-rows // block_k)))
+def default_num_splits(programs_per_split: int, rows: int, block_k: int) -> int:
+  """Splits so that the grid (one more program per ``programs_per_split`` for the block's own
+  keys) fills the GPU, with at least MIN_SPLIT_TILES tiles per split."""
+  wanted = max(1, TARGET_PROGRAMS // max(programs_per_split, 1) - 1)
+  return max(1, min(wanted, rows // (MIN_SPLIT_TILES * block_k)))
 
 
 def check_block_attention_inputs(q, k_rows, v_rows, k_block, v_block, rows_name: str):
@@ -105,26 +113,39 @@ def check_kernel_head_dim(head_dim: int) -> None:
                      "kernels; use impl='reference'")
 
 
-def pack_queries(q: jax.Array, kv_heads: int, tile_rows: int) -> jax.Array:
-  """[batch, block, q_heads, D] -> [batch, kv_heads, tile_rows, D], row = g*block + t."""
-  batch, block, q_heads, head_dim = q.shape
-  group = q_heads // kv_heads
-  packed = q.reshape(batch, block, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-  packed = packed.reshape(batch, kv_heads, group * block, head_dim)
-  return jnp.pad(packed, ((0, 0), (0, 0), (0, tile_rows - group * block), (0, 0)))
+def query_rows(kv_head, kv_heads: int, group: int, block: int, tile_rows: int,
+               first=0) -> jax.Array:
+  """Rows of q's [B*Hq, D] layout for query-tile rows first .. first+tile_rows-1.
+
+  Tile row r is block token r // G of query head kv_head*G + r % G; rows past G*B repeat the
+  last real query (see the module docstring).
+  """
+  r = jnp.minimum(first + jnp.arange(tile_rows), group * block - 1)
+  return (r // group) * (kv_heads * group) + kv_head * group + r % group
 
 
-def unpack_queries(packed: jax.Array, block: int, group: int) -> jax.Array:
-  """Inverse of `pack_queries`: [batch, kv_heads, >= G*B, D] -> [batch, block, q_heads, D]."""
-  batch, kv_heads, _, head_dim = packed.shape
-  rows = packed[:, :, :group * block].reshape(batch, kv_heads, group, block, head_dim)
-  return rows.transpose(0, 3, 1, 2, 4).reshape(batch, block, kv_heads * group, head_dim)
+def query_parts(rows: int) -> list[tuple[int, int]]:
+  """(first, size) pieces of power-of-two sizes >= 16, largest first, covering ``rows`` rounded
+  up to 16: 192 -> 128 + 64, 224 -> 128 + 64 + 32. A kernel that needs all G*B queries in one
+  program multiplies by each piece instead of one tile padded to a power of two (256 for 192),
+  which would spend a quarter of its matmul and exp work on repeated rows."""
+  remaining = -(-rows // 16) * 16
+  parts, first = [], 0
+  while remaining:
+    size = 1 << (remaining.bit_length() - 1)
+    parts.append((first, size))
+    first, remaining = first + size, remaining - size
+  return parts
 
 
-def pack_block_keys(x: jax.Array, tile_rows: int) -> jax.Array:
-  """[batch, block, kv_heads, D] -> [batch, kv_heads, tile_rows, D], zero padded."""
-  packed = x.transpose(0, 2, 1, 3)
-  return jnp.pad(packed, ((0, 0), (0, 0), (0, tile_rows - x.shape[1]), (0, 0)))
+def real_query_mask(group: int, block: int, tile_rows: int, first=0) -> jax.Array:
+  """[tile_rows] bool: which tile rows are real queries rather than repeats."""
+  return first + jnp.arange(tile_rows) < group * block
+
+
+def block_key_rows(kv_head, kv_heads: int, block: int, block_rows: int) -> jax.Array:
+  """Rows of k_block's [B*kv_heads, D] layout for the block's keys, repeats past B."""
+  return jnp.minimum(jnp.arange(block_rows), block - 1) * kv_heads + kv_head
 
 
 def initial_state(tile_rows: int, head_dim: int):
@@ -165,11 +186,14 @@ def attend_tile(state, q, k, v, valid: jax.Array | None, qk_scale: float):
   return acc, new_max, running_sum
 
 
-def attend_block_keys(state, q, k_block_ref, v_block_ref, block_tokens: int, qk_scale: float):
-  """Attends the block's own keys (a padded [block_rows, D] tile of which ``block_tokens`` are
-  real); the last split of every kernel does this."""
-  valid = jnp.arange(k_block_ref.shape[0]) < block_tokens
-  return attend_tile(state, q, k_block_ref[...], v_block_ref[...], valid, qk_scale)
+def attend_block_keys(state, q, k_block_ref, v_block_ref, kv_head, kv_heads: int,
+                      block_tokens: int, qk_scale: float):
+  """Attends the block's own keys, gathered from the [B*kv_heads, D] layout (repeated rows
+  past ``block_tokens`` are masked out)."""
+  block_rows = next_power_of_two(block_tokens)
+  rows = block_key_rows(kv_head, kv_heads, block_tokens, block_rows)
+  valid = jnp.arange(block_rows) < block_tokens
+  return attend_tile(state, q, k_block_ref[rows, :], v_block_ref[rows, :], valid, qk_scale)
 
 
 def attend_rows(state, q, num_rows: jax.Array, block_k: int,
@@ -204,37 +228,40 @@ def split_range(split: jax.Array, num_splits: int, total: jax.Array, block_k: in
   return start, jnp.maximum(end - start, 0)
 
 
-def store_partial(state, out_ref, lse_ref) -> None:
-  """Writes the normalised partial output and its base-2 log-sum-exp (-inf if nothing seen)."""
+def store_partial(state, out_ref, lse_ref, rows: jax.Array) -> None:
+  """Writes the normalised partial output and its base-2 log-sum-exp (-inf if nothing seen) to
+  ``rows`` of the [B*Hq] layout."""
   acc, running_max, running_sum = state
   seen = running_sum > 0
   out = acc / jnp.where(seen, running_sum, 1.0)[:, None]
-  out_ref[...] = out.astype(out_ref.dtype)
-  lse_ref[...] = jnp.where(seen, running_max + jnp.log2(jnp.where(seen, running_sum, 1.0)),
-                           -jnp.inf)
+  out_ref[rows, :] = out.astype(out_ref.dtype)
+  lse_ref[rows] = jnp.where(seen, running_max + jnp.log2(jnp.where(seen, running_sum, 1.0)),
+                            -jnp.inf)
 
 
-def combine_partials(partial_out: jax.Array, partial_lse: jax.Array):
-  """Merges split results along axis 2.
-
-  Args:
-    partial_out: [batch, kv_heads, splits, M, D] normalised partial outputs.
-    partial_lse: [batch, kv_heads, splits, M] base-2 log-sum-exp, -inf for empty splits.
-
-  Returns:
-    (out [batch, kv_heads, M, D] float32, lse [batch, kv_heads, M] float32, -inf where every
-    split was empty).
-  """
-  lse_max = jnp.max(partial_lse, axis=2)
+def _split_weights(partial_lse: jax.Array):
+  """exp2(lse_s - max_s lse_s) per split (axis 1), their sum, and the max (0 if all -inf)."""
+  lse_max = jnp.max(partial_lse, axis=1)
   finite_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
-  weights = jnp.exp2(partial_lse - finite_max[:, :, None])
-  total = jnp.sum(weights, axis=2)
+  weights = jnp.exp2(partial_lse - finite_max[:, None])
+  return weights, jnp.sum(weights, axis=1), finite_max
+
+
+def combine_lse(partial_lse: jax.Array) -> jax.Array:
+  """Base-2 log-sum-exp over the splits (axis 1) of [batch, splits, rows]; -inf where every
+  split was empty."""
+  _, total, finite_max = _split_weights(partial_lse)
+  return jnp.where(total > 0, finite_max + jnp.log2(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+
+
+def combine_partials(partial_out: jax.Array, partial_lse: jax.Array) -> jax.Array:
+  """Merges [batch, splits, rows, D] normalised partial outputs (axis 1) into float32
+  [batch, rows, D], weighting each split by its share of the total softmax mass."""
+  weights, total, _ = _split_weights(partial_lse)
   # An elementwise product and a sum, which XLA fuses into one reduction (an einsum here would
   # become a batched matmul with a contraction of only `splits`).
-  out = jnp.sum(weights[..., None] * partial_out.astype(jnp.float32), axis=2)
-  out = out / jnp.where(total > 0, total, 1.0)[..., None]
-  lse = jnp.where(total > 0, finite_max + jnp.log2(jnp.where(total > 0, total, 1.0)), -jnp.inf)
-  return out, lse
+  out = jnp.sum(weights[..., None] * partial_out.astype(jnp.float32), axis=1)
+  return out / jnp.where(total > 0, total, 1.0)[..., None]
 
 
 def compiler_params(num_warps: int, num_stages: int):

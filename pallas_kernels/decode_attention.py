@@ -2,15 +2,17 @@
 
 A block-diffusion step attends B block tokens (all query heads of a KV group at once) over the
 cache rows [0, cache_length) and over the block's own keys. On the GPU this is the split-KV
-(flash-decoding) kernel of `_triton_utils`: the G*B queries of one KV head form one query tile,
-so each K/V row is read from memory once per step, and the cache rows are shared out over many
+(flash-decoding) kernel of `_triton_utils`: the G*B queries of one KV head form one query tile
+(or a few 64-row tiles whose programs run side by side and share each K/V tile through L2), so
+each K/V row is read from memory once per step, and the cache rows are shared out over many
 programs whose partial softmax results are merged afterwards.
 
 `mask_step_attention` also returns MAGE's selection statistic alpha (the block-and-group-average
 attention probability of every cache row). alpha needs each query's final normaliser, which is
 known only after all rows were seen, so it takes a second pass: the attention pass stores every
 query's log-sum-exp, and a lighter pass re-reads only K to turn scores into probabilities and sum
-them over the queries (benchmarks/results/decode_kernels.md has the measured cost).
+them over the queries. That pass is bound by its matmul and exp work, not by the K bytes
+(benchmarks/results/decode_kernels.md has the measured cost).
 """
 
 import functools
@@ -25,21 +27,25 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels.dispatch import resolve_impl
 
-_ATTENTION_TUNING = ("block_k", "num_splits", "num_warps", "num_stages")
+_ATTENTION_TUNING = ("block_k", "block_q", "num_splits", "num_warps", "num_stages")
 _ALPHA_TUNING = ("alpha_block_k", "alpha_num_splits", "alpha_num_warps", "alpha_num_stages")
 
 
 def _attention_kernel(lengths_ref, q_ref, k_ref, v_ref, k_block_ref, v_block_ref,
-                      out_ref, lse_ref, *, num_splits: int, block_k: int, block_tokens: int,
-                      qk_scale: float):
-  """One (batch, KV head, split) program; split == num_splits attends the block's own keys."""
-  split = pl.program_id(2)
+                      out_ref, lse_ref, *, kv_heads: int, group: int, block_tokens: int,
+                      block_q: int, num_splits: int, block_k: int, qk_scale: float):
+  """One (query tile, batch, KV head, split) program; split == num_splits attends the block's
+  own keys."""
+  kv_head, split = pl.program_id(2), pl.program_id(3)
   capacity, head_dim = k_ref.shape
-  q = q_ref[...]
-  state = tu.initial_state(q.shape[0], head_dim)
+  rows = tu.query_rows(kv_head, kv_heads, group, block_tokens, block_q,
+                       first=pl.program_id(0) * block_q)
+  q = q_ref[rows, :]
+  state = tu.initial_state(block_q, head_dim)
 
   def attend_block():
-    return tu.attend_block_keys(state, q, k_block_ref, v_block_ref, block_tokens, qk_scale)
+    return tu.attend_block_keys(state, q, k_block_ref, v_block_ref, kv_head, kv_heads,
+                                block_tokens, qk_scale)
 
   def attend_cache():
     length = jnp.minimum(lengths_ref[0], capacity)
@@ -56,25 +62,33 @@ def _attention_kernel(lengths_ref, q_ref, k_ref, v_ref, k_block_ref, v_block_ref
     return tu.attend_rows(state, q, num_rows, block_k, load_tile, qk_scale)
 
   state = lax.cond(split == num_splits, attend_block, attend_cache)
-  tu.store_partial(state, out_ref, lse_ref)
+  tu.store_partial(state, out_ref, lse_ref, rows)
 
 
-def _alpha_kernel(lengths_ref, q_ref, k_ref, lse_ref, alpha_ref, *, num_splits: int,
-                  block_k: int, query_rows: int, qk_scale: float):
+def _alpha_kernel(lengths_ref, q_ref, k_ref, lse_ref, alpha_ref, *, kv_heads: int, group: int,
+                  block_tokens: int, num_splits: int, block_k: int, qk_scale: float):
   """Column sums of the final probabilities over the real query rows, for this split's rows."""
-  split = pl.program_id(2)
+  kv_head, split = pl.program_id(1), pl.program_id(2)
   capacity = k_ref.shape[0]
-  q = q_ref[...]
-  lse = lse_ref[...]
-  # Padded query rows get weight 0; real ones 1/(G*B), so alpha is the group-and-block mean.
-  row_weight = jnp.where(jnp.arange(q.shape[0]) < query_rows, 1.0 / query_rows, 0.0)
+  # Per piece of the query rows: the queries, their log-sum-exp, and their weight in the mean
+  # (1/(G*B) for real queries, 0 for repeats).
+  pieces = []
+  for first, size in tu.query_parts(group * block_tokens):
+    rows = tu.query_rows(kv_head, kv_heads, group, block_tokens, size, first)
+    weight = jnp.where(tu.real_query_mask(group, block_tokens, size, first),
+                       1.0 / (group * block_tokens), 0.0)
+    pieces.append((q_ref[rows, :], lse_ref[rows], weight))
   length = jnp.minimum(lengths_ref[0], capacity)
   start, num_rows = tu.split_range(split, num_splits, length, block_k)
 
   def column_mass(k):
-    scores = tu.scores_of(q, k) * qk_scale
-    probs = jnp.exp2(scores - lse[:, None])
-    return jnp.sum(probs * row_weight[:, None], axis=0)
+    # Keys on the rows of the score tile: the sum over queries then stays inside each warp
+    # (the rows of a dot's result are spread over warps, its columns over a warp's lanes).
+    mass = jnp.zeros((k.shape[0],), jnp.float32)
+    for q, lse, weight in pieces:
+      probs = jnp.exp2(tu.scores_of(k, q) * qk_scale - lse[None, :])
+      mass += jnp.sum(probs * weight[None, :], axis=1)
+    return mass
 
   def full_tile(i, carry):
     rows = pl.ds(start + i * block_k, block_k)
@@ -97,99 +111,116 @@ def _default_warps(tile_rows: int) -> int:
   return 8 if tile_rows >= 256 else 4
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_k", "num_splits",
-                                             "num_warps", "num_stages"))
+def _default_block_q(query_rows: int) -> int:
+  """64-row query tiles where they cover the G*B rows with fewer padded rows than one
+  power-of-two tile (1.5B: 192 = 3 x 64 instead of 256, 78 vs 99 us at 128K), else one tile:
+  extra tiles then only re-read K/V (7B: 224 rows as 4 x 64 measured 218 vs 180 us wall)."""
+  tile_rows = tu.next_power_of_two(query_rows)
+  return 64 if pl.cdiv(query_rows, 64) * 64 < tile_rows else tile_rows
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_k", "block_q",
+                                             "num_splits", "num_warps", "num_stages"))
 def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
-                        sm_scale: float, interpret: bool, block_k: int, num_splits: int | None,
-                        num_warps: int | None, num_stages: int):
-  """Runs the attention kernel; returns (out, packed queries, per-split out and lse)."""
+                        sm_scale: float, interpret: bool, block_k: int, block_q: int | None,
+                        num_splits: int | None, num_warps: int | None, num_stages: int):
+  """Runs the attention kernel; returns (out, per-split out and lse in the [B*Hq] row order)."""
   batch, block, q_heads, head_dim = q.shape
   kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
   group = q_heads // kv_heads
   tile_rows = tu.next_power_of_two(group * block)
-  block_rows = tu.next_power_of_two(block)
+  if block_q is None:
+    block_q = _default_block_q(group * block)
+  block_q = min(tu.next_power_of_two(block_q), tile_rows)
+  q_tiles = pl.cdiv(group * block, block_q)
   block_k = tu.fit_block_k(block_k, capacity)
   k_cache, v_cache = tu.pad_rows(k_cache, 2), tu.pad_rows(v_cache, 2)
   capacity = k_cache.shape[2]
   if num_splits is None:
-    num_splits = tu.default_num_splits(batch * kv_heads, capacity, block_k)
-  packed_q = tu.pack_queries(q, kv_heads, tile_rows)
-  kernel = functools.partial(_attention_kernel, num_splits=num_splits, block_k=block_k,
-                             block_tokens=block, qk_scale=sm_scale * tu.LOG2_E)
-  per_head = lambda b, h, s: (b, h, 0, 0)
+    num_splits = tu.default_num_splits(batch * kv_heads * q_tiles, capacity, block_k)
+  kernel = functools.partial(_attention_kernel, kv_heads=kv_heads, group=group,
+                             block_tokens=block, block_q=block_q, num_splits=num_splits,
+                             block_k=block_k, qk_scale=sm_scale * tu.LOG2_E)
+  per_batch = lambda t, b, h, s: (b, 0, 0)
+  per_head = lambda t, b, h, s: (b, h, 0, 0)
+  splits = num_splits + 1
   partial_out, partial_lse = pl.pallas_call(
       kernel,
-      grid=(batch, kv_heads, num_splits + 1),
+      # Query tiles first: the Triton launch runs the leading grid axes fastest, so programs
+      # reading the same K/V rows for different query tiles run together and share L2.
+      grid=(q_tiles, batch, kv_heads, splits),
       in_specs=[
-          pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
-          pl.BlockSpec((None, None, tile_rows, head_dim), per_head),
+          pl.BlockSpec((None, 1), lambda t, b, h, s: (b, 0)),
+          pl.BlockSpec((None, block * q_heads, head_dim), per_batch),
           pl.BlockSpec((None, None, capacity, head_dim), per_head),
           pl.BlockSpec((None, None, capacity, head_dim), per_head),
-          pl.BlockSpec((None, None, block_rows, head_dim), per_head),
-          pl.BlockSpec((None, None, block_rows, head_dim), per_head),
+          pl.BlockSpec((None, block * kv_heads, head_dim), per_batch),
+          pl.BlockSpec((None, block * kv_heads, head_dim), per_batch),
       ],
       out_specs=[
-          pl.BlockSpec((None, None, None, tile_rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-          pl.BlockSpec((None, None, None, tile_rows), lambda b, h, s: (b, h, s, 0)),
+          pl.BlockSpec((None, None, block * q_heads, head_dim), lambda t, b, h, s: (b, s, 0, 0)),
+          pl.BlockSpec((None, None, block * q_heads), lambda t, b, h, s: (b, s, 0)),
       ],
       out_shape=[
-          jax.ShapeDtypeStruct((batch, kv_heads, num_splits + 1, tile_rows, head_dim), q.dtype),
-          jax.ShapeDtypeStruct((batch, kv_heads, num_splits + 1, tile_rows), jnp.float32),
+          jax.ShapeDtypeStruct((batch, splits, block * q_heads, head_dim), q.dtype),
+          jax.ShapeDtypeStruct((batch, splits, block * q_heads), jnp.float32),
       ],
-      compiler_params=tu.compiler_params(num_warps or _default_warps(tile_rows), num_stages),
+      compiler_params=tu.compiler_params(num_warps or _default_warps(block_q), num_stages),
       interpret=interpret,
       name="block_split_kv_attention",
-  )(cache_lengths.astype(jnp.int32).reshape(batch, 1), packed_q, k_cache, v_cache,
-    tu.pack_block_keys(k_block, block_rows), tu.pack_block_keys(v_block, block_rows))
-  out, lse = tu.combine_partials(partial_out, partial_lse)
-  out = tu.unpack_queries(out, block, group).astype(q.dtype)
-  return out, packed_q, partial_out, partial_lse, lse
+  )(cache_lengths.astype(jnp.int32).reshape(batch, 1),
+    q.reshape(batch, block * q_heads, head_dim), k_cache, v_cache,
+    k_block.reshape(batch, block * kv_heads, head_dim),
+    v_block.reshape(batch, block * kv_heads, head_dim))
+  out = tu.combine_partials(partial_out, partial_lse).reshape(q.shape).astype(q.dtype)
+  return out, partial_lse
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "alpha_includes_block", "interpret",
-                                             "block_k", "num_splits", "num_warps", "num_stages",
-                                             "alpha_block_k", "alpha_num_splits",
+                                             "block_k", "block_q", "num_splits", "num_warps",
+                                             "num_stages", "alpha_block_k", "alpha_num_splits",
                                              "alpha_num_warps", "alpha_num_stages"))
 def _mask_step(q, k_cache, v_cache, cache_lengths, k_block, v_block, *, sm_scale: float,
-               alpha_includes_block: bool, interpret: bool, block_k: int,
+               alpha_includes_block: bool, interpret: bool, block_k: int, block_q: int | None,
                num_splits: int | None, num_warps: int | None, num_stages: int,
                alpha_block_k: int, alpha_num_splits: int | None,
-               alpha_num_warps: int | None, alpha_num_stages: int):
+               alpha_num_warps: int, alpha_num_stages: int):
   batch, block, q_heads, head_dim = q.shape
   kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
-  out, packed_q, partial_out, partial_lse, lse = _split_kv_attention(
+  group = q_heads // kv_heads
+  out, partial_lse = _split_kv_attention(
       q, k_cache, v_cache, cache_lengths, k_block, v_block, sm_scale=sm_scale,
-      interpret=interpret, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
-      num_stages=num_stages)
-  if not alpha_includes_block:
+      interpret=interpret, block_k=block_k, block_q=block_q, num_splits=num_splits,
+      num_warps=num_warps, num_stages=num_stages)
+  if alpha_includes_block:
+    lse = tu.combine_lse(partial_lse)
+  else:
     # The last split holds the block's keys: dropping it leaves the cache-only normaliser.
-    _, lse = tu.combine_partials(partial_out[:, :, :-1], partial_lse[:, :, :-1])
+    lse = tu.combine_lse(partial_lse[:, :-1])
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  tile_rows = packed_q.shape[2]
   alpha_block_k = tu.fit_block_k(alpha_block_k, capacity)
   padded_capacity = max(capacity, 16)
   if alpha_num_splits is None:
-    alpha_num_splits = tu.default_num_splits(batch * kv_heads, capacity, alpha_block_k)
-  kernel = functools.partial(_alpha_kernel, num_splits=alpha_num_splits, block_k=alpha_block_k,
-                             query_rows=(q_heads // kv_heads) * block,
+    alpha_num_splits = tu.default_num_splits(batch * kv_heads, capacity, alpha_block_k) + 1
+  kernel = functools.partial(_alpha_kernel, kv_heads=kv_heads, group=group, block_tokens=block,
+                             num_splits=alpha_num_splits, block_k=alpha_block_k,
                              qk_scale=sm_scale * tu.LOG2_E)
-  per_head = lambda b, h, s: (b, h, 0, 0)
   alpha = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, alpha_num_splits),
       in_specs=[
           pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
-          pl.BlockSpec((None, None, tile_rows, head_dim), per_head),
-          pl.BlockSpec((None, None, padded_capacity, head_dim), per_head),
-          pl.BlockSpec((None, None, tile_rows), lambda b, h, s: (b, h, 0)),
+          pl.BlockSpec((None, block * q_heads, head_dim), lambda b, h, s: (b, 0, 0)),
+          pl.BlockSpec((None, None, padded_capacity, head_dim), lambda b, h, s: (b, h, 0, 0)),
+          pl.BlockSpec((None, block * q_heads), lambda b, h, s: (b, 0)),
       ],
       out_specs=pl.BlockSpec((None, None, padded_capacity), lambda b, h, s: (b, h, 0)),
       out_shape=jax.ShapeDtypeStruct((batch, kv_heads, padded_capacity), jnp.float32),
-      compiler_params=tu.compiler_params(alpha_num_warps or _default_warps(tile_rows),
-                                         alpha_num_stages),
+      compiler_params=tu.compiler_params(alpha_num_warps, alpha_num_stages),
       interpret=interpret,
       name="block_attention_alpha",
-  )(cache_lengths.astype(jnp.int32).reshape(batch, 1), packed_q, tu.pad_rows(k_cache, 2), lse)
+  )(cache_lengths.astype(jnp.int32).reshape(batch, 1),
+    q.reshape(batch, block * q_heads, head_dim), tu.pad_rows(k_cache, 2), lse)
   # Rows at or past the length were never written by the kernel.
   valid = jnp.arange(capacity)[None, None, :] < cache_lengths[:, None, None]
   return out, jnp.where(valid, alpha[:, :, :capacity], 0.0)
@@ -215,9 +246,11 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
     k_block, v_block: [batch, block, kv_heads, head_dim], always attended.
     sm_scale: logit scale, default 1/sqrt(head_dim).
     impl: "auto", "pallas", "interpret" or "reference" (see `dispatch.resolve_impl`).
-    **tuning: block_k (keys per tile, default 64), num_splits (programs per KV head, default
-      enough for ~two waves), num_warps (default 8 for tiles of >= 256 query rows, else 4),
-      num_stages (default 3: measured 107 vs 132 us at 128K, benchmarks/results).
+    **tuning: block_k (keys per tile, default 64), block_q (query rows per program; default
+      64 where that saves padded rows, as for the 1.5B shape's 192 = 3 x 64 rows, whose three
+      programs share each K/V tile through L2, else all G*B rows), num_splits (programs per KV head and query
+      tile, default enough for ~264 programs), num_warps (default 8 for tiles of >= 256 query
+      rows, else 4), num_stages (default 3; benchmarks/results/decode_kernels.md has the sweeps).
 
   Returns:
     [batch, block, q_heads, head_dim] in q.dtype (softmax in float32).
@@ -235,8 +268,8 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
   return _split_kv_attention(
       q, k_cache, v_cache, cache_lengths, k_block, v_block, sm_scale=sm_scale,
       interpret=impl == "interpret", block_k=tuning.get("block_k", 64),
-      num_splits=tuning.get("num_splits"), num_warps=tuning.get("num_warps"),
-      num_stages=tuning.get("num_stages", 3))[0]
+      block_q=tuning.get("block_q"), num_splits=tuning.get("num_splits"),
+      num_warps=tuning.get("num_warps"), num_stages=tuning.get("num_stages", 3))[0]
 
 
 def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
@@ -254,7 +287,8 @@ def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
       `exact_block_attention`.
     alpha_includes_block: whether the block's own keys enter alpha's normaliser.
     **tuning: the keywords of `exact_block_attention`, and alpha_block_k (default 64),
-      alpha_num_splits, alpha_num_warps, alpha_num_stages for the alpha pass.
+      alpha_num_splits, alpha_num_warps (default 4), alpha_num_stages (default 3) for the alpha
+      pass.
 
   Returns:
     (out [batch, block, q_heads, head_dim] in q.dtype, alpha float32 [batch, kv_heads,
@@ -274,12 +308,12 @@ def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
   return _mask_step(
       q, k_cache, v_cache, cache_lengths, k_block, v_block, sm_scale=sm_scale,
       alpha_includes_block=alpha_includes_block, interpret=impl == "interpret",
-      block_k=tuning.get("block_k", 64), num_splits=tuning.get("num_splits"),
-      num_warps=tuning.get("num_warps"), num_stages=tuning.get("num_stages", 3),
-      alpha_block_k=tuning.get("alpha_block_k", 64),
+      block_k=tuning.get("block_k", 64), block_q=tuning.get("block_q"),
+      num_splits=tuning.get("num_splits"), num_warps=tuning.get("num_warps"),
+      num_stages=tuning.get("num_stages", 3), alpha_block_k=tuning.get("alpha_block_k", 64),
       alpha_num_splits=tuning.get("alpha_num_splits"),
-      alpha_num_warps=tuning.get("alpha_num_warps"),
-      alpha_num_stages=tuning.get("alpha_num_stages", 2))
+      alpha_num_warps=tuning.get("alpha_num_warps", 4),
+      alpha_num_stages=tuning.get("alpha_num_stages", 3))
 
 
 def _reference_logits(q, k_cache, k_block, sm_scale: float):

@@ -3,8 +3,14 @@
 Each (batch, KV head) has its own list of cache row ids (the top-k of the mask step), shared by
 the G query heads of the group and the B block tokens, plus the block's own keys. The kernel is
 the split-KV kernel of `decode_attention` with the contiguous row loads replaced by a gather of
-rows through the index list (`ref[indices, :]`, as in jax's paged attention); the index list,
-not the cache, is what is split across programs.
+rows through the index list (`ref[indices, :]`, as in jax's paged attention).
+
+At k = 512 the whole step moves ~0.5 MB, so it is bound by latency (the chain of gather, dot,
+softmax, dot per tile) and launches, not bytes. Both the query tile (block_q rows per program;
+the K/V rows gathered again by the other query tiles come from L2) and the index list (one tile
+or more per split) are shared out over programs, so each program's chain is short; the last
+split also attends the block's own keys, and XLA merges the splits' partial results (with one
+split, the kernel's rows are final and the step is this one launch).
 """
 
 import functools
@@ -19,89 +25,98 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels.dispatch import resolve_impl
 
-_TUNING = ("block_k", "num_splits", "num_warps", "num_stages")
+_TUNING = ("block_k", "block_q", "num_splits", "num_warps", "num_stages")
 
 
 def _sparse_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, k_block_ref, v_block_ref,
-                   out_ref, lse_ref, *, num_splits: int, block_k: int, block_tokens: int,
-                   qk_scale: float):
-  """One (batch, KV head, split) program; split == num_splits attends the block's own keys."""
-  split = pl.program_id(2)
+                   out_ref, lse_ref, *, kv_heads: int, group: int, block_tokens: int,
+                   block_q: int, num_splits: int, block_k: int, qk_scale: float):
+  """One (query tile, batch, KV head, split) program; the last split also attends the block's
+  own keys."""
+  kv_head, split = pl.program_id(2), pl.program_id(3)
   capacity, head_dim = k_ref.shape
-  q = q_ref[...]
-  state = tu.initial_state(q.shape[0], head_dim)
+  rows = tu.query_rows(kv_head, kv_heads, group, block_tokens, block_q,
+                       first=pl.program_id(0) * block_q)
+  q = q_ref[rows, :]
+  count = jnp.minimum(counts_ref[0], indices_ref.shape[0])
+  start, num_slots = tu.split_range(split, num_splits, count, block_k)
 
-  def attend_block():
-    return tu.attend_block_keys(state, q, k_block_ref, v_block_ref, block_tokens, qk_scale)
+  def load_tile(first, valid):
+    slots = pl.ds(start + first, block_k)
+    if valid is None:
+      ids = indices_ref[slots]
+    else:
+      ids = plt.load(indices_ref.at[slots], mask=valid, other=0)
+    # Padding slots past the count hold arbitrary ids; clipping keeps every gather in bounds.
+    ids = jnp.clip(ids, 0, capacity - 1)
+    return k_ref[ids, :], v_ref[ids, :]
 
-  def attend_selected():
-    count = jnp.minimum(counts_ref[0], indices_ref.shape[0])
-    start, num_slots = tu.split_range(split, num_splits, count, block_k)
-
-    def load_tile(first, valid):
-      slots = pl.ds(start + first, block_k)
-      if valid is None:
-        rows = indices_ref[slots]
-      else:
-        rows = plt.load(indices_ref.at[slots], mask=valid, other=0)
-      # Padding slots past the count hold arbitrary ids; clipping keeps every gather in bounds.
-      rows = jnp.clip(rows, 0, capacity - 1)
-      return k_ref[rows, :], v_ref[rows, :]
-
-    return tu.attend_rows(state, q, num_slots, block_k, load_tile, qk_scale)
-
-  state = lax.cond(split == num_splits, attend_block, attend_selected)
-  tu.store_partial(state, out_ref, lse_ref)
+  state = tu.attend_rows(tu.initial_state(block_q, head_dim), q, num_slots, block_k, load_tile,
+                         qk_scale)
+  state = lax.cond(
+      split == num_splits - 1,
+      lambda: tu.attend_block_keys(state, q, k_block_ref, v_block_ref, kv_head, kv_heads,
+                                   block_tokens, qk_scale),
+      lambda: state)
+  tu.store_partial(state, out_ref, lse_ref, rows)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_k", "num_splits",
-                                             "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_k", "block_q",
+                                             "num_splits", "num_warps", "num_stages"))
 def _sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block, *,
-                      sm_scale: float, interpret: bool, block_k: int, num_splits: int | None,
-                      num_warps: int | None, num_stages: int):
+                      sm_scale: float, interpret: bool, block_k: int, block_q: int,
+                      num_splits: int | None, num_warps: int | None, num_stages: int):
   batch, block, q_heads, head_dim = q.shape
   kv_heads = k_cache.shape[1]
   group = q_heads // kv_heads
-  tile_rows = tu.next_power_of_two(group * block)
-  block_rows = tu.next_power_of_two(block)
+  block_q = min(tu.next_power_of_two(block_q), tu.next_power_of_two(group * block))
+  q_tiles = pl.cdiv(group * block, block_q)
   block_k = tu.fit_block_k(block_k, indices.shape[2])
   indices = tu.pad_rows(indices.astype(jnp.int32), 2)
   k_cache, v_cache = tu.pad_rows(k_cache, 2), tu.pad_rows(v_cache, 2)
   capacity, budget = k_cache.shape[2], indices.shape[2]
   if num_splits is None:
-    num_splits = tu.default_num_splits(batch * kv_heads, budget, block_k)
-  kernel = functools.partial(_sparse_kernel, num_splits=num_splits, block_k=block_k,
-                             block_tokens=block, qk_scale=sm_scale * tu.LOG2_E)
-  per_head = lambda b, h, s: (b, h, 0, 0)
+    # One tile per split, as long as the grid stays within TARGET_PROGRAMS.
+    num_splits = max(1, min(pl.cdiv(budget, block_k),
+                            tu.TARGET_PROGRAMS // (batch * kv_heads * q_tiles)))
+  kernel = functools.partial(_sparse_kernel, kv_heads=kv_heads, group=group,
+                             block_tokens=block, block_q=block_q, num_splits=num_splits,
+                             block_k=block_k, qk_scale=sm_scale * tu.LOG2_E)
+  per_batch = lambda t, b, h, s: (b, 0, 0)
+  per_head = lambda t, b, h, s: (b, h, 0, 0)
   partial_out, partial_lse = pl.pallas_call(
       kernel,
-      grid=(batch, kv_heads, num_splits + 1),
+      # Query tiles first: the Triton launch runs the leading grid axes fastest, so programs
+      # reading the same K/V rows for different query tiles run together and share L2.
+      grid=(q_tiles, batch, kv_heads, num_splits),
       in_specs=[
-          pl.BlockSpec((None, None, 1), lambda b, h, s: (b, h, 0)),
-          pl.BlockSpec((None, None, budget), lambda b, h, s: (b, h, 0)),
-          pl.BlockSpec((None, None, tile_rows, head_dim), per_head),
+          pl.BlockSpec((None, None, 1), lambda t, b, h, s: (b, h, 0)),
+          pl.BlockSpec((None, None, budget), lambda t, b, h, s: (b, h, 0)),
+          pl.BlockSpec((None, block * q_heads, head_dim), per_batch),
           pl.BlockSpec((None, None, capacity, head_dim), per_head),
           pl.BlockSpec((None, None, capacity, head_dim), per_head),
-          pl.BlockSpec((None, None, block_rows, head_dim), per_head),
-          pl.BlockSpec((None, None, block_rows, head_dim), per_head),
+          pl.BlockSpec((None, block * kv_heads, head_dim), per_batch),
+          pl.BlockSpec((None, block * kv_heads, head_dim), per_batch),
       ],
       out_specs=[
-          pl.BlockSpec((None, None, None, tile_rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-          pl.BlockSpec((None, None, None, tile_rows), lambda b, h, s: (b, h, s, 0)),
+          pl.BlockSpec((None, None, block * q_heads, head_dim), lambda t, b, h, s: (b, s, 0, 0)),
+          pl.BlockSpec((None, None, block * q_heads), lambda t, b, h, s: (b, s, 0)),
       ],
       out_shape=[
-          jax.ShapeDtypeStruct((batch, kv_heads, num_splits + 1, tile_rows, head_dim), q.dtype),
-          jax.ShapeDtypeStruct((batch, kv_heads, num_splits + 1, tile_rows), jnp.float32),
+          jax.ShapeDtypeStruct((batch, num_splits, block * q_heads, head_dim), q.dtype),
+          jax.ShapeDtypeStruct((batch, num_splits, block * q_heads), jnp.float32),
       ],
-      compiler_params=tu.compiler_params(num_warps or (8 if tile_rows >= 256 else 4),
+      compiler_params=tu.compiler_params(num_warps or (8 if block_q >= 256 else 4),
                                          num_stages),
       interpret=interpret,
       name="block_sparse_attention",
   )(counts.astype(jnp.int32).reshape(batch, kv_heads, 1), indices,
-    tu.pack_queries(q, kv_heads, tile_rows), k_cache, v_cache,
-    tu.pack_block_keys(k_block, block_rows), tu.pack_block_keys(v_block, block_rows))
-  out, _ = tu.combine_partials(partial_out, partial_lse)
-  return tu.unpack_queries(out, block, group).astype(q.dtype)
+    q.reshape(batch, block * q_heads, head_dim), k_cache, v_cache,
+    k_block.reshape(batch, block * kv_heads, head_dim),
+    v_block.reshape(batch, block * kv_heads, head_dim))
+  if num_splits == 1:
+    return partial_out.reshape(q.shape)
+  return tu.combine_partials(partial_out, partial_lse).reshape(q.shape).astype(q.dtype)
 
 
 def _check_selection(indices, counts, batch: int, kv_heads: int) -> None:
@@ -125,7 +140,9 @@ def sparse_block_attention(q, k_cache, v_cache, indices, counts, k_block, v_bloc
     k_block, v_block: [batch, block, kv_heads, head_dim], always attended.
     sm_scale: logit scale, default 1/sqrt(head_dim).
     impl: "auto", "pallas", "interpret" or "reference" (see `dispatch.resolve_impl`).
-    **tuning: block_k (rows gathered per tile, default 64), num_splits, num_warps, num_stages.
+    **tuning: block_k (rows gathered per tile, default 64), block_q (query rows per program,
+      default 64), num_splits (parts of the index list, default one tile each within ~264
+      programs), num_warps, num_stages.
 
   Returns:
     [batch, block, q_heads, head_dim] in q.dtype.
@@ -143,7 +160,8 @@ def sparse_block_attention(q, k_cache, v_cache, indices, counts, k_block, v_bloc
   return _sparse_attention(
       q, k_cache, v_cache, indices, counts, k_block, v_block, sm_scale=sm_scale,
       interpret=impl == "interpret", block_k=tuning.get("block_k", 64),
-      num_splits=tuning.get("num_splits"), num_warps=tuning.get("num_warps"),
+      block_q=tuning.get("block_q", 64), num_splits=tuning.get("num_splits"),
+      num_warps=tuning.get("num_warps"),
       num_stages=tuning.get("num_stages", 2))
 
 

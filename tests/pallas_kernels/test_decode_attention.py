@@ -66,15 +66,17 @@ def test_references_match_float64_numpy(alpha_includes_block):
 
 # (batch, block, q_heads, kv_heads, head_dim, capacity, lengths, tuning): G = 1, 2, 3, 4, 6, 7,
 # 8; lengths ragged, 0 and == capacity; tiles and splits small enough to cover partial tiles,
-# empty splits and splits of several tiles.
+# empty splits and splits of several tiles; query tiles (block_q) that split G*B, one of them
+# with repeated padding rows.
 KERNEL_CASES = [
-    (3, 8, 6, 2, 64, 70, [0, 70, 37], dict(block_k=16, num_splits=3)),
+    (3, 8, 6, 2, 64, 70, [0, 70, 37], dict(block_k=16, num_splits=3, block_q=16)),
     (2, 4, 8, 8, 128, 45, [45, 1], dict(block_k=16, num_splits=2)),
     (2, 32, 6, 3, 64, 50, [17, 50], dict(block_k=32, num_splits=1)),
-    (1, 16, 12, 2, 64, 100, [93], dict(block_k=16, num_splits=5)),
+    (1, 16, 12, 2, 64, 100, [93], dict(block_k=16, num_splits=5, block_q=32)),
     (2, 8, 28, 4, 64, 33, [33, 0], {}),
     (1, 6, 8, 1, 64, 29, [20], dict(block_k=16, num_splits=4)),
     (2, 5, 16, 4, 128, 10, [3, 10], {}),
+    (1, 32, 12, 2, 64, 40, [40], {}),
 ]
 
 

@@ -50,10 +50,11 @@ def test_reference_matches_float64_numpy():
 # (batch, block, q_heads, kv_heads, head_dim, capacity, budget, tuning); counts are drawn per
 # case to include 0 and the full budget.
 KERNEL_CASES = [
-    (2, 8, 6, 2, 64, 90, 40, dict(block_k=16, num_splits=2)),
+    (2, 8, 6, 2, 64, 90, 40, dict(block_k=16, num_splits=2, block_q=16)),
     (2, 4, 8, 8, 128, 50, 16, dict(block_k=16, num_splits=1)),
     (1, 32, 12, 2, 64, 120, 70, dict(block_k=32, num_splits=3)),
     (2, 16, 28, 4, 64, 40, 20, {}),
+    (2, 16, 28, 4, 64, 40, 20, dict(block_q=128, num_splits=2)),
     (1, 6, 3, 1, 64, 12, 5, {}),
 ]
 
