@@ -13,6 +13,8 @@ import sys
 
 from absl import app, flags
 
+from mage_jax import mesh_flags
+
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CHECKPOINT = os.path.join(REPO, "models", "default")
@@ -43,6 +45,7 @@ def main(argv):
   from eval import runner
   from eval.plots import plot_niah_heatmaps, plot_vs_budget
   from eval.results import ResultStore, format_table, summarize, write_summary
+  from mage_jax import sharding
   from mage_jax.checkpoint import apply_chat_template, load_pretrained, load_tokenizer
 
   try:
@@ -57,7 +60,12 @@ def main(argv):
       raise ValueError("--batch_size and --num_samples must be >= 1")
     if not os.path.isdir(FLAGS.checkpoint):
       raise ValueError(f"--checkpoint: {FLAGS.checkpoint} is not a directory")
+    mesh = mesh_flags.setup()
+    if mesh is not None:
+      runner.check_mesh(mesh, FLAGS.batch_size, measure)
     model, cfg = load_pretrained(FLAGS.checkpoint)
+    if mesh is not None:
+      sharding.shard_model(model, mesh)
     tok, template = load_tokenizer(FLAGS.checkpoint)
     chat = None
     if template:
@@ -72,7 +80,7 @@ def main(argv):
     raise _Fail(str(e)) from e
 
   runner.run_cases(model, tokenizer, samples, specs, store=store, batch_size=FLAGS.batch_size,
-                   seed=FLAGS.seed, measure=measure)
+                   seed=FLAGS.seed, measure=measure, mesh=mesh)
   rows = store.rows()
   write_summary(rows, FLAGS.output_dir)
   if FLAGS.task == "niah":

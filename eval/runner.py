@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import tqdm
+from jax.sharding import Mesh
 
 from eval.results import CaseKey, ResultStore
 from mage_jax.generate import DecodeOptions, generate
@@ -105,11 +106,13 @@ def _batches(items: Sequence[Any], size: int):
 
 def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Sequence[MethodSpec],
               *, store: ResultStore, batch_size: int, seed: int, measure: Sequence[str],
-              options: DecodeOptions | None = None, progress: bool = True) -> list[dict]:
+              options: DecodeOptions | None = None, progress: bool = True,
+              mesh: Mesh | None = None) -> list[dict]:
   """Runs every unfinished (method, sample) case; returns the rows written this run.
 
   Cases are grouped by context length so one compiled loop (fixed batch and capacity) serves
   a group; a short last batch is padded with copies of its first prompt and the copies dropped.
+  With a ``mesh`` (see ``check_mesh``) the model must already be sharded onto it.
   """
   cfg = model.config
   finished = store.finished()
@@ -131,7 +134,7 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
       batch_prompts = [prompts[i] for i in batch]
       batch_prompts += [batch_prompts[0]] * (batch_size - len(batch))
       run = lambda: generate(model, batch_prompts, max_new_tokens=max_new, method=method,
-                             options=options, capacity=capacity)
+                             options=options, capacity=capacity, mesh=mesh)
       if "latency" in measure and not warm:
         run()  # compile outside the timed call
         warm = True
@@ -143,7 +146,8 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
         from mage_jax.recall import measure_recall
         for i in batch:
           report = measure_recall(model, [prompts[i]], method, budget=spec.budget,
-                                  max_new_tokens=max_new, options=options, capacity=capacity)
+                                  max_new_tokens=max_new, options=options, capacity=capacity,
+                                  mesh=mesh)
           recalls[i] = {"recall": report.overall_index_recall,
                         "mass_recall": report.overall_mass_recall,
                         "layer_recall": [float(x) for x in report.index_recall],
@@ -161,6 +165,17 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
         bar.update(1)
   bar.close()
   return written
+
+
+def check_mesh(mesh: Mesh, batch_size: int, measure: Sequence[str]) -> None:
+  """The batch splits over the mesh's "data" axis; recall decodes one prompt at a time."""
+  data = mesh.shape["data"]
+  if batch_size % data:
+    raise ValueError(f"--batch_size={batch_size} must be a multiple of the mesh's data axis "
+                     f"({data})")
+  if "recall" in measure and data > 1:
+    raise ValueError(f"--measure=recall decodes one prompt at a time: it needs a mesh with "
+                     f"data:1, got data:{data}")
 
 
 def parse_measures(values: Sequence[str]) -> list[str]:

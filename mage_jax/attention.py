@@ -20,8 +20,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mage_jax import sharding
 from mage_jax.kv_cache import KVCache, write_rows
 from mage_jax.methods.base import AttentionMethod, StepInfo
+from mage_jax.sharding import CACHE_AXES, KV_AXES, LSE_AXES, Q_AXES
 from pallas_kernels.flash_attention import (TokenBlocks, block_diffusion_attention,
                                             prefill_token_blocks, training_token_blocks)
 from pallas_kernels.topk import select_kv_indices
@@ -39,6 +41,20 @@ class DenoiseCarry(NamedTuple):
   method_state: Any
 
 
+def flash_attention(q, k, v, q_blocks: TokenBlocks, kv_blocks: TokenBlocks, kv_lengths, *,
+                    impl: str, return_lse: bool = False):
+  """block_diffusion_attention per (batch, KV head) shard under a mesh (one call otherwise)."""
+
+  def call(q, k, v, q_blocks, kv_blocks, kv_lengths):
+    return block_diffusion_attention(q, k, v, q_blocks, kv_blocks, kv_lengths, impl=impl,
+                                     return_lse=return_lse)
+
+  blocks = ("batch", "seq")
+  out_axes = (Q_AXES, LSE_AXES) if return_lse else Q_AXES
+  return sharding.shard_kernel(call, (Q_AXES, KV_AXES, KV_AXES, blocks, blocks, ("batch",)),
+                               out_axes)(q, k, v, q_blocks, kv_blocks, kv_lengths)
+
+
 def make_write_attend(method: AttentionMethod, block_size: int, impl: str = "auto"):
   """The attend function of a prefill chunk or a commit step."""
 
@@ -46,6 +62,7 @@ def make_write_attend(method: AttentionMethod, block_size: int, impl: str = "aut
     cache = carry.cache
     ck, cv = cache.layers[layer]
     ck, cv = write_rows(ck, cv, k, v, carry.positions, carry.valid)
+    ck, cv = sharding.constrain(ck, CACHE_AXES), sharding.constrain(cv, CACHE_AXES)
     layers = cache.layers[:layer] + ((ck, cv),) + cache.layers[layer + 1:]
     cache = KVCache(layers=layers, lengths=cache.lengths)
     batch, capacity = ck.shape[0], ck.shape[2]
@@ -54,8 +71,8 @@ def make_write_attend(method: AttentionMethod, block_size: int, impl: str = "aut
     kv_ids = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32) // block_size,
                               (batch, capacity))
     kv_blocks = TokenBlocks(block_ids=kv_ids, noisy=jnp.zeros((batch, capacity), bool))
-    out = block_diffusion_attention(q, jnp.swapaxes(ck, 1, 2), jnp.swapaxes(cv, 1, 2),
-                                    q_blocks, kv_blocks, cache.lengths, impl=impl)
+    out = flash_attention(q, jnp.swapaxes(ck, 1, 2), jnp.swapaxes(cv, 1, 2), q_blocks, kv_blocks,
+                          cache.lengths, impl=impl)
     state = method.after_write(layer, cache.layer(layer), carry.method_state)
     return out, carry._replace(cache=cache, method_state=state)
 
@@ -105,8 +122,7 @@ def _training_attention(q, k, v, block_size: int, impl: str, *, return_lse: bool
   batch, seq = q.shape[0], q.shape[1] // 2
   segments = training_token_blocks(batch, seq, block_size)
   lengths = jnp.full((batch,), 2 * seq, jnp.int32)
-  return block_diffusion_attention(q, k, v, segments, segments, lengths, impl=impl,
-                                   return_lse=return_lse)
+  return flash_attention(q, k, v, segments, segments, lengths, impl=impl, return_lse=return_lse)
 
 
 def make_training_attend(block_size: int, impl: str = "auto"):
@@ -172,7 +188,10 @@ def select_block_keys(q_noisy, k_clean, lse, *, block_size: int, budget: int, ch
   scores = noisy_block_scores(q_noisy, k_clean, lse, block_size, chunk)
   blocks = scores.shape[1]
   starts = (jnp.arange(blocks, dtype=jnp.int32) * block_size)[None, :, None]
-  indices, counts = select_kv_indices(scores, starts, budget, impl=impl)
+  rows = ("batch", None, "kv_heads")
+  call = lambda scores, starts: select_kv_indices(scores, starts, budget, impl=impl)
+  indices, counts = sharding.shard_kernel(call, (rows + (None,), (None, None, None)),
+                                          (rows + ("slots",), rows))(scores, starts)
   return BlockSelection(indices, counts)
 
 
@@ -242,7 +261,7 @@ def make_selection_attend(block_size: int, budget: int, dense_layers: int, *,
       halves = training_token_blocks(batch, seq, block_size)
       noisy_half = TokenBlocks(*(x[:, :seq] for x in halves))
       clean_half = TokenBlocks(*(x[:, seq:] for x in halves))
-      _, lse_noisy = block_diffusion_attention(
+      _, lse_noisy = flash_attention(
           q_noisy, k_clean, v_clean, noisy_half, clean_half, jnp.full((batch,), seq, jnp.int32),
           impl=impl, return_lse=True)
     chunk_size = math.gcd(q_noisy.shape[1], chunk)
@@ -266,8 +285,8 @@ def make_sparse_training_attend(block_size: int, impl: str = "auto"):
     (q_noisy, q_clean), (k_noisy, k_clean), (v_noisy, v_clean) = map(_split_halves, (q, k, v))
     batch, seq = q_clean.shape[:2]
     clean = prefill_token_blocks(batch, seq, block_size)
-    out_clean = block_diffusion_attention(q_clean, k_clean, v_clean, clean, clean,
-                                          jnp.full((batch,), seq, jnp.int32), impl=impl)
+    out_clean = flash_attention(q_clean, k_clean, v_clean, clean, clean,
+                                jnp.full((batch,), seq, jnp.int32), impl=impl)
     out_noisy = sparse_noisy_attention(q_noisy, k_noisy, v_noisy, k_clean, v_clean, selection,
                                        block_size)
     return jnp.concatenate([out_noisy, out_clean], axis=1), carry

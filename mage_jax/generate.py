@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mage_jax import sampling
+from mage_jax import sampling, sharding
 from mage_jax.attention import DenoiseCarry, WriteCarry, make_denoise_attend, make_write_attend
 from mage_jax.config import ModelConfig
 from mage_jax.kv_cache import KVCache, check_request, init_cache
@@ -199,7 +199,8 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
     return sampling.propose_tokens(logits, None if greedy else key, options.temperature,
                                    options.top_p)
 
-  method_state = method.init_state(cfg, batch, cache.capacity)
+  # Created inside the jit: without the pin XLA may replicate the selections on every device.
+  method_state = sharding.constrain_state(method.init_state(cfg, batch, cache.capacity))
   full_prompt = prompt_lengths // bs * bs
   cache, method_state, prev_logits = prefill(model, buffer, full_prompt, cache, method,
                                              method_state, chunk=chunk,
@@ -300,11 +301,14 @@ def pack_prompts(prompts: Sequence[Sequence[int]], buffer_len: int) -> tuple[np.
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              method: AttentionMethod | None = None, options: DecodeOptions | None = None,
-             capacity: int | None = None, rng: jax.Array | None = None) -> GenerationResult:
+             capacity: int | None = None, rng: jax.Array | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> GenerationResult:
   """Generates up to ``max_new_tokens`` tokens after each prompt (a list of token-id lists).
 
   ``capacity`` (default: the longest prompt plus the budget, rounded up to a block) fixes the
-  cache shape; keep it fixed across calls to reuse the compiled loop.
+  cache shape; keep it fixed across calls to reuse the compiled loop. With a ``mesh`` the model's
+  parameters must already be on it (mage_jax.sharding.shard_model); the batch is split over its
+  "data" axis and the KV heads over "model" (see docs/sharding.md).
   """
   cfg = model.config
   method = method or ExactAttention()
@@ -317,12 +321,20 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
   chunk = prefill_chunk_size(cfg, options, capacity)
   buffer_len = -(-capacity // chunk) * chunk
   buffer, lengths = pack_prompts(prompts, buffer_len)
-  cache = init_cache(cfg, len(prompts), capacity)
   rng = jax.random.key(0) if rng is None else rng
   graphdef, params = nnx.split(model)
-  out_buffer, generated, num_blocks, num_steps, method_state, _ = _decode_jit(
-      graphdef, params, jnp.asarray(buffer), jnp.asarray(lengths), jnp.int32(max_new_tokens),
-      cache, rng, method=method, options=options, chunk=chunk)
+  run = functools.partial(_decode_jit, graphdef, params, method=method, options=options,
+                          chunk=chunk)
+  if mesh is None:
+    out = run(jnp.asarray(buffer), jnp.asarray(lengths), jnp.int32(max_new_tokens),
+              init_cache(cfg, len(prompts), capacity), rng)
+  else:
+    cache = sharding.init_sharded_cache(cfg, len(prompts), capacity, mesh)
+    put = lambda name, x: jax.device_put(x, sharding.batch_sharding(mesh, name, x.shape))
+    with jax.set_mesh(mesh):
+      out = run(put("prompt buffer", buffer), put("prompt lengths", lengths),
+                jnp.int32(max_new_tokens), cache, rng)
+  out_buffer, generated, num_blocks, num_steps, method_state, _ = out
   out_buffer = np.asarray(out_buffer)
   generated = np.asarray(generated)
   eos = set(cfg.eos_token_ids)

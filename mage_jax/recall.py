@@ -132,13 +132,15 @@ class RecallReport(NamedTuple):
 
 def measure_recall(model: Transformer, prompts: Sequence[Sequence[int]], method: AttentionMethod,
                    *, budget: int, max_new_tokens: int, options: DecodeOptions | None = None,
-                   capacity: int | None = None, impl: str = "auto") -> RecallReport:
+                   capacity: int | None = None, impl: str = "auto",
+                   mesh: jax.sharding.Mesh | None = None) -> RecallReport:
   """Decodes each prompt with ``method`` and reports its recall against the per-step oracle
   top-``budget``.
 
   Prompts run one at a time (batch 1, one compile for all: ``capacity`` defaults to the longest
   prompt plus ``max_new_tokens``, rounded up to a block): in a batch, sequences that finished
-  early keep running the remaining steps of the others and would be counted.
+  early keep running the remaining steps of the others and would be counted. Under a ``mesh``
+  its "data" axis must therefore be 1.
   """
   cfg = model.config
   if capacity is None:
@@ -148,7 +150,7 @@ def measure_recall(model: Transformer, prompts: Sequence[Sequence[int]], method:
   sums = None
   for prompt in prompts:
     result = generate(model, [prompt], max_new_tokens=max_new_tokens, method=probe,
-                      options=options, capacity=capacity)
+                      options=options, capacity=capacity, mesh=mesh)
     totals = result.method_state[1]
     sums = totals if sums is None else jax.tree.map(jnp.add, sums, totals)
   return RecallReport.from_totals(sums)

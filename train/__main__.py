@@ -1,7 +1,8 @@
 """Command line: ``python -m train --mode=pretrain|selfdistill --config=run.json [overrides]``.
 
 Overrides: --workdir, --steps, --model, --export_dir, and any field by dotted path with
---set (repeatable), e.g. ``--set optim.learning_rate=1e-4 --set mage.budget=1024``. A run
+--set (repeatable), e.g. ``--set optim.learning_rate=1e-4 --set mage.budget=1024``. --mesh and
+the multi-host flags (docs/sharding.md) spread a run over several devices or hosts. A run
 resumes from the newest checkpoint in its workdir. Problems with flags, files or the config
 are reported as one line on stderr (exit status 2); a diverged run exits with status 1.
 """
@@ -14,6 +15,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from mage_jax import mesh_flags
 from train.config import MODES, ConfigError, load_config, parse_override
 
 _MODE = flags.DEFINE_enum("mode", None, list(MODES), "pretrain (block-diffusion objective from "
@@ -65,7 +67,11 @@ def main(argv: list[str]) -> None:
     if _STOP_AT_STEP.value is not None and _STOP_AT_STEP.value < 1:
       raise ConfigError(f"--stop_at_step must be >= 1, got {_STOP_AT_STEP.value}")
     cfg = load_config(_CONFIG.value, overrides)
-    trainer.train(cfg, _MODE.value, stop_at_step=_STOP_AT_STEP.value)
+    try:
+      mesh = mesh_flags.setup()
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+    trainer.train(cfg, _MODE.value, stop_at_step=_STOP_AT_STEP.value, mesh=mesh)
   except ConfigError as e:
     _fail(str(e))
   except trainer.TrainingDiverged as e:

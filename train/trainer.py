@@ -29,7 +29,10 @@ import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
 from mage_jax import checkpoint as hf_checkpoint
+from mage_jax import sharding
 from mage_jax.config import ModelConfig
 from mage_jax.model import Transformer, build_model
 from train import data as data_lib
@@ -80,6 +83,11 @@ class ParamLayout:
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {self.name(p): v.get_value().astype(jnp.float32) for p, v in flat}
 
+  def abstract_params(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The master copy's names, shapes and dtype, without allocating it."""
+    return {self.name(p): jax.ShapeDtypeStruct(v.get_value().shape, jnp.float32)
+            for p, v in self.variables}
+
   def model(self, params: dict[str, jax.Array]) -> Transformer:
     dtype = jnp.dtype(self.config.dtype)
     state = nnx.from_flat_state(
@@ -128,13 +136,35 @@ def initial_state(params: dict[str, jax.Array], tx: optax.GradientTransformation
                     data_position=jnp.zeros((), jnp.int32))
 
 
+def state_shardings(layout: ParamLayout, tx: optax.GradientTransformation,
+                    mesh: Mesh) -> TrainState:
+  """Where every part of the train state lives: the master weights and the optimizer moments by
+  the parameter rules of mage_jax.sharding (heads, MLP hidden and vocabulary over "model",
+  replicated over "data": no FSDP, see docs/sharding.md), counters and keys replicated."""
+  abstract = jax.eval_shape(lambda: initial_state(layout.abstract_params(), tx, 0))
+  params = sharding.named_param_shardings({k: v.shape for k, v in abstract.params.items()}, mesh)
+  replicated = NamedSharding(mesh, P())
+  return TrainState(step=replicated, params=params,
+                    opt_state=sharding.shardings_like_params(abstract.opt_state, params, mesh),
+                    rng=replicated, data_position=replicated)
+
+
 def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
-                    tx: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
-  """The jitted step: (state, tokens [accum, micro, L], teacher weights) -> (state, metrics)."""
+                    tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    mesh: Mesh | None = None) -> Callable:
+  """The jitted step: (state, tokens [accum, micro, L], teacher weights) -> (state, metrics).
+
+  With a ``mesh`` the state and teacher weights must be laid out by ``state_shardings`` (the
+  step keeps them there) and the micro-batches are split over "data"."""
   model_cfg = layout.config
   num_views = 2 if cfg.complementary else 1
   mage = cfg.mage
   impl = cfg.attention_impl
+  if mesh is not None:
+    shardings = state_shardings(layout, tx, mesh)
+    tokens_sharding = sharding.checked_sharding(
+        mesh, "training micro-batch", (cfg.optim.grad_accum, cfg.optim.batch_size, cfg.seq_len),
+        (None, "batch", "seq"))
 
   def micro_loss(params, views, selections, teacher_states, teacher):
     model = layout.model(params)
@@ -184,9 +214,19 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
         rng=state.rng,
         data_position=state.data_position + tokens.shape[0] * tokens.shape[1])
     metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step))
+    if mesh is not None:  # same layout in and out: the donated buffers are reused, no recompile
+      new_state = jax.lax.with_sharding_constraint(new_state, shardings)
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  jitted = jax.jit(step, donate_argnums=0)
+  if mesh is None:
+    return jitted
+
+  def sharded_step(state: TrainState, tokens, teacher_params):
+    with jax.set_mesh(mesh):
+      return jitted(state, jax.device_put(tokens, tokens_sharding), teacher_params)
+
+  return sharded_step
 
 
 class Checkpoints:
@@ -253,7 +293,8 @@ def export(layout: ParamLayout, params: dict[str, jax.Array], directory: str,
   shutil.copy(tokenizer_file, os.path.join(directory, data_lib.TOKENIZER_FILE))
 
 
-def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None) -> list[dict]:
+def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
+          mesh: Mesh | None = None) -> list[dict]:
   """Runs (or resumes, from the newest checkpoint in the workdir) a training run.
 
   Args:
@@ -261,6 +302,7 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None) -> li
     mode: "pretrain" or "selfdistill".
     stop_at_step: stop after this step (checkpointed) as a time-boxed job would, leaving the
       run resumable; None runs to ``cfg.steps``.
+    mesh: a ("data", "model") mesh to train on (docs/sharding.md); None: one device.
 
   Returns:
     The metrics of every step this call ran (floats), in order.
@@ -286,6 +328,15 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None) -> li
     teacher_params = {k: jnp.array(v, dtype, copy=True) for k, v in init_params.items()}
 
   fresh = initial_state(init_params, tx, cfg.seed)
+  try:  # a mesh the model or the batch does not divide is a configuration error
+    step_fn = make_train_step(cfg, mode, layout, tx, schedule, mesh)
+    if mesh is not None:
+      shardings = state_shardings(layout, tx, mesh)
+      fresh = jax.device_put(fresh, shardings)  # restored checkpoints take this layout too
+      if teacher_params is not None:
+        teacher_params = jax.device_put(teacher_params, shardings.params)
+  except ValueError as e:
+    raise ConfigError(f"--mesh: {e}") from e
   ckpt = Checkpoints(os.path.join(cfg.workdir, "checkpoints"), cfg.checkpoint.every,
                      cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save)
   latest = ckpt.latest_step()
@@ -299,7 +350,6 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None) -> li
   del fresh
 
   micro, accum = cfg.optim.batch_size, cfg.optim.grad_accum
-  step_fn = make_train_step(cfg, mode, layout, tx, schedule)
   tokens_per_step = accum * micro * cfg.seq_len
   start = int(state.step)
   end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)

@@ -11,9 +11,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mage_jax import sharding
 from mage_jax.config import ModelConfig
 from mage_jax.kv_cache import LayerCache
 from mage_jax.methods.base import Selection
+from mage_jax.sharding import (CACHE_AXES, KV_AXES, PER_HEAD_AXES, Q_AXES, ROWS_AXES,
+                               SELECTION_AXES)
 from pallas_kernels.decode_attention import exact_block_attention, mask_step_attention
 from pallas_kernels.sparse_attention import sparse_block_attention
 from pallas_kernels.topk import select_kv_indices
@@ -50,6 +53,9 @@ class LayerSelections(NamedTuple):
   indices: jax.Array  # int32 [sparse_layers, batch, kv_heads, K]
   counts: jax.Array  # int32 [sparse_layers, batch, kv_heads]
 
+  # Logical axes per field (mage_jax.sharding.constrain_state).
+  AXES = (("layers",) + SELECTION_AXES, ("layers",) + PER_HEAD_AXES)
+
   @classmethod
   def empty(cls, layers: int, batch: int, kv_heads: int, slots: int) -> "LayerSelections":
     return cls(jnp.zeros((layers, batch, kv_heads, slots), jnp.int32),
@@ -63,28 +69,65 @@ class LayerSelections(NamedTuple):
                            self.counts.at[i].set(selection.counts))
 
 
+# The kernel calls below run per (batch, KV head) shard under a mesh (sharding.shard_kernel).
+_CACHE = LayerCache(CACHE_AXES, CACHE_AXES, ("batch",))
+
+
 def exact(q, k_block, v_block, cache: LayerCache, impl: str) -> jax.Array:
-  return exact_block_attention(q, cache.k, cache.v, cache.lengths, k_block, v_block, impl=impl)
+  def call(q, k_block, v_block, cache):
+    return exact_block_attention(q, cache.k, cache.v, cache.lengths, k_block, v_block, impl=impl)
+
+  return sharding.shard_kernel(call, (Q_AXES, KV_AXES, KV_AXES, _CACHE), Q_AXES)(
+      q, k_block, v_block, cache)
 
 
 def exact_with_alpha(q, k_block, v_block, cache: LayerCache, alpha_includes_block: bool,
                      impl: str) -> tuple[jax.Array, jax.Array]:
   """(exact output, alpha [batch, kv_heads, capacity]) through the mask-step kernel."""
-  return mask_step_attention(q, cache.k, cache.v, cache.lengths, k_block, v_block,
-                             alpha_includes_block=alpha_includes_block, impl=impl)
+
+  def call(q, k_block, v_block, cache):
+    return mask_step_attention(q, cache.k, cache.v, cache.lengths, k_block, v_block,
+                               alpha_includes_block=alpha_includes_block, impl=impl)
+
+  return sharding.shard_kernel(call, (Q_AXES, KV_AXES, KV_AXES, _CACHE), (Q_AXES, ROWS_AXES))(
+      q, k_block, v_block, cache)
 
 
 def attend_selected(q, k_block, v_block, cache: LayerCache, selection: Selection,
                     impl: str) -> jax.Array:
-  return sparse_block_attention(q, cache.k, cache.v, selection.indices, selection.counts,
-                                k_block, v_block, impl=impl)
+  def call(q, k_block, v_block, cache, indices, counts):
+    return sparse_block_attention(q, cache.k, cache.v, indices, counts, k_block, v_block,
+                                  impl=impl)
+
+  in_axes = (Q_AXES, KV_AXES, KV_AXES, _CACHE, SELECTION_AXES, PER_HEAD_AXES)
+  return sharding.shard_kernel(call, in_axes, Q_AXES)(q, k_block, v_block, cache,
+                                                      selection.indices, selection.counts)
+
+
+def top_k_per_head(scores: jax.Array, lengths: jax.Array, k: int, impl: str,
+                   budgets: jax.Array | None = None,
+                   leading: tuple[str | None, ...] = ()) -> tuple[jax.Array, jax.Array]:
+  """select_kv_indices over scores [*leading, batch, kv_heads, *rest, n], per shard.
+
+  ``lengths`` and ``budgets`` broadcast to the rows; their dimensions of size 1 are broadcast
+  dimensions and never split."""
+  rows = leading + ("batch", "kv_heads") + (None,) * (scores.ndim - len(leading) - 3)
+  broadcast = lambda x: tuple(a if n > 1 else None for a, n in zip(rows, jnp.shape(x)))
+  args, in_axes = [scores, lengths], [rows + (None,), broadcast(lengths)]
+  if budgets is not None:
+    args.append(budgets)
+    in_axes.append(broadcast(budgets))
+
+  def call(scores, lengths, budgets=None):
+    return select_kv_indices(scores, lengths, k, budgets=budgets, impl=impl)
+
+  return sharding.shard_kernel(call, tuple(in_axes), (rows + ("slots",), rows))(*args)
 
 
 def top_rows(scores: jax.Array, lengths: jax.Array, k: int, impl: str,
              budgets: jax.Array | None = None) -> Selection:
   """The k (or ``budgets``) best of scores [batch, kv_heads, n] among the first lengths[b]."""
-  indices, counts = select_kv_indices(scores, lengths[:, None], k, budgets=budgets, impl=impl)
-  return Selection(indices, counts)
+  return Selection(*top_k_per_head(scores, lengths[:, None], k, impl, budgets))
 
 
 def num_tiles(lengths: jax.Array, tile_size: int) -> jax.Array:

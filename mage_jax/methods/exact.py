@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from mage_jax.methods import common
 from mage_jax.methods.base import AttentionMethod
-from pallas_kernels.decode_attention import exact_block_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +22,4 @@ class ExactAttention(AttentionMethod):
 
   def attend(self, layer, q, k_block, v_block, cache, state, step):
     del layer, step
-    out = exact_block_attention(q, cache.k, cache.v, cache.lengths, k_block, v_block,
-                                impl=self.impl)
-    return out, state
+    return common.exact(q, k_block, v_block, cache, self.impl), state

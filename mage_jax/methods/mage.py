@@ -24,7 +24,6 @@ import jax.numpy as jnp
 
 from mage_jax.methods import common
 from mage_jax.methods.base import AttentionMethod
-from pallas_kernels.topk import select_kv_indices
 
 
 class AdaptiveState(NamedTuple):
@@ -143,8 +142,8 @@ class MageAttention(AttentionMethod):
     logits = jnp.einsum("bthgd,bhjd->bhgtj", grouped, cache.k, preferred_element_type=jnp.float32,
                         precision=lax.Precision.HIGHEST)
     logits = logits.reshape(batch, kv_heads, group * block, capacity)
-    picked, picked_counts = select_kv_indices(logits, cache.lengths[:, None, None], self.k_query,
-                                              impl=self.impl)
+    picked, picked_counts = common.top_k_per_head(logits, cache.lengths[:, None, None],
+                                                  self.k_query, self.impl)
     used = jnp.arange(self.k_query) < picked_counts[..., None]
     b = jnp.arange(batch)[:, None, None, None]
     h = jnp.arange(kv_heads)[None, :, None, None]
@@ -171,8 +170,9 @@ class MageAttention(AttentionMethod):
     slots = selections.indices.shape[-1]
     budgets = adaptive_budgets(state.layer_scores, self.budget, self.k_min, slots)
     # Candidates are ascending by row, so the chosen slots, ascending, stay ascending by row.
-    chosen, counts = select_kv_indices(state.candidate_scores, selections.counts, slots,
-                                       budgets=budgets[..., None], impl=self.impl)
+    chosen, counts = common.top_k_per_head(state.candidate_scores, selections.counts, slots,
+                                           self.impl, budgets=budgets[..., None],
+                                           leading=("layers",))
     rows = jnp.take_along_axis(selections.indices, chosen, axis=-1)
     rows = jnp.where(jnp.arange(slots) < counts[..., None], rows, 0)
     return state._replace(selections=common.LayerSelections(rows, counts))
