@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
-from typing import Sequence
+import threading
+from typing import Iterator, Sequence
 
 import numpy as np
 import tokenizers
@@ -174,6 +176,46 @@ class PackedData:
     size = micro_batch * accum
     rows = [self.sequence(step * size + r) for r in range(size)]
     return np.stack(rows).reshape(accum, micro_batch, self.seq_len)
+
+
+def prefetch_batches(data: PackedData, steps: range, micro_batch: int, accum: int, *,
+                     depth: int = 4) -> Iterator[np.ndarray]:
+  """``data.batch(step, ...)`` for every step of ``steps``, built ahead on a background thread.
+
+  Building a batch is host work (task generation, tokenisation) that would otherwise stall the
+  device between steps. Batches depend only on the step number, so prefetching changes nothing
+  in what is trained on (resume stays exact). An error in the producer is raised here, at the
+  step it belongs to; closing the iterator early stops the thread.
+  """
+  slots: queue.Queue = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def produce():
+    for step in steps:
+      try:
+        item = (data.batch(step, micro_batch, accum), None)
+      except Exception as e:  # handed to the consumer, which raises it in order
+        item = (None, e)
+      while not stop.is_set():
+        try:
+          slots.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if stop.is_set() or item[1] is not None:
+        return
+
+  thread = threading.Thread(target=produce, name="prefetch_batches", daemon=True)
+  thread.start()
+  try:
+    for _ in steps:
+      batch, error = slots.get()
+      if error is not None:
+        raise error
+      yield batch
+  finally:
+    stop.set()
+    thread.join()
 
 
 def _vocabulary_texts(cfg: DataConfig, seq_len: int) -> list[str]:

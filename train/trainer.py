@@ -358,9 +358,9 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
                   file=sys.stderr, dynamic_ncols=True)
   history = []
   interval_start, interval_steps = time.perf_counter(), 0
+  batches = data_lib.prefetch_batches(dataset, range(start, end), micro, accum)
   try:
-    for step in range(start, end):
-      batch = dataset.batch(step, micro, accum)
+    for step, batch in zip(range(start, end), batches):
       state, metrics = step_fn(state, jnp.asarray(batch), teacher_params)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       done = step + 1
@@ -386,6 +386,7 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
         ckpt.save(state, {"mode": mode, "step": done,
                           "data_position": int(state.data_position), "config": to_dict(cfg)})
   finally:
+    batches.close()
     bar.close()
     log.close()
     ckpt.close()

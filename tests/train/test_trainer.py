@@ -76,3 +76,30 @@ def test_export_loads_back_as_the_trained_weights(run_config, tmp_path):
   assert set(exported) == set(state["params"])
   for name, value in exported.items():
     np.testing.assert_array_equal(np.asarray(value), np.asarray(state["params"][name]))
+
+
+def test_prefetched_batches_equal_direct_batches_and_errors_arrive_in_order():
+  from mage_jax import ModelConfig
+  from train import config as config_lib
+  from train import data as data_lib
+
+  model_cfg = ModelConfig.preset("tiny_qwen2", vocab_size=128)
+  data_cfg = config_lib.DataConfig()
+  tokenizer = data_lib.build_word_tokenizer(model_cfg, data_lib._vocabulary_texts(data_cfg, 256))
+  data = data_lib.PackedData(data_cfg, model_cfg, 256, tokenizer)
+  got = list(data_lib.prefetch_batches(data, range(3, 9), 2, 1, depth=2))
+  assert len(got) == 6
+  for step, batch in zip(range(3, 9), got):
+    np.testing.assert_array_equal(batch, data.batch(step, 2, 1))
+
+  class Failing:
+    def batch(self, step, micro, accum):
+      if step == 2:
+        raise RuntimeError("bad step 2")
+      return np.full((accum, micro, 4), step)
+
+  seen = []
+  with pytest.raises(RuntimeError, match="bad step 2"):
+    for b in data_lib.prefetch_batches(Failing(), range(0, 5), 1, 1):
+      seen.append(int(b[0, 0, 0]))
+  assert seen == [0, 1]
