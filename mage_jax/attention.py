@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from mage_jax import sharding
 from mage_jax.kv_cache import KVCache, write_rows
-from mage_jax.methods.base import AttentionMethod, StepInfo
+from mage_jax.methods.base import AttentionMethod, StepInfo, WrittenRows
 from mage_jax.sharding import CACHE_AXES, KV_AXES, LSE_AXES, Q_AXES
 from pallas_kernels.flash_attention import (TokenBlocks, block_diffusion_attention,
                                             prefill_token_blocks, training_token_blocks)
@@ -73,7 +73,8 @@ def make_write_attend(method: AttentionMethod, block_size: int, impl: str = "aut
     kv_blocks = TokenBlocks(block_ids=kv_ids, noisy=jnp.zeros((batch, capacity), bool))
     out = flash_attention(q, jnp.swapaxes(ck, 1, 2), jnp.swapaxes(cv, 1, 2), q_blocks, kv_blocks,
                           cache.lengths, impl=impl)
-    state = method.after_write(layer, cache.layer(layer), carry.method_state)
+    written = WrittenRows(start=carry.positions[:, 0], rows=carry.positions.shape[1])
+    state = method.after_write(layer, cache.layer(layer), carry.method_state, written)
     return out, carry._replace(cache=cache, method_state=state)
 
   return attend

@@ -100,9 +100,9 @@ class RecallProbe(AttentionMethod):
     inner_state, totals = state
     return self.inner.after_step(inner_state, step), totals
 
-  def after_write(self, layer, cache, state):
+  def after_write(self, layer, cache, state, written=None):
     inner_state, totals = state
-    return self.inner.after_write(layer, cache, inner_state), totals
+    return self.inner.after_write(layer, cache, inner_state, written), totals
 
 
 class RecallReport(NamedTuple):

@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from mage_jax.methods.base import AttentionMethod, Selection, StepInfo
+from mage_jax.methods.base import AttentionMethod, Selection, StepInfo, WrittenRows
 from mage_jax.methods.exact import ExactAttention
 from mage_jax.methods.mage import MageAttention
 from mage_jax.methods.oracle import OracleAttention
@@ -28,6 +28,6 @@ def get_method(name: str, **options) -> AttentionMethod:
   return cls(**options)
 
 
-__all__ = ["AttentionMethod", "Selection", "StepInfo", "METHODS", "get_method", "ExactAttention",
+__all__ = ["AttentionMethod", "Selection", "StepInfo", "WrittenRows", "METHODS", "get_method", "ExactAttention",
            "MageAttention", "QuestAttention", "TidalAttention", "SparseDAttention",
            "OracleAttention"]

@@ -29,6 +29,15 @@ class Selection(NamedTuple):
   whole_cache: jax.Array | bool = False
 
 
+class WrittenRows(NamedTuple):
+  """Where a write put its rows: ``rows`` (static) consecutive positions from ``start`` [batch]
+  per sequence (prefill chunks and commits both write contiguous runs; padded or finished
+  sequences' rows are dropped, leaving those positions as they were)."""
+
+  start: jax.Array  # int32 [batch]
+  rows: int
+
+
 class StepInfo(NamedTuple):
   """Where a denoising step sits inside its block."""
 
@@ -70,7 +79,9 @@ class AttentionMethod:
     del step
     return state
 
-  def after_write(self, layer: int, cache: LayerCache, state: Any) -> Any:
-    """Called after a prefill chunk or a committed block was written to ``cache``."""
-    del layer, cache
+  def after_write(self, layer: int, cache: LayerCache, state: Any,
+                  written: WrittenRows | None = None) -> Any:
+    """Called after a prefill chunk or a committed block was written to ``cache``; ``written``
+    says where (None: anywhere, e.g. a cache filled outside the decoding loop)."""
+    del layer, cache, written
     return state

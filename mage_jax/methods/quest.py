@@ -17,7 +17,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from mage_jax.methods import common
-from mage_jax.methods.base import AttentionMethod
+from mage_jax.methods.base import AttentionMethod, WrittenRows
 
 AGGREGATES = ("max", "mean")
 
@@ -37,6 +37,39 @@ def page_summaries(k_cache: jax.Array, lengths: jax.Array,
   pages = key_min.shape[2]
   filled = (jnp.arange(pages) < common.num_tiles(lengths, page_size)[:, None])[:, None, :, None]
   return jnp.where(filled, key_min, 0), jnp.where(filled, key_max, 0)
+
+
+def update_page_summaries(key_min: jax.Array, key_max: jax.Array, k_cache: jax.Array,
+                          lengths: jax.Array, written: WrittenRows,
+                          page_size: int) -> tuple[jax.Array, jax.Array]:
+  """``page_summaries`` recomputed only on the pages a write touched.
+
+  A write of ``written.rows`` rows from ``start`` touches at most ceil(rows / page_size) + 1
+  pages from page start // page_size; every other page (rows and validity) is unchanged, so
+  refreshing that static span gives the full recomputation at a cost proportional to the write,
+  not to the cache (a 128K prefill in 4K chunks would otherwise re-read K 32 times per layer).
+  """
+  pages = key_min.shape[2]
+  span = min(-(-written.rows // page_size) + 1, pages)
+  first = jnp.clip(written.start // page_size, 0, pages - span)  # [batch]
+  capacity = k_cache.shape[2]
+  offsets = jnp.arange(span * page_size, dtype=jnp.int32)
+
+  def one(k, length, first, kmin, kmax):  # k [h, c, d]; kmin/kmax [h, pages, d]
+    rows = first * page_size + offsets
+    valid = (rows < length) & (rows < capacity)
+    gathered = jnp.take(k, jnp.minimum(rows, capacity - 1), axis=1).astype(jnp.float32)
+    shape = (k.shape[0], span, page_size, k.shape[2])
+    mask = valid[None, :, None]
+    new_min = jnp.min(jnp.where(mask, gathered, jnp.inf).reshape(shape), axis=2)
+    new_max = jnp.max(jnp.where(mask, gathered, -jnp.inf).reshape(shape), axis=2)
+    filled = jnp.any(valid.reshape(span, page_size), axis=1)[None, :, None]
+    new_min = jnp.where(filled, new_min, 0).astype(kmin.dtype)
+    new_max = jnp.where(filled, new_max, 0).astype(kmax.dtype)
+    return (lax.dynamic_update_slice(kmin, new_min, (0, first, 0)),
+            lax.dynamic_update_slice(kmax, new_max, (0, first, 0)))
+
+  return jax.vmap(one)(k_cache, lengths, first, key_min, key_max)
 
 
 def page_bounds(q: jax.Array, key_min: jax.Array, key_max: jax.Array) -> jax.Array:
@@ -64,9 +97,9 @@ class QuestAttention(AttentionMethod):
       on every query's logits) or "mean".
     impl: kernel dispatch.
 
-  Page summaries are recomputed from the whole layer cache after every write (prefill chunk or
-  committed block): simple and correct, at one extra read of K per layer and write; only the
-  pages the write touched would need it.
+  Page summaries are refreshed after every write (prefill chunk or committed block) on the
+  pages the write touched (``update_page_summaries``); a write of unknown extent recomputes them
+  from the whole layer cache.
   """
 
   name: ClassVar[str] = "quest"
@@ -93,11 +126,15 @@ class QuestAttention(AttentionMethod):
     return QuestState(summary, summary,
                       common.LayerSelections.empty(layers, batch, cfg.num_kv_heads, slots))
 
-  def after_write(self, layer, cache, state):
+  def after_write(self, layer, cache, state, written=None):
     if layer < self.dense_layers:
       return state
     i = layer - self.dense_layers
-    key_min, key_max = page_summaries(cache.k, cache.lengths, self.page_size)
+    if written is None:
+      key_min, key_max = page_summaries(cache.k, cache.lengths, self.page_size)
+    else:
+      key_min, key_max = update_page_summaries(state.key_min[i], state.key_max[i], cache.k,
+                                               cache.lengths, written, self.page_size)
     return state._replace(key_min=state.key_min.at[i].set(key_min.astype(state.key_min.dtype)),
                           key_max=state.key_max.at[i].set(key_max.astype(state.key_max.dtype)))
 
