@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from eval.results import CaseKey, ResultStore
 from mage_jax.generate import DecodeOptions, generate
 from mage_jax.methods import METHODS, get_method
+from mage_jax.recall import measure_recall
 from mage_jax.tasks import longbench, metrics, niah, ruler
 from mage_jax.tasks.haystack import Haystack
 from mage_jax.tasks.sample import Sample
@@ -143,7 +144,6 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
       elapsed = time.perf_counter() - t0
       recalls = {}
       if "recall" in measure and spec.budget is not None:
-        from mage_jax.recall import measure_recall
         for i in batch:
           report = measure_recall(model, [prompts[i]], method, budget=spec.budget,
                                   max_new_tokens=max_new, options=options, capacity=capacity,

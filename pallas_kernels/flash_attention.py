@@ -507,6 +507,20 @@ class _Static:
   interpret: bool
 
 
+def _schedule_and_token_specs(kv_tiles: int, bq: int, kv_len: int, rev):
+  """Specs of the tile schedule (order, counts) and the four token-key arrays for the kernels
+  whose grid walks query tiles (forward and dq): a program reads its query tile's schedule and
+  keys, and every key token's keys."""
+  return [
+      pl.BlockSpec((None, None, kv_tiles), lambda i, b, h: (b, rev(i), 0)),
+      pl.BlockSpec((None, None, 2), lambda i, b, h: (b, rev(i), 0)),
+      pl.BlockSpec((None, bq), lambda i, b, h: (b, rev(i))),
+      pl.BlockSpec((None, bq), lambda i, b, h: (b, rev(i))),
+      pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
+      pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
+  ]
+
+
 def _forward_call(static: _Static, q, k, v, tokens: _Tokens):
   cfg = static.config
   batch, q_len, q_heads, head_dim = q.shape
@@ -524,12 +538,7 @@ def _forward_call(static: _Static, q, k, v, tokens: _Tokens):
       kernel,
       grid=(q_tiles, batch, q_heads),
       in_specs=[
-          pl.BlockSpec((None, None, kv_tiles), lambda i, b, h: (b, rev(i), 0)),
-          pl.BlockSpec((None, None, 2), lambda i, b, h: (b, rev(i), 0)),
-          pl.BlockSpec((None, bq), lambda i, b, h: (b, rev(i))),
-          pl.BlockSpec((None, bq), lambda i, b, h: (b, rev(i))),
-          pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
-          pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
+          *_schedule_and_token_specs(kv_tiles, bq, kv_len, rev),
           pl.BlockSpec((None, bq, None, head_dim),
                        lambda i, b, h: (b, rev(i), h, 0)),
           pl.BlockSpec((None, kv_len, None, head_dim),
@@ -576,12 +585,7 @@ def _dq_call(static: _Static, q, k, v, tokens, d_out, lse2, delta):
       kernel,
       grid=(q_tiles, batch, q_heads),
       in_specs=[
-          pl.BlockSpec((None, None, kv_tiles), lambda i, b, h: (b, rev(i), 0)),
-          pl.BlockSpec((None, None, 2), lambda i, b, h: (b, rev(i), 0)),
-          pl.BlockSpec((None, bq), lambda i, b, h: (b, rev(i))),
-          pl.BlockSpec((None, bq), lambda i, b, h: (b, rev(i))),
-          pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
-          pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
+          *_schedule_and_token_specs(kv_tiles, bq, kv_len, rev),
           q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
       ],
       out_specs=q_spec,

@@ -47,7 +47,7 @@ class StepInfo(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class AttentionMethod:
-  """Base class: dense attention and no state. Subclasses override what they need."""
+  """Base class: no state and no-op hooks; every method defines ``attend``."""
 
   name: ClassVar[str] = "base"
 
