@@ -28,6 +28,8 @@ _MODEL = flags.DEFINE_string("model", None, "Overrides the config's model (prese
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Overrides the config's export_dir.")
 _STOP_AT_STEP = flags.DEFINE_integer("stop_at_step", None, "Stop (checkpointed, resumable) "
                                      "after this step, e.g. to fit a time slot.")
+_MAX_SECONDS = flags.DEFINE_float("max_seconds", None, "Stop (checkpointed, resumable) after the "
+                                  "first step that ends this many seconds after training starts.")
 _SET = flags.DEFINE_multi_string("set", [], "key.path=json_value override, repeatable.")
 
 
@@ -66,12 +68,15 @@ def main(argv: list[str]) -> None:
         overrides[key] = flag.value
     if _STOP_AT_STEP.value is not None and _STOP_AT_STEP.value < 1:
       raise ConfigError(f"--stop_at_step must be >= 1, got {_STOP_AT_STEP.value}")
+    if _MAX_SECONDS.value is not None and _MAX_SECONDS.value <= 0:
+      raise ConfigError(f"--max_seconds must be > 0, got {_MAX_SECONDS.value}")
     cfg = load_config(_CONFIG.value, overrides)
     try:
       mesh = mesh_flags.setup()
     except ValueError as e:
       raise ConfigError(str(e)) from e
-    trainer.train(cfg, _MODE.value, stop_at_step=_STOP_AT_STEP.value, mesh=mesh)
+    trainer.train(cfg, _MODE.value, stop_at_step=_STOP_AT_STEP.value,
+                  max_seconds=_MAX_SECONDS.value, mesh=mesh)
   except ConfigError as e:
     _fail(str(e))
   except trainer.TrainingDiverged as e:

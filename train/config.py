@@ -76,13 +76,17 @@ class SourceConfig:
 
   ``kind`` is "files" (``paths``: .jsonl with a ``text`` field per line, or plain text with one
   document per blank-line-separated paragraph) or a synthetic task (niah, ruler_*) whose samples
-  are generated at ``context_tokens`` (default: the training length minus the answer).
+  are generated at ``context_tokens`` (default: the training length minus the answer), or, with
+  ``min_context_tokens``, at lengths drawn log-uniformly from [min_context_tokens,
+  context_tokens] per document (short documents are packed several to a sequence, so the model
+  learns retrieval at every distance and with other documents' needles as distractors).
   """
 
   kind: str
   weight: float = 1.0
   paths: tuple[str, ...] = ()
   context_tokens: int | None = None
+  min_context_tokens: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +95,16 @@ class DataConfig:
 
   ``tokenizer`` is a tokenizer.json path, or "word": a word-level tokenizer trained on the
   sources (``word_vocab_docs`` documents) with the model's vocab size and special ids, for the
-  small models trained from scratch here.
+  small models trained from scratch here. ``workers`` > 0 builds batches in that many processes
+  (synthetic long documents cost ~0.1 s of Python per 4K tokens: one thread cannot feed a GPU);
+  0 builds them on one background thread. Either way batch ``step`` is the same.
   """
 
   sources: tuple[SourceConfig, ...] = (SourceConfig(kind="niah"),)
   tokenizer: str = "word"
   seed: int = 0
   word_vocab_docs: int = 64
+  workers: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +182,7 @@ class TrainConfig:
          f"must be all_mask or noisy, got {self.mage.selection_queries!r}"),
         (self.mage.score_chunk >= 1, "mage.score_chunk", "must be >= 1"),
         (len(self.data.sources) >= 1, "data.sources", "needs at least one source"),
+        (self.data.workers >= 0, "data.workers", f"must be >= 0, got {self.data.workers}"),
         (0 <= self.data.seed < TRAIN_SEED_OFFSET, "data.seed",
          f"must be in [0, {TRAIN_SEED_OFFSET}) (synthetic seeds are data.seed + "
          f"{TRAIN_SEED_OFFSET})"),
@@ -188,6 +196,12 @@ class TrainConfig:
           (source.weight > 0, "data.sources.weight", f"must be > 0, got {source.weight}"),
           (source.kind != "files" or source.paths, "data.sources.paths",
            "a files source needs paths"),
+          (source.min_context_tokens is None or source.min_context_tokens >= 1,
+           "data.sources.min_context_tokens", f"must be >= 1, got {source.min_context_tokens}"),
+          (source.min_context_tokens is None or source.min_context_tokens
+           <= (source.context_tokens or self.seq_len), "data.sources.min_context_tokens",
+           f"{source.min_context_tokens} exceeds the source's context length "
+           f"{source.context_tokens or self.seq_len}"),
       ]
     for ok, field, why in checks:
       if not ok:

@@ -13,7 +13,10 @@ eval sample.
 
 from __future__ import annotations
 
+import collections
 import json
+import math
+import multiprocessing
 import os
 import queue
 import random
@@ -22,7 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from mage_jax.config import ModelConfig
 from mage_jax.tasks import niah, ruler
@@ -60,14 +63,17 @@ def build_word_tokenizer(cfg: ModelConfig, texts: Sequence[str]) -> tokenizers.T
   Words carry their leading space as "▁" (Metaspace, as SentencePiece does) and punctuation and
   digits are tokens of their own, digits one per token: needle values (7 digits) are learnable
   with a small vocabulary, and decoding restores the text exactly ("is 7654321." round-trips;
-  joining word-level tokens with spaces would give "7 6 5 4 3 2 1 ."). Words beyond the
-  vocabulary become [UNK].
+  joining word-level tokens with spaces would give "7 6 5 4 3 2 1 ."). Runs of capitals are
+  split into letters too ("VAR QWERT" -> V A R Q W E R T), so RULER's random upper-case
+  variable names are spelled out instead of becoming [UNK]; capitalised words ("The") stay
+  whole. Other words beyond the vocabulary become [UNK].
   """
   tokenizer = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
   tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
       pre_tokenizers.Punctuation(),
-      pre_tokenizers.Digits(individual_digits=True)])
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.Split(Regex("[A-Z](?=[A-Z])|(?<=[A-Z])[A-Z]"), behavior="isolated")])
   tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
   specials = _special_tokens(cfg)
   if len(specials) >= cfg.vocab_size:
@@ -107,16 +113,27 @@ class _Synthetic:
   def __init__(self, source: SourceConfig, seed: int, seq_len: int, count_tokens):
     self.kind = source.kind
     self.context = source.context_tokens or max(1, seq_len - ANSWER_ROOM)
+    self.min_context = source.min_context_tokens or self.context
     self.seed = TRAIN_SEED_OFFSET + seed
     self.count_tokens = count_tokens
 
-  def text(self, index: int) -> str:
+  def context_length(self, index: int) -> int:
+    """The document's prompt length: ``context``, or log-uniform in [min_context, context]."""
+    if self.min_context >= self.context:
+      return self.context
+    u = random.Random(f"train-length/{self.seed}/{index}").random()
+    lo, hi = math.log(self.min_context), math.log(self.context)
+    return int(round(math.exp(lo + u * (hi - lo))))
+
+  def text(self, index: int, context: int | None = None) -> str:
+    """Document ``index`` (prompt + answers), at its own length unless ``context`` is given."""
+    context = self.context_length(index) if context is None else context
     if self.kind == "niah":
       depth = random.Random(f"train-depth/{self.seed}/{index}").random()
-      sample = niah.niah_sample(self.context, depth, seed=self.seed, index=index,
+      sample = niah.niah_sample(context, depth, seed=self.seed, index=index,
                                 count_tokens=self.count_tokens)
     else:
-      sample = ruler.RULER_TASKS[self.kind](self.context, seed=self.seed, index=index,
+      sample = ruler.RULER_TASKS[self.kind](context, seed=self.seed, index=index,
                                             count_tokens=self.count_tokens)
     return f"{sample.prompt()} {', '.join(sample.answers)}."
 
@@ -126,7 +143,7 @@ class PackedData:
 
   def __init__(self, cfg: DataConfig, model_cfg: ModelConfig, seq_len: int,
                tokenizer: tokenizers.Tokenizer):
-    self.cfg, self.seq_len, self.tokenizer = cfg, seq_len, tokenizer
+    self.cfg, self.model_cfg, self.seq_len, self.tokenizer = cfg, model_cfg, seq_len, tokenizer
     self.eos = model_cfg.eos_token_ids[0]
     weights = np.array([s.weight for s in cfg.sources], np.float64)
     self.weights = weights / weights.sum()
@@ -141,10 +158,11 @@ class PackedData:
         self.sources.append(stream)
       else:
         synthetic = _Synthetic(source, cfg.seed, seq_len, self._count)
-        try:
-          synthetic.text(0)
-        except ValueError as e:
-          raise ConfigError(f"data.sources: {source.kind} at {synthetic.context} tokens: {e}")
+        for length in sorted({synthetic.min_context, synthetic.context}):
+          try:
+            synthetic.text(0, length)
+          except ValueError as e:
+            raise ConfigError(f"data.sources: {source.kind} at {length} tokens: {e}")
         self.sources.append(synthetic)
 
   def _count(self, text: str) -> int:
@@ -179,14 +197,23 @@ class PackedData:
 
 
 def prefetch_batches(data: PackedData, steps: range, micro_batch: int, accum: int, *,
-                     depth: int = 4) -> Iterator[np.ndarray]:
-  """``data.batch(step, ...)`` for every step of ``steps``, built ahead on a background thread.
+                     depth: int = 4, workers: int = 0) -> Iterator[np.ndarray]:
+  """``data.batch(step, ...)`` for every step of ``steps``, built ahead of the consumer.
 
   Building a batch is host work (task generation, tokenisation) that would otherwise stall the
-  device between steps. Batches depend only on the step number, so prefetching changes nothing
-  in what is trained on (resume stays exact). An error in the producer is raised here, at the
-  step it belongs to; closing the iterator early stops the thread.
+  device between steps. With ``workers`` = 0 one background thread builds ``depth`` batches
+  ahead; with ``workers`` > 0 that many processes do, ``2 * workers`` batches ahead (the GIL
+  would serialise threads). Batches depend only on the step number, so prefetching changes
+  nothing in what is trained on (resume stays exact). An error while building a batch is raised
+  here, at the step it belongs to; closing the iterator early stops the producers.
   """
+  if workers > 0:
+    return _prefetch_in_processes(data, steps, micro_batch, accum, workers)
+  return _prefetch_in_thread(data, steps, micro_batch, accum, depth)
+
+
+def _prefetch_in_thread(data: PackedData, steps: range, micro_batch: int, accum: int,
+                        depth: int) -> Iterator[np.ndarray]:
   slots: queue.Queue = queue.Queue(maxsize=depth)
   stop = threading.Event()
 
@@ -216,6 +243,42 @@ def prefetch_batches(data: PackedData, steps: range, micro_batch: int, accum: in
   finally:
     stop.set()
     thread.join()
+
+
+# The PackedData of a batch-building worker process, built once by _init_worker.
+_WORKER_DATA: PackedData | None = None
+
+
+def _init_worker(cfg: DataConfig, model_cfg: ModelConfig, seq_len: int,
+                 tokenizer_json: str) -> None:
+  global _WORKER_DATA
+  _WORKER_DATA = PackedData(cfg, model_cfg, seq_len,
+                            tokenizers.Tokenizer.from_str(tokenizer_json))
+
+
+def _worker_batch(step: int, micro_batch: int, accum: int) -> np.ndarray:
+  return _WORKER_DATA.batch(step, micro_batch, accum)
+
+
+def _prefetch_in_processes(data: PackedData, steps: range, micro_batch: int, accum: int,
+                           workers: int) -> Iterator[np.ndarray]:
+  # spawn, not fork: the parent runs JAX (and tokenizers' thread pool), neither fork-safe.
+  context = multiprocessing.get_context("spawn")
+  pool = context.Pool(workers, initializer=_init_worker,
+                      initargs=(data.cfg, data.model_cfg, data.seq_len, data.tokenizer.to_str()))
+  pending: collections.deque = collections.deque()
+  upcoming = iter(steps)
+  try:
+    for _ in steps:
+      while len(pending) < 2 * workers:
+        step = next(upcoming, None)
+        if step is None:
+          break
+        pending.append(pool.apply_async(_worker_batch, (step, micro_batch, accum)))
+      yield pending.popleft().get()
+  finally:
+    pool.terminate()
+    pool.join()
 
 
 def _vocabulary_texts(cfg: DataConfig, seq_len: int) -> list[str]:

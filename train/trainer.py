@@ -294,7 +294,7 @@ def export(layout: ParamLayout, params: dict[str, jax.Array], directory: str,
 
 
 def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
-          mesh: Mesh | None = None) -> list[dict]:
+          max_seconds: float | None = None, mesh: Mesh | None = None) -> list[dict]:
   """Runs (or resumes, from the newest checkpoint in the workdir) a training run.
 
   Args:
@@ -302,6 +302,8 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
     mode: "pretrain" or "selfdistill".
     stop_at_step: stop after this step (checkpointed) as a time-boxed job would, leaving the
       run resumable; None runs to ``cfg.steps``.
+    max_seconds: stop (checkpointed, resumable) after the first step that ends later than this
+      many seconds after the loop starts; None: no time limit.
     mesh: a ("data", "model") mesh to train on (docs/sharding.md); None: one device.
 
   Returns:
@@ -357,34 +359,52 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
   bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=mode, disable=not cfg.progress_bar,
                   file=sys.stderr, dynamic_ncols=True)
   history = []
-  interval_start, interval_steps = time.perf_counter(), 0
-  batches = data_lib.prefetch_batches(dataset, range(start, end), micro, accum)
+  interval = {"start": time.perf_counter(), "steps": 0}
+  deadline = None if max_seconds is None else time.monotonic() + max_seconds
+
+  def finish_step(done: int, metrics_on_device: dict[str, jax.Array], last: bool) -> None:
+    """Fetches a step's metrics (the next step is already queued), checks, logs them."""
+    metrics = {k: float(v) for k, v in jax.device_get(metrics_on_device).items()}
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+      ckpt.manager.wait_until_finished()
+      good = ckpt.latest_step()
+      raise TrainingDiverged(
+          f"non-finite loss {metrics['loss']} (grad norm {metrics['grad_norm']}) at step "
+          f"{done}: training stopped; last good checkpoint: "
+          f"{'none' if good is None else f'step {good}'} in {ckpt.directory}")
+    history.append(metrics)
+    bar.update(1)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+    interval["steps"] += 1
+    if done % cfg.log_every == 0 or last:
+      elapsed = time.perf_counter() - interval["start"]
+      log.write({"step": done, **metrics,
+                 "tokens_per_s": interval["steps"] * tokens_per_step / elapsed,
+                 **_memory_stats()}, bar.write)
+      interval.update(start=time.perf_counter(), steps=0)
+
+  batches = data_lib.prefetch_batches(dataset, range(start, end), micro, accum,
+                                      workers=cfg.data.workers)
+  pending = None  # (step number, metrics) of the step whose metrics are not fetched yet
   try:
     for step, batch in zip(range(start, end), batches):
       state, metrics = step_fn(state, jnp.asarray(batch), teacher_params)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       done = step + 1
-      if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-        ckpt.manager.wait_until_finished()
-        good = ckpt.latest_step()
-        raise TrainingDiverged(
-            f"non-finite loss {metrics['loss']} (grad norm {metrics['grad_norm']}) at step "
-            f"{done}: training stopped; last good checkpoint: "
-            f"{'none' if good is None else f'step {good}'} in {ckpt.directory}")
-      history.append(metrics)
-      bar.update(1)
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-      interval_steps += 1
-      if done % cfg.log_every == 0 or done == end:
-        elapsed = time.perf_counter() - interval_start
-        record = {"step": done, **metrics,
-                  "tokens_per_s": interval_steps * tokens_per_step / elapsed,
-                  **_memory_stats()}
-        log.write(record, bar.write)
-        interval_start, interval_steps = time.perf_counter(), 0
-      if done % cfg.checkpoint.every == 0 or done == end:
+      # Metrics are fetched one step late, so the host never waits for the device between
+      # steps. A non-finite step leaves the state untouched (see make_train_step), so the one
+      # step dispatched after it changes nothing that is kept: the run stops before saving.
+      if pending is not None:
+        finish_step(*pending, last=False)
+      last = done == end or (deadline is not None and time.monotonic() > deadline)
+      pending = (done, metrics)
+      if last or done % cfg.checkpoint.every == 0:
+        finish_step(*pending, last=last)
+        pending = None
         ckpt.save(state, {"mode": mode, "step": done,
                           "data_position": int(state.data_position), "config": to_dict(cfg)})
+      if last:
+        end = done
+        break
   finally:
     batches.close()
     bar.close()
