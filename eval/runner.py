@@ -26,26 +26,38 @@ from mage_jax.tasks.sample import Sample
 MEASURES = ("accuracy", "recall", "latency")
 
 
+# Eval names of method variants: (registered method, options).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mage_adaptive": ("mage", {"adaptive": True}),  # MAGE v1's layer-adaptive budgets
+}
+
+
+def _resolve(name: str) -> tuple[str, dict[str, Any]]:
+  return VARIANTS.get(name, (name, {}))
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-  """An attention method at one budget (None for methods without one, e.g. exact)."""
+  """An attention method (or variant) at one budget (None for methods without one)."""
 
   name: str
   budget: int | None
 
   def build(self):
-    if self.budget is None:
-      return get_method(self.name)
-    return get_method(self.name, budget=self.budget)
+    method, options = _resolve(self.name)
+    if self.budget is not None:
+      options = {**options, "budget": self.budget}
+    return get_method(method, **options)
 
 
 def method_specs(names: Sequence[str], budgets: Sequence[int]) -> list[MethodSpec]:
   """Every named method at every budget; methods without a budget once."""
   specs = []
   for name in names:
-    if name not in METHODS:
-      raise ValueError(f"--method: unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    fields = {f.name for f in dataclasses.fields(METHODS[name])}
+    if _resolve(name)[0] not in METHODS:
+      available = sorted([*METHODS, *VARIANTS])
+      raise ValueError(f"--method: unknown method {name!r}; available: {', '.join(available)}")
+    fields = {f.name for f in dataclasses.fields(METHODS[_resolve(name)[0]])}
     if "budget" in fields:
       specs.extend(MethodSpec(name, b) for b in budgets)
     else:

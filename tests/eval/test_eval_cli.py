@@ -94,6 +94,17 @@ def test_killed_run_resumes_without_redoing_finished_cases(checkpoint, tmp_path)
   assert len(ResultStore(tmp_path).rows()) == 2
 
 
+def test_method_specs_expand_budgets_and_variants():
+  specs = runner.method_specs(["exact", "mage", "mage_adaptive"], [16, 32])
+  assert [(s.name, s.budget) for s in specs] == [
+      ("exact", None), ("mage", 16), ("mage", 32), ("mage_adaptive", 16), ("mage_adaptive", 32)]
+  adaptive = specs[3].build()
+  assert type(adaptive).name == "mage" and adaptive.adaptive and adaptive.budget == 16
+  assert not specs[1].build().adaptive
+  with pytest.raises(ValueError, match="available: .*mage_adaptive"):
+    runner.method_specs(["magic"], [16])
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "--method is required"),
     (["--method=nope"], "unknown method 'nope'"),

@@ -271,3 +271,61 @@ def test_bad_tuning_raises(tuning, message):
   with pytest.raises(ValueError, match=message):
     fa.block_diffusion_attention(q, k, v, seg, seg, jnp.array([16]),
                                  impl="interpret", **tuning)
+
+
+# The portable blockwise path ("auto" off the GPU) against the dense reference.
+
+
+def _check_blockwise(q, k, v, q_seg, kv_seg, kv_lengths, **tiles):
+  blockwise = lambda q, k, v: fa.block_diffusion_attention_blockwise(
+      q, k, v, q_seg, kv_seg, kv_lengths, return_lse=True, **tiles)
+  reference = lambda q, k, v: fa.block_diffusion_attention_reference(
+      q, k, v, q_seg, kv_seg, kv_lengths, return_lse=True)
+  out, lse = jax.jit(blockwise)(q, k, v)
+  ref_out, ref_lse = reference(q, k, v)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(lse == -np.inf, ref_lse == -np.inf)
+  finite = np.isfinite(ref_lse)
+  np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=2e-5, rtol=2e-5)
+  got = jax.grad(_loss(blockwise), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(_loss(reference), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip("qkv", got, want):
+    np.testing.assert_allclose(g, w, atol=2e-4, rtol=2e-4, err_msg=f"d{name}")
+  return out, lse
+
+
+@pytest.mark.parametrize("q_tile, kv_tile", [(16, 32), (7, 13), (128, 512)])
+def test_blockwise_prefill_chunk_over_longer_ragged_cache(q_tile, kv_tile):
+  # Positions 40..89 of caches holding 90 and 61 valid keys out of 101 slots: the tiles do not
+  # divide either length, and the second sequence's chunk runs past its length.
+  q, k, v = _inputs(5, 2, 50, 101, 6, 2, 16)
+  q_seg = fa.prefill_token_blocks(2, 50, 8, start=40)
+  kv_seg = fa.prefill_token_blocks(2, 101, 8)
+  _check_blockwise(q, k, v, q_seg, kv_seg, jnp.array([90, 61], jnp.int32),
+                   q_tile=q_tile, kv_tile=kv_tile)
+
+
+def test_blockwise_doubled_training_sequence_and_rows_that_see_nothing():
+  seq_len = 37
+  q, k, v = _inputs(6, 3, 2 * seq_len, 2 * seq_len, 4, 1, 16)
+  seg = fa.training_token_blocks(3, seq_len, 4)
+  lengths = jnp.array([2 * seq_len, seq_len, 0], jnp.int32)
+  out, lse = _check_blockwise(q, k, v, seg, seg, lengths, q_tile=16, kv_tile=8)
+  np.testing.assert_array_equal(out[2], 0.0)
+  np.testing.assert_array_equal(lse[2], -np.inf)
+
+
+def test_auto_runs_the_blockwise_path_off_the_gpu(monkeypatch):
+  q, k, v = _inputs(7, 1, 40, 40, 2, 2, 16)
+  seg = fa.prefill_token_blocks(1, 40, 8)
+  lengths = jnp.array([40], jnp.int32)
+  calls = []
+  blockwise = fa.block_diffusion_attention_blockwise
+  monkeypatch.setattr(fa, "block_diffusion_attention_blockwise",
+                      lambda *a, **kw: calls.append(1) or blockwise(*a, **kw))
+  if jax.default_backend() != "gpu":
+    fa.block_diffusion_attention(q, k, v, seg, seg, lengths, impl="auto")
+    assert calls == [1]
+  fa.block_diffusion_attention(q, k, v, seg, seg, lengths, impl="reference")
+  assert len(calls) <= 1

@@ -87,10 +87,11 @@ def test_prefetched_batches_equal_direct_batches_and_errors_arrive_in_order():
   data_cfg = config_lib.DataConfig()
   tokenizer = data_lib.build_word_tokenizer(model_cfg, data_lib._vocabulary_texts(data_cfg, 256))
   data = data_lib.PackedData(data_cfg, model_cfg, 256, tokenizer)
-  got = list(data_lib.prefetch_batches(data, range(3, 9), 2, 1, depth=2))
-  assert len(got) == 6
-  for step, batch in zip(range(3, 9), got):
-    np.testing.assert_array_equal(batch, data.batch(step, 2, 1))
+  for options in (dict(depth=2), dict(workers=2)):
+    got = list(data_lib.prefetch_batches(data, range(3, 9), 2, 1, **options))
+    assert len(got) == 6, options
+    for step, batch in zip(range(3, 9), got):
+      np.testing.assert_array_equal(batch, data.batch(step, 2, 1), err_msg=str(options))
 
   class Failing:
     def batch(self, step, micro, accum):
@@ -103,3 +104,50 @@ def test_prefetched_batches_equal_direct_batches_and_errors_arrive_in_order():
     for b in data_lib.prefetch_batches(Failing(), range(0, 5), 1, 1):
       seen.append(int(b[0, 0, 0]))
   assert seen == [0, 1]
+
+
+def test_worker_processes_raise_a_bad_batch_at_its_step():
+  from mage_jax import ModelConfig
+  from train import config as config_lib
+
+  model_cfg = ModelConfig.preset("tiny_qwen2", vocab_size=128)
+  data_cfg = config_lib.DataConfig()
+  tokenizer = data_lib.build_word_tokenizer(model_cfg, data_lib._vocabulary_texts(data_cfg, 256))
+  data = data_lib.PackedData(data_cfg, model_cfg, 256, tokenizer)
+  batches = data_lib.prefetch_batches(data, range(0, 4), 1, 1, workers=1)
+  assert next(batches).shape == (1, 1, 256)
+  batches.close()  # stops the pool with work still queued
+  with pytest.raises(ValueError, match="need at least one array"):
+    # a negative micro batch builds no rows: np.stack fails inside the worker, and arrives here
+    next(data_lib.prefetch_batches(data, range(0, 2), -1, 1, workers=1))
+
+
+def test_documents_at_log_uniform_lengths_pack_several_to_a_sequence():
+  from mage_jax import ModelConfig
+  from train import config as config_lib
+
+  model_cfg = ModelConfig.preset("tiny_qwen2", vocab_size=256)
+  source = config_lib.SourceConfig(kind="niah", min_context_tokens=100, context_tokens=900)
+  data_cfg = config_lib.DataConfig(sources=(source,))
+  tokenizer = data_lib.build_word_tokenizer(model_cfg, data_lib._vocabulary_texts(data_cfg, 512))
+  data = data_lib.PackedData(data_cfg, model_cfg, 1024, tokenizer)
+  synthetic = data.sources[0]
+  lengths = [synthetic.context_length(i) for i in range(400)]
+  assert min(lengths) >= 100 and max(lengths) <= 900
+  assert np.median(lengths) < 400 and max(lengths) > 700  # log-uniform: median 300
+  assert lengths == [synthetic.context_length(i) for i in range(400)]  # deterministic
+  eos = model_cfg.eos_token_ids[0]
+  np.testing.assert_array_equal(data.sequence(3), data.sequence(3))
+  assert np.mean([np.sum(data.sequence(i) == eos) for i in range(8)]) >= 1.5
+
+
+def test_max_seconds_stops_checkpointed_and_the_run_resumes(run_config, tmp_path):
+  export_dir = tmp_path / "export"
+  cfg = run_config(steps=4, export_dir=str(export_dir), **{"checkpoint.every": 100})
+  head = trainer.train(cfg, "pretrain", max_seconds=1e-9)
+  assert len(head) == 1 and not export_dir.exists()
+  manager = ocp.CheckpointManager(os.path.join(cfg.workdir, "checkpoints"))
+  assert manager.all_steps() == [1]
+  manager.close()
+  tail = trainer.train(cfg, "pretrain")
+  assert len(tail) == 3 and export_dir.exists()
