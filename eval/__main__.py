@@ -44,7 +44,8 @@ def main(argv):
     raise _Fail(f"unexpected arguments: {' '.join(argv[1:])}")
   from eval import runner
   from eval.plots import plot_niah_heatmaps, plot_vs_budget
-  from eval.results import ResultStore, format_table, summarize, write_summary
+  from eval.results import (ResultStore, format_layer_table, format_table, summarize,
+                            write_summary)
   from mage_jax import sharding
   from mage_jax.checkpoint import apply_chat_template, load_pretrained, load_tokenizer
 
@@ -88,7 +89,12 @@ def main(argv):
   plot_vs_budget(rows, FLAGS.output_dir, metric="score")
   if "recall" in measure and any(r.get("recall") is not None for r in rows):
     plot_vs_budget(rows, FLAGS.output_dir, metric="recall")
-  print(format_table(summarize(rows)))
+  summary = summarize(rows)
+  print(format_table(summary))
+  for field, title in (("layer_recall", "index recall"), ("layer_mass_recall", "mass recall")):
+    table = format_layer_table(summary, field)
+    if table:
+      print(f"\nper-layer {title} (steps 2..T vs the per-step oracle):\n{table}")
   print(f"results: {os.path.join(FLAGS.output_dir, 'results.jsonl')}")
 
 

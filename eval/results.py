@@ -19,7 +19,9 @@ RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
 
 # Per-case measurements averaged by `summarize`, in table order.
-SUMMARY_FIELDS = ("score", "recall", "ms_per_step", "tokens_per_s")
+SUMMARY_FIELDS = ("score", "recall", "mass_recall", "ms_per_step", "tokens_per_s")
+# Per-case lists (one value per layer) averaged elementwise by `summarize`.
+LAYER_FIELDS = ("layer_recall", "layer_mass_recall")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +191,29 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                              "n": len(members)}
     for field in SUMMARY_FIELDS:
       entry[field] = _mean(row.get(field) for row in members)
+    for field in LAYER_FIELDS:
+      per_layer = [row[field] for row in members if row.get(field) is not None]
+      if per_layer:
+        entry[field] = [_mean(values) for values in zip(*per_layer)]
     summary.append(entry)
   return sorted(summary, key=_group_order)
+
+
+def format_layer_table(summary: Sequence[Mapping[str, Any]], field: str = "layer_recall") -> str:
+  """Per-layer means of ``field`` (a recall list per case), one line per group that has it."""
+  entries = [e for e in summary if e.get(field)]
+  if not entries:
+    return ""
+  layers = max(len(e[field]) for e in entries)
+  header = ("method", "budget", "context", *[f"L{i}" for i in range(layers)])
+  lines = [header]
+  for e in entries:
+    cells = [_cell(v, 3) for v in e[field]] + ["-"] * (layers - len(e[field]))
+    lines.append((e["method"], "dense" if e["budget"] is None else str(e["budget"]),
+                  str(e["context_length"]), *cells))
+  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+  return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                             for i, (cell, w) in enumerate(zip(line, widths))) for line in lines)
 
 
 def write_summary(rows: Iterable[Mapping[str, Any]],
@@ -209,7 +232,7 @@ def _cell(value: float | None, digits: int) -> str:
 def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
   """A fixed-width text table of a summary, one line per group, for stdout."""
   header = ("method", "budget", "task", "context", "n", "score", "recall",
-            "ms/step", "tok/s")
+            "mass", "ms/step", "tok/s")
   lines = [header]
   for entry in summary:
     lines.append((
@@ -220,6 +243,7 @@ def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
         str(entry["n"]),
         _cell(entry["score"], 3),
         _cell(entry["recall"], 3),
+        _cell(entry.get("mass_recall"), 3),
         _cell(entry["ms_per_step"], 2),
         _cell(entry["tokens_per_s"], 1),
     ))

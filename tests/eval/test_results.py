@@ -135,7 +135,7 @@ def test_summary_means_per_group(tmp_path):
   assert dense["recall"] is None and dense["ms_per_step"] == 30.0
   assert mage256 == {"method": "mage", "budget": 256, "task": "niah",
                      "context_length": 4096, "n": 1, "score": 0.5,
-                     "recall": None, "ms_per_step": None,
+                     "recall": None, "mass_recall": None, "ms_per_step": None,
                      "tokens_per_s": None}
   assert mage512["n"] == 2
   assert mage512["score"] == 0.5
@@ -159,9 +159,33 @@ def test_format_table():
   table = results.format_table(results.summarize(_rows()))
   lines = table.splitlines()
   assert lines[0].split() == ["method", "budget", "task", "context", "n",
-                              "score", "recall", "ms/step", "tok/s"]
+                              "score", "recall", "mass", "ms/step", "tok/s"]
   assert lines[1].split() == ["dense", "dense", "niah", "4096", "1", "1.000",
-                              "-", "30.00", "40.0"]
+                              "-", "-", "30.00", "40.0"]
   assert lines[3].split() == ["mage", "512", "niah", "4096", "2", "0.500",
-                              "0.700", "12.00", "100.0"]
+                              "0.700", "-", "12.00", "100.0"]
   assert len({len(line) for line in lines}) == 1
+
+
+def test_per_layer_recall_is_averaged_elementwise_and_tabulated():
+  rows = [
+      {"method": "mage", "budget": 64, "task": "niah", "context_length": 8000, "score": 1.0,
+       "recall": 0.5, "mass_recall": 0.9, "layer_recall": [1.0, 0.4, 0.6],
+       "layer_mass_recall": [1.0, 0.8, 1.0]},
+      {"method": "mage", "budget": 64, "task": "niah", "context_length": 8000, "score": 0.0,
+       "recall": 0.7, "mass_recall": 0.7, "layer_recall": [1.0, 0.6, 0.8],
+       "layer_mass_recall": [1.0, 0.6, 0.8]},
+      {"method": "exact", "budget": None, "task": "niah", "context_length": 8000,
+       "score": 1.0},
+  ]
+  summary = results.summarize(rows)
+  mage = next(e for e in summary if e["method"] == "mage")
+  assert mage["layer_recall"] == pytest.approx([1.0, 0.5, 0.7])
+  assert mage["layer_mass_recall"] == pytest.approx([1.0, 0.7, 0.9])
+  assert mage["mass_recall"] == pytest.approx(0.8)
+  assert "layer_recall" not in next(e for e in summary if e["method"] == "exact")
+  lines = results.format_layer_table(summary).splitlines()
+  assert lines[0].split() == ["method", "budget", "context", "L0", "L1", "L2"]
+  assert lines[1].split() == ["mage", "64", "8000", "1.000", "0.500", "0.700"]
+  assert len(lines) == 2
+  assert results.format_layer_table(summary[:0]) == ""
