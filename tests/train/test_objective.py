@@ -103,3 +103,38 @@ def test_selection_options_select_within_earlier_blocks(queries, includes_block)
   starts = np.arange(4)[None, :, None, None] * cfg.block_size
   used = np.arange(4) < counts[..., None]
   assert np.all(indices[used] < np.broadcast_to(starts, indices.shape)[used])
+
+
+def test_training_view_predicts_what_a_decoding_step_predicts():
+  # The noisy half of the training forward, with a block holding a prompt tail and [MASK]s and
+  # nothing clean after it, must give the logits of the decoding step that sees the same block
+  # over a prefilled cache: otherwise the model is trained on a view decoding never shows it.
+  import importlib
+  generate_lib = importlib.import_module("mage_jax.generate")  # the package exports generate()
+  from mage_jax import attention
+  from mage_jax.kv_cache import init_cache
+  from mage_jax.methods import ExactAttention, StepInfo
+
+  cfg = ModelConfig.preset("tiny_qwen2", vocab_size=64, dtype="float32", block_size=BLOCK)
+  model = build_model(cfg, seed=3)
+  seq, tail = 4 * BLOCK, 3  # the answer block starts at 2 * BLOCK; 3 of its tokens are prompt
+  start = 2 * BLOCK
+  tokens = jax.random.randint(jax.random.key(1), (1, seq), 5, 64)
+  positions = jnp.arange(seq)
+  in_block = (positions >= start) & (positions < start + BLOCK)
+  noisy = jnp.where(in_block & (positions >= start + tail), cfg.mask_token_id, tokens)
+  clean = jnp.where(positions >= start, 0, tokens)  # later blocks do not exist yet
+  attend = attention.make_training_attend(BLOCK, "reference")
+  h_noisy, h_clean, _ = objective.doubled_forward(model, noisy, clean, attend, None)
+  hidden, _ = objective.predicting_hidden(h_noisy, h_clean, BLOCK, cfg.token_shift)
+  trained = model.logits(hidden)[0, start:start + BLOCK]
+
+  method = ExactAttention()
+  cache = init_cache(cfg, 1, seq)
+  state = method.init_state(cfg, 1, seq)
+  cache, state, prev_logits = generate_lib.prefill(model, tokens, jnp.array([start]), cache,
+                                                   method, state, chunk=seq)
+  logits, _ = generate_lib.forward_denoise(model, noisy[:, start:start + BLOCK], cache, method,
+                                           state, StepInfo(True, jnp.int32(0)))
+  decoded = jnp.concatenate([prev_logits[:, None], logits[:, :-1]], axis=1)[0]
+  np.testing.assert_allclose(decoded, trained, atol=2e-5, rtol=2e-5)
