@@ -54,10 +54,11 @@ def method_specs(names: Sequence[str], budgets: Sequence[int]) -> list[MethodSpe
   """Every named method at every budget; methods without a budget once."""
   specs = []
   for name in names:
-    if _resolve(name)[0] not in METHODS:
+    method, _ = _resolve(name)
+    if method not in METHODS:
       available = sorted([*METHODS, *VARIANTS])
       raise ValueError(f"--method: unknown method {name!r}; available: {', '.join(available)}")
-    fields = {f.name for f in dataclasses.fields(METHODS[_resolve(name)[0]])}
+    fields = {f.name for f in dataclasses.fields(METHODS[method])}
     if "budget" in fields:
       specs.extend(MethodSpec(name, b) for b in budgets)
     else:

@@ -860,13 +860,15 @@ def block_diffusion_attention(
   config = TileConfig(**tuning)
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
-  if dispatch.resolve_impl(impl) == "reference" and impl != "reference":
-    # "auto" (or MAGE_KERNEL_IMPL=auto) off the GPU: the faster portable path.
+  resolved = dispatch.resolve_impl(impl)
+  if resolved == "reference" and dispatch.requested_impl(impl) == "auto":
+    # "auto" off the GPU: the faster portable path; an explicit "reference"
+    # (argument or MAGE_KERNEL_IMPL) keeps the dense oracle.
     return block_diffusion_attention_blockwise(
         q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale,
         return_lse=return_lse,
     )
-  impl = dispatch.resolve_impl(impl)
+  impl = resolved
   if impl == "reference":
     return block_diffusion_attention_reference(
         q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale,
