@@ -21,7 +21,7 @@ MODES = ("pretrain", "selfdistill")
 # so no training sequence is ever an eval sample.
 TRAIN_SEED_OFFSET = 10**6
 SYNTHETIC_KINDS = ("niah", "ruler_niah_single", "ruler_niah_multikey", "ruler_niah_multivalue",
-                   "ruler_niah_multiquery", "ruler_vt", "ruler_cwe")
+                   "ruler_niah_multiquery", "ruler_vt", "ruler_cwe", "niah_drill", "repeat")
 
 
 class ConfigError(ValueError):
@@ -80,6 +80,12 @@ class SourceConfig:
   ``min_context_tokens``, at lengths drawn log-uniformly from [min_context_tokens,
   context_tokens] per document (short documents are packed several to a sequence, so the model
   learns retrieval at every distance and with other documents' needles as distractors).
+  "niah_drill" documents hold 1..n needles (uniform per document; n = ``needles``, at most one
+  per 64 prompt tokens), each asked and
+  answered in the NIAH format after the prompt (mage_jax.tasks.niah.recall_drill_text): dense
+  retrieval targets for a model learning to retrieve from scratch. "repeat" documents are a
+  filler passage and its exact repetition (mage_jax.tasks.haystack.repeated_passage): copying
+  practice, which makes a model from scratch form induction heads early.
   """
 
   kind: str
@@ -87,6 +93,7 @@ class SourceConfig:
   paths: tuple[str, ...] = ()
   context_tokens: int | None = None
   min_context_tokens: int | None = None
+  needles: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +140,8 @@ class TrainConfig:
     loss_chunk: tokens per chunk of the LM head + loss (never [tokens, vocab] at once).
     attention_impl: kernel dispatch (auto: Pallas on GPU, reference elsewhere).
     log_every: steps between log lines.
+    probe_every: steps between runs of the retrieval probes (train.probe: copy and needle-digit
+      accuracy on fresh documents of ``probe_context`` tokens), logged to metrics.jsonl; 0: off.
     export_dir: Hugging Face export of the final weights ("" for none).
   """
 
@@ -149,6 +158,8 @@ class TrainConfig:
   loss_chunk: int = 1024
   attention_impl: str = "auto"
   log_every: int = 10
+  probe_every: int = 0
+  probe_context: int = 512
   progress_bar: bool = True
   export_dir: str = ""
   optim: OptimConfig = OptimConfig()
@@ -168,6 +179,9 @@ class TrainConfig:
         (0 < self.noise_eps < 0.5, "noise_eps", f"must be in (0, 0.5), got {self.noise_eps}"),
         (self.loss_chunk >= 1, "loss_chunk", f"must be >= 1, got {self.loss_chunk}"),
         (self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}"),
+        (self.probe_every >= 0, "probe_every", f"must be >= 0, got {self.probe_every}"),
+        (self.probe_context >= 64, "probe_context",
+         f"must be >= 64 (a needle prompt), got {self.probe_context}"),
         (self.optim.batch_size >= 1, "optim.batch_size", "must be >= 1"),
         (self.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1"),
         (self.optim.learning_rate > 0, "optim.learning_rate", "must be > 0"),
@@ -194,6 +208,8 @@ class TrainConfig:
           (source.kind == "files" or source.kind in SYNTHETIC_KINDS, "data.sources.kind",
            f"unknown kind {source.kind!r}; expected files or one of {SYNTHETIC_KINDS}"),
           (source.weight > 0, "data.sources.weight", f"must be > 0, got {source.weight}"),
+          (1 <= source.needles <= 576, "data.sources.needles",
+           f"must be in [1, 576] (distinct needle keys), got {source.needles}"),
           (source.kind != "files" or source.paths, "data.sources.paths",
            "a files source needs paths"),
           (source.min_context_tokens is None or source.min_context_tokens >= 1,

@@ -28,7 +28,7 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from mage_jax.config import ModelConfig
-from mage_jax.tasks import niah, ruler
+from mage_jax.tasks import haystack, niah, ruler
 from mage_jax.tasks import sample as sample_lib
 from train.config import TRAIN_SEED_OFFSET, ConfigError, DataConfig, SourceConfig
 
@@ -38,6 +38,8 @@ TOKENIZER_FILE = "tokenizer.json"
 DOCS_PER_SEQUENCE = 1024
 # Room left after a synthetic prompt for its answer and EOS when context_tokens is not set.
 ANSWER_ROOM = 32
+# niah_drill: prompt tokens per needle at most (a needle is ~17 tokens; the rest is filler).
+NEEDLE_SPACING = 64
 
 
 def _special_tokens(cfg: ModelConfig) -> list[str]:
@@ -66,12 +68,15 @@ def build_word_tokenizer(cfg: ModelConfig, texts: Sequence[str]) -> tokenizers.T
   joining word-level tokens with spaces would give "7 6 5 4 3 2 1 ."). Runs of capitals are
   split into letters too ("VAR QWERT" -> V A R Q W E R T), so RULER's random upper-case
   variable names are spelled out instead of becoming [UNK]; capitalised words ("The") stay
-  whole. Other words beyond the vocabulary become [UNK].
+  whole. Runs of newlines are tokens of their own ("\n\nWhat" -> "\n\n", "What"; glued
+  together, each paragraph's first word would be a rare token of its own, mostly [UNK]).
+  Other words beyond the vocabulary become [UNK].
   """
   tokenizer = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
   tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
       pre_tokenizers.Punctuation(),
+      pre_tokenizers.Split(Regex("\n+"), behavior="isolated"),
       pre_tokenizers.Digits(individual_digits=True),
       pre_tokenizers.Split(Regex("[A-Z](?=[A-Z])|(?<=[A-Z])[A-Z]"), behavior="isolated")])
   tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
@@ -112,6 +117,7 @@ class _Synthetic:
 
   def __init__(self, source: SourceConfig, seed: int, seq_len: int, count_tokens):
     self.kind = source.kind
+    self.needles = source.needles
     self.context = source.context_tokens or max(1, seq_len - ANSWER_ROOM)
     self.min_context = source.min_context_tokens or self.context
     self.seed = TRAIN_SEED_OFFSET + seed
@@ -125,9 +131,23 @@ class _Synthetic:
     lo, hi = math.log(self.min_context), math.log(self.context)
     return int(round(math.exp(lo + u * (hi - lo))))
 
-  def text(self, index: int, context: int | None = None) -> str:
-    """Document ``index`` (prompt + answers), at its own length unless ``context`` is given."""
+  def max_needles(self, context: int) -> int:
+    """niah_drill: at most one needle per NEEDLE_SPACING prompt tokens, and ``needles``."""
+    return max(1, min(self.needles, context // NEEDLE_SPACING))
+
+  def text(self, index: int, context: int | None = None, needles: int | None = None) -> str:
+    """Document ``index`` (prompt + answers), at its own length unless ``context`` is given
+    (and, for niah_drill, with its own needle count unless ``needles`` is given)."""
     context = self.context_length(index) if context is None else context
+    if self.kind == "repeat":
+      return haystack.repeated_passage(context, seed=self.seed, index=index,
+                                       count_tokens=self.count_tokens)
+    if self.kind == "niah_drill":
+      if needles is None:
+        needles = random.Random(f"train-needles/{self.seed}/{index}").randint(
+            1, self.max_needles(context))
+      return niah.recall_drill_text(context, needles, seed=self.seed, index=index,
+                                    count_tokens=self.count_tokens)
     if self.kind == "niah":
       depth = random.Random(f"train-depth/{self.seed}/{index}").random()
       sample = niah.niah_sample(context, depth, seed=self.seed, index=index,
@@ -160,7 +180,7 @@ class PackedData:
         synthetic = _Synthetic(source, cfg.seed, seq_len, self._count)
         for length in sorted({synthetic.min_context, synthetic.context}):
           try:
-            synthetic.text(0, length)
+            synthetic.text(0, length, needles=synthetic.max_needles(length))
           except ValueError as e:
             raise ConfigError(f"data.sources: {source.kind} at {length} tokens: {e}")
         self.sources.append(synthetic)

@@ -37,6 +37,7 @@ from mage_jax.config import ModelConfig
 from mage_jax.model import Transformer, build_model
 from train import data as data_lib
 from train import objective
+from train import probe as probe_lib
 from train.config import ConfigError, OptimConfig, TrainConfig, to_dict
 
 
@@ -397,6 +398,10 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
         finish_step(*pending, last=False)
       last = done == end or (deadline is not None and time.monotonic() > deadline)
       pending = (done, metrics)
+      if cfg.probe_every and (done % cfg.probe_every == 0 or last):
+        probes = probe_lib.run_probes(layout.model(state.params), tokenizer,
+                                      context=cfg.probe_context, impl=cfg.attention_impl)
+        log.write({"step": done, **probes}, bar.write)
       if last or done % cfg.checkpoint.every == 0:
         finish_step(*pending, last=last)
         pending = None

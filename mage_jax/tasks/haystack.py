@@ -271,3 +271,35 @@ def largest_fitting(build: Callable[[int], T], count_tokens: Callable[[T], int],
     else:
       high = mid
   return low, best
+
+
+# Words of repeated_passage: the filler's word lists and the digits, drawn independently.
+_COPY_WORDS = (_ADJECTIVES + _NOUNS + _PLURALS + _PAST_VERBS + _PRESENT_VERBS + _ADVERBS
+               + tuple("0123456789"))
+
+
+def repeated_passage(context_length: int, *, seed: int | str, index: int,
+                     count_tokens: Callable[[str], int]) -> str:
+  """A passage of random words followed by its exact repetition, at most
+  ``context_length`` tokens in all.
+
+  The words are drawn independently (no grammar), so the second half is
+  predictable only by copying from the first: a training document that makes a
+  small model form copying (induction) heads, which retrieval builds on. With
+  grammatical filler the copy gains little over the grammar and a model from
+  scratch did not pick it up (WORKSPACE_NOTES.md).
+
+  Raises:
+    ValueError: if ``context_length`` cannot hold a word twice.
+  """
+  rng = random.Random(f"repeat/{seed}/{index}")
+  words = [rng.choice(_COPY_WORDS) for _ in range(context_length)]
+
+  def doubled(n: int) -> str:
+    passage = " ".join(words[:n])
+    return f"{passage}\n\n{passage}"
+
+  n, text = largest_fitting(doubled, count_tokens, context_length)
+  if n == 0:
+    raise ValueError(f"context_length {context_length} cannot hold a word twice")
+  return text

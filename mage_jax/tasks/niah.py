@@ -201,3 +201,64 @@ def niah_grid(
       for depth in depths
       for index in range(num_samples)
   ]
+
+
+def all_keys() -> list[str]:
+  """Every needle key, in a fixed order (24 x 24 = 576)."""
+  return [f"{a}-{n}" for a in _KEY_ADJECTIVES for n in _KEY_NOUNS]
+
+
+def recall_drill_text(
+    context_length: int,
+    num_needles: int,
+    *,
+    seed: int = 0,
+    index: int = 0,
+    count_tokens: sample_lib.TokenCounter = sample_lib.count_words,
+    haystack: haystack_lib.Haystack | None = None,
+) -> str:
+  """A training document dense in retrieval: many needles, then every one asked.
+
+  ``num_needles`` needles with distinct keys sit at random depths of the
+  filler; the prompt (at most ``context_length`` tokens) is the NIAH prompt for
+  the first needle, so the document opens exactly as an eval sample does. Its
+  answer follows, then the question and answer of every other needle, in a
+  random order, in the same format. A single-needle NIAH document puts 7 of its
+  ~1000+ tokens on retrieval; this one puts ~15 per needle (key match and the
+  value's digits), so a small model sees retrieval targets often enough to
+  learn key matching and copying.
+
+  Raises:
+    ValueError: if num_needles is outside [1, 576] or the prompt cannot hold
+      the needles.
+  """
+  keys = all_keys()
+  if not 1 <= num_needles <= len(keys):
+    raise ValueError(f"num_needles must be in [1, {len(keys)}], got {num_needles}")
+  rng = random.Random(f"niah-drill/{seed}/{index}")
+  chosen = rng.sample(keys, num_needles)
+  values = [random_value(rng) for _ in chosen]
+  depths = [rng.random() for _ in chosen]
+  if haystack is None:
+    haystack = haystack_lib.Haystack.synthetic(f"niah-drill/{seed}/{index}")
+  sample = haystack_sample(
+      task="niah_drill",
+      inserts=[(d, NEEDLE.format(key=k, value=v))
+               for d, k, v in zip(depths, chosen, values)],
+      question=QUESTION.format(key=chosen[0]),
+      answers=[values[0]],
+      metric="exact_match",
+      template=TEMPLATE,
+      answer_prefix=ANSWER_PREFIX.format(key=chosen[0]),
+      max_new_tokens=MAX_NEW_TOKENS,
+      context_length=context_length,
+      count_tokens=count_tokens,
+      haystack=haystack,
+      meta={"seed": seed, "index": index},
+  )
+  order = list(range(1, num_needles))
+  rng.shuffle(order)
+  follow_ups = "".join(
+      f"\n\n{QUESTION.format(key=chosen[i])}{ANSWER_PREFIX.format(key=chosen[i])} {values[i]}."
+      for i in order)
+  return f"{sample.prompt()} {values[0]}.{follow_ups}"

@@ -272,3 +272,42 @@ def test_ruler_samples_use_a_haystack_file(tmp_path):
   assert sample.meta["haystack"] == str(path)
   with pytest.raises(ValueError, match="takes no haystack"):
     ruler.ruler_samples("ruler_cwe", [400], haystack=stream)
+
+
+def test_recall_drill_asks_every_needle_once_after_an_niah_prompt():
+  text = niah.recall_drill_text(600, 6, seed=3, index=4)
+  assert text == niah.recall_drill_text(600, 6, seed=3, index=4)
+  needles = dict(re.findall(r"The special magic number for (\S+) is (\d{7})\.", text))
+  asked = re.findall(r"What is the special magic number for (\S+) mentioned in the text\? "
+                     r"The special magic number for (\S+) mentioned in the text is (\d{7})\.", text)
+  assert len(needles) == 6
+  assert sorted(k for k, _, _ in asked) == sorted(needles)
+  assert all(k == k2 and needles[k] == v for k, k2, v in asked)
+  # The document opens as an NIAH eval prompt of at most the target length.
+  prompt = text[:text.index(" " + asked[0][2] + ".")]
+  assert prompt.startswith("A special magic number is hidden")
+  assert sample_lib.count_words(prompt) <= 600
+
+
+def test_recall_drill_rejects_bad_needle_counts_and_tiny_targets():
+  with pytest.raises(ValueError, match="num_needles must be in"):
+    niah.recall_drill_text(600, 0)
+  with pytest.raises(ValueError, match="num_needles must be in"):
+    niah.recall_drill_text(600, len(niah.all_keys()) + 1)
+  with pytest.raises(ValueError, match="too small"):
+    niah.recall_drill_text(60, 8)
+
+
+@pytest.mark.parametrize("target", [7, 50, 333])
+def test_repeated_passage_is_a_passage_twice_within_the_target(target):
+  text = haystack_lib.repeated_passage(target, seed=1, index=2,
+                                       count_tokens=sample_lib.count_words)
+  first, second = text.split("\n\n")
+  assert first == second and first
+  assert sample_lib.count_words(text) <= target
+  # Filled: one more word would not fit.
+  assert sample_lib.count_words(text) + 2 > target
+  assert text == haystack_lib.repeated_passage(target, seed=1, index=2,
+                                               count_tokens=sample_lib.count_words)
+  with pytest.raises(ValueError, match="cannot hold a word twice"):
+    haystack_lib.repeated_passage(1, seed=1, index=2, count_tokens=sample_lib.count_words)

@@ -1,6 +1,7 @@
 """End-to-end runs of the trainer on a tiny model (CPU, in-process)."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -151,3 +152,67 @@ def test_max_seconds_stops_checkpointed_and_the_run_resumes(run_config, tmp_path
   manager.close()
   tail = trainer.train(cfg, "pretrain")
   assert len(tail) == 3 and export_dir.exists()
+
+
+def test_word_tokenizer_splits_off_newlines_and_round_trips():
+  from mage_jax import ModelConfig
+
+  model_cfg = ModelConfig.preset("tiny_qwen2", vocab_size=64)
+  text = "The end.\n\nWhat is 1234567?\nThe end."
+  tokenizer = data_lib.build_word_tokenizer(model_cfg, [text])
+  encoding = tokenizer.encode(text, add_special_tokens=False)
+  assert encoding.tokens[:6] == ["▁The", "▁end", ".", "\n\n", "What", "▁is"]
+  assert "[UNK]" not in encoding.tokens
+  assert tokenizer.decode(encoding.ids) == text
+
+
+def test_drill_and_repeat_sources_pack_their_documents():
+  from mage_jax import ModelConfig
+  from train import config as config_lib
+
+  model_cfg = ModelConfig.preset("tiny_qwen2", vocab_size=512)
+  sources = (config_lib.SourceConfig(kind="niah_drill", needles=16, min_context_tokens=128,
+                                     context_tokens=700),
+             config_lib.SourceConfig(kind="repeat", min_context_tokens=64, context_tokens=300))
+  data_cfg = config_lib.DataConfig(sources=sources)
+  tokenizer = data_lib.build_word_tokenizer(model_cfg, data_lib._vocabulary_texts(data_cfg, 1024))
+  data = data_lib.PackedData(data_cfg, model_cfg, 1024, tokenizer)
+  drill, repeat = data.sources
+  # Needle counts: 1..16, at most one per 64 prompt tokens.
+  counts = [len(re.findall(r"number for \S+ is \d{7}", drill.text(i))) for i in range(30)]
+  assert min(counts) >= 1 and len(set(counts)) > 3
+  assert all(c <= max(1, drill.context_length(i) // 64) for i, c in enumerate(counts))
+  for i in range(5):
+    first, second = repeat.text(i).split("\n\n")
+    assert first == second
+  eos = model_cfg.eos_token_ids[0]
+  unk = tokenizer.token_to_id("[UNK]")
+  rows = np.stack([data.sequence(i) for i in range(6)])
+  assert rows.shape == (6, 1024) and np.sum(rows == eos) >= 6
+  assert np.mean(rows == unk) < 0.01
+
+
+def test_needles_out_of_range_is_a_config_error():
+  from mage_jax import ModelConfig
+  from train import config as config_lib
+
+  cfg = config_lib.from_dict({"model": "tiny_qwen2", "workdir": "/tmp/x", "steps": 1, "seq_len": 512, "data": {
+      "sources": [{"kind": "niah_drill", "needles": 0}]}})
+  with pytest.raises(config_lib.ConfigError, match="data.sources.needles"):
+    cfg.validate(ModelConfig.preset("tiny_qwen2"), "pretrain")
+
+
+def test_probe_every_logs_retrieval_probes(run_config):
+  import json
+
+  cfg = run_config(steps=4, probe_every=2, probe_context=128)
+  trainer.train(cfg, "pretrain")
+  with open(os.path.join(cfg.workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  probes = [r for r in records if "copy_second_half" in r]
+  assert [r["step"] for r in probes] == [2, 4]
+  for r in probes:
+    assert all(0.0 <= r[k] <= 1.0 for k in ("copy_first_half", "copy_second_half",
+                                             "needle_digits_all_masked",
+                                             "needle_digits_alternate"))
+  assert [r["step"] for r in records if "loss" in r] == [4]  # log_every=4
