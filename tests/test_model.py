@@ -155,3 +155,24 @@ def test_rope_rotates_pairs_half_apart():
   np.testing.assert_allclose(out[0, 2], want, rtol=1e-5, atol=1e-6)
   # Rotations preserve norms.
   np.testing.assert_allclose(jnp.linalg.norm(out, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
+def test_scaled_residual_init_shrinks_only_the_residual_projections():
+  import math
+
+  cfg = ModelConfig.preset("tiny_qwen2", hidden_size=128, intermediate_size=256,
+                           num_layers=8)
+  plain = build_model(cfg, seed=3)
+  scaled = build_model(cfg, seed=3, scaled_residual_init=True)
+  factor = 1 / math.sqrt(2 * 8)
+  for a, b in zip(plain.layers, scaled.layers):
+    np.testing.assert_allclose(b.self_attn.o_proj.kernel.get_value(),
+                               a.self_attn.o_proj.kernel.get_value() * factor, rtol=1e-6)
+    np.testing.assert_allclose(b.mlp.down_proj.kernel.get_value(),
+                               a.mlp.down_proj.kernel.get_value() * factor, rtol=1e-6)
+    np.testing.assert_array_equal(b.self_attn.q_proj.kernel.get_value(),
+                                  a.self_attn.q_proj.kernel.get_value())
+    np.testing.assert_array_equal(b.mlp.up_proj.kernel.get_value(),
+                                  a.mlp.up_proj.kernel.get_value())
+  down = scaled.layers[0].mlp.down_proj.kernel.get_value()
+  assert abs(float(np.std(down)) - 0.02 * factor) < 1e-3

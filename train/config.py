@@ -140,6 +140,8 @@ class TrainConfig:
     loss_chunk: tokens per chunk of the LM head + loss (never [tokens, vocab] at once).
     attention_impl: kernel dispatch (auto: Pallas on GPU, reference elsewhere).
     log_every: steps between log lines.
+    scaled_residual_init: a model built from scratch (a preset or config.json, not a checkpoint)
+      starts its o_proj / down_proj at 0.02 / sqrt(2 * layers) (GPT-2; see build_model).
     probe_every: steps between runs of the retrieval probes (train.probe: copy and needle-digit
       accuracy on fresh documents of ``probe_context`` tokens), logged to metrics.jsonl; 0: off.
     export_dir: Hugging Face export of the final weights ("" for none).
@@ -158,6 +160,7 @@ class TrainConfig:
   loss_chunk: int = 1024
   attention_impl: str = "auto"
   log_every: int = 10
+  scaled_residual_init: bool = True
   probe_every: int = 0
   probe_context: int = 512
   progress_bar: bool = True

@@ -111,7 +111,8 @@ def initial_model(cfg: TrainConfig) -> Transformer:
       model_cfg = ModelConfig.preset(cfg.model, **overrides)
   except (OSError, TypeError, ValueError) as e:
     raise ConfigError(f"model: {e}") from e
-  return build_model(model_cfg, seed=cfg.init_seed)
+  return build_model(model_cfg, seed=cfg.init_seed,
+                     scaled_residual_init=cfg.scaled_residual_init)
 
 
 def make_optimizer(optim: OptimConfig, steps: int) -> tuple[optax.GradientTransformation,

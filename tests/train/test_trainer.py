@@ -216,3 +216,12 @@ def test_probe_every_logs_retrieval_probes(run_config):
                                              "needle_digits_all_masked",
                                              "needle_digits_alternate"))
   assert [r["step"] for r in records if "loss" in r] == [4]  # log_every=4
+
+
+def test_models_from_scratch_start_with_scaled_residual_projections(run_config):
+  scaled = trainer.initial_model(run_config())
+  plain = trainer.initial_model(run_config(scaled_residual_init=False))
+  layers = scaled.config.num_layers
+  ratio = (np.asarray(scaled.layers[0].mlp.down_proj.kernel.get_value())
+           / np.asarray(plain.layers[0].mlp.down_proj.kernel.get_value()))
+  np.testing.assert_allclose(ratio, 1 / np.sqrt(2 * layers), rtol=1e-5)
