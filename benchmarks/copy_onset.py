@@ -1,6 +1,6 @@
 """When does a model trained from scratch start to copy? Depth x block size, with the probes.
 
-Each variant trains the default model's shape (configs/train/default_model_stage1_ar.json, with
+Each variant trains the default model's shape (configs/train/default_model/s1_ar128.json, with
 the number of layers and the block size overridden) from scratch on ``repeat`` documents only
 (random words, then the same words) for ``--steps`` steps, with the retrieval probes
 (train/probe.py) every ``--probe_every`` steps. A model that copies shows masked-token accuracy
@@ -34,7 +34,10 @@ _STEPS = flags.DEFINE_integer("steps", 400, "Training steps per variant.")
 _PROBE_EVERY = flags.DEFINE_integer("probe_every", 50, "Steps between probes.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Training sequence length.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Sequences per step.")
-_CONFIG = flags.DEFINE_string("config", "configs/train/default_model_stage1_ar.json",
+_SET = flags.DEFINE_multi_string("set", [], "Further trainer config overrides (path=json), "
+                                 "passed to every variant.")
+_WORKERS = flags.DEFINE_integer("workers", 4, "Batch-building processes per trainer.")
+_CONFIG = flags.DEFINE_string("config", "configs/train/default_model/s1_ar128.json",
                               "Base training config (model shape, optimiser).")
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "Where results are written.")
 
@@ -42,7 +45,9 @@ ONSET_GAP = 0.2
 
 
 def _run_variant(layers: int, block_size: int, workdir: str) -> list[dict]:
-  sources = [{"kind": "repeat", "min_context_tokens": 64, "context_tokens": _SEQ_LEN.value // 2}]
+  context = _SEQ_LEN.value // 2
+  sources = [{"kind": "repeat", "min_context_tokens": min(64, context // 2),
+              "context_tokens": context}]
   sub_block = min(block_size, 8)
   cmd = [sys.executable, "-m", "train", "--mode=pretrain", f"--config={_CONFIG.value}",
          f"--workdir={workdir}", "--export_dir=", f"--steps={_STEPS.value}",
@@ -50,9 +55,10 @@ def _run_variant(layers: int, block_size: int, workdir: str) -> list[dict]:
          f"--set=model_overrides.block_size={block_size}",
          f"--set=model_overrides.sub_block_size={sub_block}",
          f"--set=seq_len={_SEQ_LEN.value}", f"--set=optim.batch_size={_BATCH.value}",
-         f"--set=probe_every={_PROBE_EVERY.value}", "--set=progress_bar=false",
+         f"--set=probe_every={_PROBE_EVERY.value}", f"--set=data.workers={_WORKERS.value}",
+         f"--set=probe_context={max(128, _SEQ_LEN.value)}", "--set=progress_bar=false",
          f"--set=log_every={_PROBE_EVERY.value}", f"--set=checkpoint.every={_STEPS.value}",
-         f"--set=data.sources={json.dumps(sources)}"]
+         f"--set=data.sources={json.dumps(sources)}"] + [f"--set={s}" for s in _SET.value]
   subprocess.run(cmd, check=True)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -71,17 +77,12 @@ def _summary(layers: int, block_size: int, records: list[dict]) -> dict:
           "probes": probes}
 
 
-def main(argv):
-  del argv
-  results = []
-  with tempfile.TemporaryDirectory() as tmp:
-    for layers in map(int, _LAYERS.value):
-      for block_size in map(int, _BLOCK_SIZES.value):
-        workdir = os.path.join(tmp, f"L{layers}_B{block_size}")
-        results.append(_summary(layers, block_size, _run_variant(layers, block_size, workdir)))
+def _write(results: list[dict]) -> str:
+  """Writes copy_onset.json / .md for the variants done so far; returns the table."""
   meta = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
           "date": datetime.date.today().isoformat(), "steps": _STEPS.value,
-          "seq_len": _SEQ_LEN.value, "batch_size": _BATCH.value, "config": _CONFIG.value}
+          "seq_len": _SEQ_LEN.value, "batch_size": _BATCH.value, "config": _CONFIG.value,
+          "overrides": _SET.value}
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, "copy_onset.json"), "w") as f:
     json.dump({"meta": meta, "results": results}, f, indent=1)
@@ -97,6 +98,19 @@ def main(argv):
   table = "\n".join(lines)
   with open(os.path.join(_OUT.value, "copy_onset.md"), "w") as f:
     f.write(table + "\n")
+  return table
+
+
+def main(argv):
+  del argv
+  results = []
+  table = ""
+  with tempfile.TemporaryDirectory() as tmp:
+    for layers in map(int, _LAYERS.value):
+      for block_size in map(int, _BLOCK_SIZES.value):
+        workdir = os.path.join(tmp, f"L{layers}_B{block_size}")
+        results.append(_summary(layers, block_size, _run_variant(layers, block_size, workdir)))
+        table = _write(results)  # after every variant: a killed run keeps what it measured
   print(table)
 
 
