@@ -85,7 +85,8 @@ class SourceConfig:
   answered in the NIAH format after the prompt (mage_jax.tasks.niah.recall_drill_text): dense
   retrieval targets for a model learning to retrieve from scratch. "repeat" documents are a
   filler passage and its exact repetition (mage_jax.tasks.haystack.repeated_passage): copying
-  practice, which makes a model from scratch form induction heads early.
+  practice, which makes a model from scratch form induction heads early; ``number_share`` of
+  its items are 7-digit numbers (copying digit strings exactly, as needle values need).
   """
 
   kind: str
@@ -94,6 +95,7 @@ class SourceConfig:
   context_tokens: int | None = None
   min_context_tokens: int | None = None
   needles: int = 8
+  number_share: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +107,13 @@ class DataConfig:
   small models trained from scratch here. ``workers`` > 0 builds batches in that many processes
   (synthetic long documents cost ~0.1 s of Python per 4K tokens: one thread cannot feed a GPU);
   0 builds them on one background thread. Either way batch ``step`` is the same.
+  ``vocab_sources``, when given, are what the word-level vocabulary is built from instead of
+  ``sources``: a first curriculum stage on short documents of a few kinds still gets a
+  vocabulary that covers every task the later stages and the evals use.
   """
 
   sources: tuple[SourceConfig, ...] = (SourceConfig(kind="niah"),)
+  vocab_sources: tuple[SourceConfig, ...] = ()
   tokenizer: str = "word"
   seed: int = 0
   word_vocab_docs: int = 64
@@ -206,13 +212,17 @@ class TrainConfig:
         (self.checkpoint.every >= 1, "checkpoint.every", "must be >= 1"),
         (self.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1"),
     ]
-    for source in self.data.sources:
+    for source in self.data.sources + self.data.vocab_sources:
       checks += [
           (source.kind == "files" or source.kind in SYNTHETIC_KINDS, "data.sources.kind",
            f"unknown kind {source.kind!r}; expected files or one of {SYNTHETIC_KINDS}"),
           (source.weight > 0, "data.sources.weight", f"must be > 0, got {source.weight}"),
           (1 <= source.needles <= 576, "data.sources.needles",
            f"must be in [1, 576] (distinct needle keys), got {source.needles}"),
+          (0.0 <= source.number_share <= 1.0, "data.sources.number_share",
+           f"must be in [0, 1], got {source.number_share}"),
+          (source.number_share == 0.0 or source.kind == "repeat", "data.sources.number_share",
+           f"applies to repeat sources only, not {source.kind}"),
           (source.kind != "files" or source.paths, "data.sources.paths",
            "a files source needs paths"),
           (source.min_context_tokens is None or source.min_context_tokens >= 1,

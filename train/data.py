@@ -118,6 +118,7 @@ class _Synthetic:
   def __init__(self, source: SourceConfig, seed: int, seq_len: int, count_tokens):
     self.kind = source.kind
     self.needles = source.needles
+    self.number_share = source.number_share
     self.context = source.context_tokens or max(1, seq_len - ANSWER_ROOM)
     self.min_context = source.min_context_tokens or self.context
     self.seed = TRAIN_SEED_OFFSET + seed
@@ -141,7 +142,8 @@ class _Synthetic:
     context = self.context_length(index) if context is None else context
     if self.kind == "repeat":
       return haystack.repeated_passage(context, seed=self.seed, index=index,
-                                       count_tokens=self.count_tokens)
+                                       count_tokens=self.count_tokens,
+                                       number_share=self.number_share)
     if self.kind == "niah_drill":
       if needles is None:
         needles = random.Random(f"train-needles/{self.seed}/{index}").randint(
@@ -304,7 +306,7 @@ def _prefetch_in_processes(data: PackedData, steps: range, micro_batch: int, acc
 def _vocabulary_texts(cfg: DataConfig, seq_len: int) -> list[str]:
   """Documents to train the word-level vocabulary on (lengths counted in words)."""
   texts = []
-  for source in cfg.sources:
+  for source in cfg.vocab_sources or cfg.sources:
     if source.kind == "files":
       texts += [d for p in source.paths for d in _read_documents(p)][:cfg.word_vocab_docs]
     else:

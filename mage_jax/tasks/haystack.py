@@ -279,7 +279,7 @@ _COPY_WORDS = (_ADJECTIVES + _NOUNS + _PLURALS + _PAST_VERBS + _PRESENT_VERBS + 
 
 
 def repeated_passage(context_length: int, *, seed: int | str, index: int,
-                     count_tokens: Callable[[str], int]) -> str:
+                     count_tokens: Callable[[str], int], number_share: float = 0.0) -> str:
   """A passage of random words followed by its exact repetition, at most
   ``context_length`` tokens in all.
 
@@ -289,11 +289,23 @@ def repeated_passage(context_length: int, *, seed: int | str, index: int,
   grammatical filler the copy gains little over the grammar and a model from
   scratch did not pick it up (WORKSPACE_NOTES.md).
 
+  ``number_share`` of the items are 7-digit numbers instead of words. A
+  word-level tokenizer spells numbers one digit per token, from an alphabet of
+  ten, so the previous token alone does not say where a copy continues
+  ("8737866": which 7?); numbers teach the multi-token copying that needle
+  values need.
+
   Raises:
     ValueError: if ``context_length`` cannot hold a word twice.
   """
+  if not 0.0 <= number_share <= 1.0:
+    raise ValueError(f"number_share must be in [0, 1], got {number_share}")
   rng = random.Random(f"repeat/{seed}/{index}")
-  words = [rng.choice(_COPY_WORDS) for _ in range(context_length)]
+  if number_share == 0.0:  # the original stream, kept for the runs that used it
+    words = [rng.choice(_COPY_WORDS) for _ in range(context_length)]
+  else:
+    words = [str(rng.randrange(10**6, 10**7)) if rng.random() < number_share
+             else rng.choice(_COPY_WORDS) for _ in range(context_length)]
 
   def doubled(n: int) -> str:
     passage = " ".join(words[:n])

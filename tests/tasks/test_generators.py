@@ -311,3 +311,18 @@ def test_repeated_passage_is_a_passage_twice_within_the_target(target):
                                                count_tokens=sample_lib.count_words)
   with pytest.raises(ValueError, match="cannot hold a word twice"):
     haystack_lib.repeated_passage(1, seed=1, index=2, count_tokens=sample_lib.count_words)
+
+
+def test_repeated_passage_number_share_mixes_in_seven_digit_numbers():
+  count = sample_lib.count_words
+  plain = haystack_lib.repeated_passage(400, seed=1, index=2, count_tokens=count)
+  mixed = haystack_lib.repeated_passage(400, seed=1, index=2, count_tokens=count,
+                                        number_share=0.3)
+  first, second = mixed.split("\n\n")
+  assert first == second
+  items = first.split(" ")
+  numbers = [w for w in items if re.fullmatch(r"\d{7}", w)]
+  assert 0.15 < len(numbers) / len(items) < 0.45
+  assert not re.search(r"\d{2}", plain)  # share 0: the original stream, digits single
+  with pytest.raises(ValueError, match="number_share must be in"):
+    haystack_lib.repeated_passage(400, seed=1, index=2, count_tokens=count, number_share=1.5)

@@ -225,3 +225,45 @@ def test_models_from_scratch_start_with_scaled_residual_projections(run_config):
   ratio = (np.asarray(scaled.layers[0].mlp.down_proj.kernel.get_value())
            / np.asarray(plain.layers[0].mlp.down_proj.kernel.get_value()))
   np.testing.assert_allclose(ratio, 1 / np.sqrt(2 * layers), rtol=1e-5)
+
+
+def test_vocab_sources_build_the_vocabulary_from_other_tasks():
+  from mage_jax import ModelConfig
+  from mage_jax.tasks import ruler
+  from train import config as config_lib
+
+  model_cfg = ModelConfig.preset("tiny_qwen2", vocab_size=512)
+  short = (config_lib.SourceConfig(kind="repeat", context_tokens=60),)
+  vt = config_lib.SourceConfig(kind="ruler_vt", context_tokens=400)
+  text = ruler.RULER_TASKS["ruler_vt"](400, seed=5, index=0, count_tokens=lambda s: len(
+      s.split())).prompt()
+
+  def unknown_share(data_cfg):
+    tokenizer = data_lib.build_word_tokenizer(model_cfg, data_lib._vocabulary_texts(data_cfg, 128))
+    tokens = tokenizer.encode(text, add_special_tokens=False).tokens
+    return np.mean([t == "[UNK]" for t in tokens])
+
+  assert unknown_share(config_lib.DataConfig(sources=short)) > 0.2
+  assert unknown_share(config_lib.DataConfig(sources=short, vocab_sources=(vt,))) == 0
+
+
+def test_bad_vocab_source_is_a_config_error():
+  from mage_jax import ModelConfig
+  from train import config as config_lib
+
+  cfg = config_lib.from_dict({"model": "tiny_qwen2", "workdir": "/tmp/x", "steps": 1,
+                              "seq_len": 512, "data": {"sources": [{"kind": "repeat"}],
+                                                       "vocab_sources": [{"kind": "ruler_nope"}]}})
+  with pytest.raises(config_lib.ConfigError, match="data.sources.kind.*'ruler_nope'"):
+    cfg.validate(ModelConfig.preset("tiny_qwen2"), "pretrain")
+
+
+def test_number_share_outside_repeat_is_a_config_error():
+  from mage_jax import ModelConfig
+  from train import config as config_lib
+
+  cfg = config_lib.from_dict({"model": "tiny_qwen2", "workdir": "/tmp/x", "steps": 1,
+                              "seq_len": 512,
+                              "data": {"sources": [{"kind": "niah", "number_share": 0.2}]}})
+  with pytest.raises(config_lib.ConfigError, match="number_share: applies to repeat sources"):
+    cfg.validate(ModelConfig.preset("tiny_qwen2"), "pretrain")
