@@ -20,7 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CHECKPOINT = os.path.join(REPO, "models", "default")
 
 flags.DEFINE_list("method", None, "attention method(s), comma list: exact, mage, mage_adaptive, "
-                  "quest, tidal, sparsed, oracle; exact is added as the reference")
+                  "quest, tidal, sparsed, oracle; exact is added as the reference. A suffix "
+                  "@denseN sets a sparse method's exact first layers (mage@dense0)")
 flags.DEFINE_list("budget", ["64"], "KV budget(s) k of the sparse methods, comma list")
 flags.DEFINE_string("checkpoint", DEFAULT_CHECKPOINT, "Hugging Face checkpoint directory")
 flags.DEFINE_string("task", "niah", "niah, a RULER task (ruler_niah_single, ...), or "

@@ -32,8 +32,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+DENSE_SUFFIX = "@dense"  # mage@dense0: the method with its first 0 layers exact, not its default
+
+
 def _resolve(name: str) -> tuple[str, dict[str, Any]]:
-  return VARIANTS.get(name, (name, {}))
+  """Method name -> (registered method, constructor options): variants and ``@denseN``."""
+  base, suffix, dense = name.partition(DENSE_SUFFIX)
+  method, options = VARIANTS.get(base, (base, {}))
+  if suffix:
+    if not dense.isdigit():
+      raise ValueError(f"--method: {name!r}: expected {base}{DENSE_SUFFIX}N with N a layer count")
+    options = {**options, "dense_layers": int(dense)}
+  return method, options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +69,17 @@ def method_specs(names: Sequence[str], budgets: Sequence[int]) -> list[MethodSpe
       available = sorted([*METHODS, *VARIANTS])
       raise ValueError(f"--method: unknown method {name!r}; available: {', '.join(available)}")
     fields = {f.name for f in dataclasses.fields(METHODS[method])}
+    if DENSE_SUFFIX in name and "dense_layers" not in fields:
+      raise ValueError(f"--method: {name!r}: {method} has no dense layers to set")
     if "budget" in fields:
       specs.extend(MethodSpec(name, b) for b in budgets)
     else:
       specs.append(MethodSpec(name, None))
+  for spec in specs:  # every combination is valid before the first case runs
+    try:
+      spec.build()
+    except ValueError as e:
+      raise ValueError(f"--method={spec.name} --budget={spec.budget}: {e}") from e
   return specs
 
 

@@ -103,6 +103,17 @@ def test_method_specs_expand_budgets_and_variants():
   assert not specs[1].build().adaptive
   with pytest.raises(ValueError, match="available: .*mage_adaptive"):
     runner.method_specs(["magic"], [16])
+  dense0 = runner.method_specs(["mage@dense0", "quest@dense1"], [16])
+  assert [s.name for s in dense0] == ["mage@dense0", "quest@dense1"]
+  assert dense0[0].build().dense_layers == 0 and dense0[1].build().dense_layers == 1
+  assert runner.method_specs(["mage"], [16])[0].build().dense_layers == 2
+  with pytest.raises(ValueError, match="has no dense layers"):
+    runner.method_specs(["exact@dense0"], [16])
+  with pytest.raises(ValueError, match="expected mage@denseN"):
+    runner.method_specs(["mage@densex"], [16])
+  # A budget one method cannot take fails before any case runs, naming method and budget.
+  with pytest.raises(ValueError, match="--method=sparsed --budget=16: .*tile_size"):
+    runner.method_specs(["mage", "sparsed"], [16, 64])
 
 
 @pytest.mark.parametrize("args,message", [
