@@ -56,7 +56,8 @@ def _run_variant(layers: int, block_size: int, workdir: str) -> list[dict]:
          f"--set=model_overrides.sub_block_size={sub_block}",
          f"--set=seq_len={_SEQ_LEN.value}", f"--set=optim.batch_size={_BATCH.value}",
          f"--set=probe_every={_PROBE_EVERY.value}", f"--set=data.workers={_WORKERS.value}",
-         f"--set=probe_context={max(128, _SEQ_LEN.value)}", "--set=progress_bar=false",
+         # Probe repeats as long as the longest trained ones (copying does not extrapolate).
+         f"--set=probe_context={max(128, context)}", "--set=progress_bar=false",
          f"--set=log_every={_PROBE_EVERY.value}", f"--set=checkpoint.every={_STEPS.value}",
          f"--set=data.sources={json.dumps(sources)}"] + [f"--set={s}" for s in _SET.value]
   subprocess.run(cmd, check=True)
