@@ -15,6 +15,7 @@ import typing
 from typing import Any, Mapping
 
 from mage_jax.config import ModelConfig
+from mage_jax.tasks import niah
 
 MODES = ("pretrain", "selfdistill")
 # Synthetic training samples draw seeds from [TRAIN_SEED_OFFSET, ...): eval uses seeds below it,
@@ -217,8 +218,9 @@ class TrainConfig:
           (source.kind == "files" or source.kind in SYNTHETIC_KINDS, "data.sources.kind",
            f"unknown kind {source.kind!r}; expected files or one of {SYNTHETIC_KINDS}"),
           (source.weight > 0, "data.sources.weight", f"must be > 0, got {source.weight}"),
-          (1 <= source.needles <= 576, "data.sources.needles",
-           f"must be in [1, 576] (distinct needle keys), got {source.needles}"),
+          (1 <= source.needles <= len(niah.all_keys()), "data.sources.needles",
+           f"must be in [1, {len(niah.all_keys())}] (distinct needle keys), "
+           f"got {source.needles}"),
           (0.0 <= source.number_share <= 1.0, "data.sources.number_share",
            f"must be in [0, 1], got {source.number_share}"),
           (source.number_share == 0.0 or source.kind == "repeat", "data.sources.number_share",

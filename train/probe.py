@@ -16,6 +16,7 @@ documents and score masked tokens only:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
+from flax import nnx
 
 from mage_jax import attention
 from mage_jax.model import Transformer
@@ -45,17 +47,34 @@ def _pad(rows: Sequence[Sequence[int]], masks: Sequence[np.ndarray], multiple: i
   return jnp.asarray(tokens), jnp.asarray(scored)
 
 
-def masked_accuracy(model: Transformer, tokens: jax.Array, masked: jax.Array,
-                    scored: jax.Array, impl: str = "auto") -> float:
-  """Accuracy of the training view's argmax on ``scored`` tokens, ``masked`` ones replaced by
-  the mask id (tokens, masked, scored: [batch, L], L a multiple of the block size)."""
+@functools.partial(nnx.jit, static_argnames="impl")
+def masked_predictions(model: Transformer, tokens: jax.Array, masked: jax.Array,
+                       impl: str = "auto") -> jax.Array:
+  """The training view's argmax at every position, ``masked`` tokens replaced by the mask id
+  (tokens, masked: [batch, L], L a multiple of the block size). Compiled once per shape; the
+  probe documents are fixed, so a run compiles it once per probe."""
   cfg = model.config
   noisy = jnp.where(masked, cfg.mask_token_id, tokens)
   h_noisy, h_clean, _ = objective.doubled_forward(
       model, noisy, tokens, attention.make_training_attend(cfg.block_size, impl), None)
   hidden, _ = objective.predicting_hidden(h_noisy, h_clean, cfg.block_size, cfg.token_shift)
-  right = (jnp.argmax(model.logits(hidden), axis=-1) == tokens) & scored
+  return jnp.argmax(model.logits(hidden), axis=-1)
+
+
+def _accuracy(predictions: jax.Array, tokens: jax.Array, scored: jax.Array) -> float:
+  right = (predictions == tokens) & scored
   return float(jnp.sum(right) / jnp.maximum(jnp.sum(scored), 1))
+
+
+def masked_accuracy(model: Transformer, tokens: jax.Array, masked: jax.Array,
+                    scored: jax.Array, impl: str = "auto") -> float:
+  """Accuracy of the training view's argmax on ``scored`` tokens, ``masked`` ones replaced by
+  the mask id."""
+  return _accuracy(masked_predictions(model, tokens, masked, impl), tokens, scored)
+
+
+def _token_counter(tokenizer: tokenizers.Tokenizer):
+  return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def copy_documents(tokenizer: tokenizers.Tokenizer, *, context: int, docs: int,
@@ -63,7 +82,7 @@ def copy_documents(tokenizer: tokenizers.Tokenizer, *, context: int, docs: int,
   """``repeat`` documents as (tokens, first, second) [docs, L]: the token ids (L padded to a
   multiple of ``multiple``), and the positions scored in the first copy and in the repetition
   (whose tokens equal the first copy's, shifted)."""
-  count = lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+  count = _token_counter(tokenizer)
   rows, first_masks, second_masks = [], [], []
   for i in range(docs):
     text = haystack.repeated_passage(context, seed=PROBE_SEED, index=i, count_tokens=count)
@@ -85,14 +104,15 @@ def copy_probe(model: Transformer, tokenizer: tokenizers.Tokenizer, *, context: 
   tokens, first, second = copy_documents(tokenizer, context=context, docs=docs,
                                          multiple=model.config.block_size)
   masked = jnp.asarray(np.random.default_rng(0).random(tokens.shape) < mask_rate)
-  return {"copy_first_half": masked_accuracy(model, tokens, masked, masked & first, impl),
-          "copy_second_half": masked_accuracy(model, tokens, masked, masked & second, impl)}
+  predictions = masked_predictions(model, tokens, masked, impl)  # one forward, both halves
+  return {"copy_first_half": _accuracy(predictions, tokens, masked & first),
+          "copy_second_half": _accuracy(predictions, tokens, masked & second)}
 
 
 def needle_documents(tokenizer: tokenizers.Tokenizer, *, context: int, needles: int, docs: int,
                      multiple: int) -> tuple[jax.Array, jax.Array]:
   """``niah_drill`` documents as (tokens, answer digits) [docs, L]."""
-  count = lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+  count = _token_counter(tokenizer)
   rows, answer_masks = [], []
   for i in range(docs):
     text = niah.recall_drill_text(context, needles, seed=PROBE_SEED, index=i,
