@@ -6,6 +6,8 @@
 * profile: device time of every kernel launched by each entry point (jax.profiler trace), at the
   1.5B shape, batch 1, 16K and 128K: which launches a step is made of, and what the harness adds.
 * sweep: tuning variants at the 1.5B shape, 128K cache, batch 1.
+* sweep_exact: the exact kernel's tuning grid (exact_tunings) at the 1.5B shape over --batches x
+  --caches, judged on device time over four K/V sets (past the L2).
 * table: Fast-dLLM v2 1.5B (12 q / 2 KV heads) and 7B (28 / 4), hd 128, 32-token block, caches
   16K..128K, batch 1 and 8: exact split-KV, mask step (attention + alpha), sparse k=512, index
   selection, against XLA's dot_product_attention and lax.top_k, next to the floor
@@ -40,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
 from pallas_kernels import sparse_attention
 from pallas_kernels import topk
+from pallas_kernels import _triton_utils as tu  # pylint: disable=protected-access
 
 MODELS = {"1.5B": (12, 2), "7B": (28, 4)}
 HEAD_DIM = 128
@@ -307,6 +310,49 @@ def run_sweep(log) -> list[dict]:
   return rows
 
 
+def exact_tunings(batch: int, q_heads: int, kv_heads: int, capacity: int) -> list[dict]:
+  """The exact kernel's tuning grid around its defaults (splits halved and doubled, wider key
+  tiles, one full query tile, pipeline depth, warps)."""
+  group_rows = (q_heads // kv_heads) * BLOCK
+  block_q = decode_attention._default_block_q(  # pylint: disable=protected-access
+      group_rows, batch * kv_heads)
+  q_tiles = math.ceil(group_rows / block_q)
+  splits = tu.default_num_splits(batch * kv_heads * q_tiles, capacity, 64)
+  return [{}, dict(num_splits=max(1, splits // 2)), dict(num_splits=splits * 2),
+          dict(block_k=128), dict(block_k=32), dict(block_q=64), dict(block_q=256),
+          dict(num_stages=2),
+          dict(num_stages=4), dict(num_warps=8)]
+
+
+def run_sweep_exact(log, batches, caches) -> list[dict]:
+  """Device time of the exact split-KV attention (kernel + split merge) per call for each tuning
+  in ``exact_tunings``, 1.5B shape: four calls on four K/V sets in one program (as four layers
+  would read them, past the L2), profiled, divided by four."""
+  rows = []
+  for batch in batches:
+    for capacity in caches:
+      problem = Problem(batch, *MODELS["1.5B"], capacity)
+      sets = (problem.kv_sets * 4)[:4]
+      q = problem.queries[0]
+      for tuning in exact_tunings(batch, *MODELS["1.5B"], capacity):
+        def layers(q, sets, tuning=tuning):
+          return [decode_attention.exact_block_attention(
+              q, k, v, problem.lengths, problem.k_block, problem.v_block, impl="pallas",
+              **tuning) for k, v in sets]
+        launches = attempt(log, f"sweep_exact {batch} {capacity} {tuning}",
+                           lambda: profile_launches(jax.jit(layers), (q, sets)))
+        if launches is not None:
+          bytes_s, _ = problem.floor_seconds()
+          rows.append({"batch": batch, "cache": capacity, **tuning,
+                       "device_us": sum(launches.values()) / 4,
+                       "kernel_us": sum(v for k, v in launches.items()
+                                        if k.startswith("block_split_kv")) / 4,
+                       "floor_us": bytes_s * 1e6})
+          log(json.dumps(rows[-1]))
+      del problem
+  return rows
+
+
 def run_table(log, tuning: dict, batches, caches, baselines: bool) -> list[dict]:
   """Harness (wall) times and profiled device times per call of every entry point."""
   rows = []
@@ -390,6 +436,10 @@ def main() -> None:
     report["profile"] = run_profile(log)
   if "sweep" in modes:
     report["sweep"] = run_sweep(log)
+  if "sweep_exact" in modes:
+    report["sweep_exact"] = run_sweep_exact(
+        log, [int(b) for b in flags.batches.split(",")],
+        [int(c) for c in flags.caches.split(",")])
   if "table" in modes:
     report["table"] = run_table(
         log, report["tuning"], [int(b) for b in flags.batches.split(",")],

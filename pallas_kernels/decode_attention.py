@@ -111,11 +111,23 @@ def _default_warps(tile_rows: int) -> int:
   return 8 if tile_rows >= 256 else 4
 
 
-def _default_block_q(query_rows: int) -> int:
-  """64-row query tiles where they cover the G*B rows with fewer padded rows than one
-  power-of-two tile (1.5B: 192 = 3 x 64 instead of 256, 78 vs 99 us at 128K), else one tile:
-  extra tiles then only re-read K/V (7B: 224 rows as 4 x 64 measured 218 vs 180 us wall)."""
+# (sequence, KV head) pairs from which one full query tile per pair beats 64-row tiles.
+FULL_TILE_MIN_PAIRS = 16
+
+
+def _default_block_q(query_rows: int, pairs: int) -> int:
+  """Query rows per program for ``pairs`` = batch x KV heads.
+
+  Few pairs (batch 1-2): 64-row tiles where they cover the G*B rows with fewer padded rows than
+  one power-of-two tile (1.5B: 192 = 3 x 64 instead of 256; 30 vs 46 us at 32K, 79 vs 98 us at
+  128K, batch 1), else one tile: extra tiles then only re-read K/V (7B: 224 rows as 4 x 64
+  measured 218 vs 180 us wall). From FULL_TILE_MIN_PAIRS pairs on, the grid is full without
+  query tiles and reading K/V once per split wins: 1.5B batch 8, one 256-row tile, 173 vs 181 us
+  at 32K and 590 vs 676 us at 128K (H100, benchmarks/decode_kernels.py --mode=sweep_exact).
+  Batches 3-7 are not measured and keep the 64-row tiles."""
   tile_rows = tu.next_power_of_two(query_rows)
+  if pairs >= FULL_TILE_MIN_PAIRS:
+    return tile_rows
   return 64 if pl.cdiv(query_rows, 64) * 64 < tile_rows else tile_rows
 
 
@@ -130,7 +142,7 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
   group = q_heads // kv_heads
   tile_rows = tu.next_power_of_two(group * block)
   if block_q is None:
-    block_q = _default_block_q(group * block)
+    block_q = _default_block_q(group * block, batch * kv_heads)
   block_q = min(tu.next_power_of_two(block_q), tile_rows)
   q_tiles = pl.cdiv(group * block, block_q)
   block_k = tu.fit_block_k(block_k, capacity)
@@ -247,9 +259,10 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
     sm_scale: logit scale, default 1/sqrt(head_dim).
     impl: "auto", "pallas", "interpret" or "reference" (see `dispatch.resolve_impl`).
     **tuning: block_k (keys per tile, default 64), block_q (query rows per program; default
-      64 where that saves padded rows, as for the 1.5B shape's 192 = 3 x 64 rows, whose three
-      programs share each K/V tile through L2, else all G*B rows), num_splits (programs per KV head and query
-      tile, default enough for ~264 programs), num_warps (default 8 for tiles of >= 256 query
+      one tile of all G*B rows, except with fewer than FULL_TILE_MIN_PAIRS (sequence, KV head)
+      pairs, where 64-row tiles are used if they save padded rows, as for the 1.5B shape's
+      192 = 3 x 64 rows, whose three programs share each K/V tile through L2), num_splits
+      (programs per KV head and query tile, default enough for ~264 programs), num_warps (default 8 for tiles of >= 256 query
       rows, else 4), num_stages (default 3; benchmarks/results/decode_kernels.md has the sweeps).
 
   Returns:

@@ -146,3 +146,13 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="impl"):
     decode_attention.mask_step_attention(q, k_cache, v_cache, lengths, k_block, v_block,
                                          impl="triton")
+
+
+def test_default_query_tile_follows_batch():
+  """64-row tiles only where few (sequence, KV head) pairs leave the grid short and they save
+  padded rows; one full tile otherwise (measured choices, see _default_block_q)."""
+  rows_15b, rows_7b = 6 * 32, 7 * 32
+  assert decode_attention._default_block_q(rows_15b, 2) == 64  # 1.5B, batch 1
+  assert decode_attention._default_block_q(rows_15b, 16) == 256  # 1.5B, batch 8
+  assert decode_attention._default_block_q(rows_7b, 4) == 256  # 7B: 4 x 64 saves nothing
+  assert decode_attention._default_block_q(128, 2) == 128  # already a power of two
