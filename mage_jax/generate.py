@@ -196,6 +196,9 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
   greedy = options.temperature == 0.0
 
   def propose(logits, key):
+    # A decoded position must hold a real token: [MASK] is never proposed (a random or barely
+    # trained model can rank it first, and the position would then stay masked in the output).
+    logits = logits.at[..., cfg.mask_token_id].set(sampling.NEG_INF)
     return sampling.propose_tokens(logits, None if greedy else key, options.temperature,
                                    options.top_p)
 
