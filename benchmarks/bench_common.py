@@ -7,13 +7,17 @@
   runs them. Timing one jitted step per Python call adds the host's dispatch of the call (its
   ~340 parameter and cache arrays) to every step: 1.2-1.9 ms on the 1.5B shape, as large as
   the step's kernels, and absent from real decoding.
-* ``median_seconds``: median wall time of a blocking call, after a warm-up call.
+* ``median_seconds``: median wall time of a blocking call, after a warm-up call;
+  ``trace_kernels``: the GPU kernels calls launch, from a jax.profiler trace.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 import statistics
+import tempfile
 import time
 from typing import ClassVar
 
@@ -97,3 +101,22 @@ def denoise_loop(graphdef, method: AttentionMethod, *, first: bool, steps: int):
     return jax.lax.while_loop(lambda c: c[0] <= steps, body, (jnp.int32(1), block, state))[1:]
 
   return run
+
+
+def trace_kernels(fn, calls: int) -> list[tuple[str, int, int]]:
+  """(name, start_ns, duration_ns) of every GPU kernel ``calls`` calls of ``fn`` launch."""
+  jax.block_until_ready(fn())
+  trace_dir = tempfile.mkdtemp()
+  jax.profiler.start_trace(trace_dir)
+  for _ in range(calls):
+    jax.block_until_ready(fn())
+  jax.profiler.stop_trace()
+  events = []
+  for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+      if not plane.name.startswith("/device:GPU"):
+        continue
+      for line in plane.lines:
+        if line.name.startswith("Stream"):
+          events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+  return events

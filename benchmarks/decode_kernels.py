@@ -24,12 +24,10 @@ OUT/NAME.md; the table is printed last.
 import argparse
 import collections
 import datetime
-import glob
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -43,6 +41,9 @@ from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-t
 from pallas_kernels import sparse_attention
 from pallas_kernels import topk
 from pallas_kernels import _triton_utils as tu  # pylint: disable=protected-access
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import trace_kernels  # noqa: E402
 
 MODELS = {"1.5B": (12, 2), "7B": (28, 4)}
 HEAD_DIM = 128
@@ -98,21 +99,9 @@ def time_per_call(call, per_call_args: tuple, shared_sets: list) -> float:
 
 def profile_launches(fn, args, iterations: int = 5) -> dict[str, float]:
   """Mean device microseconds per call of each GPU kernel that ``fn(*args)`` launches."""
-  jax.block_until_ready(fn(*args))
-  trace_dir = tempfile.mkdtemp()
-  jax.profiler.start_trace(trace_dir)
-  for _ in range(iterations):
-    jax.block_until_ready(fn(*args))
-  jax.profiler.stop_trace()
   totals = collections.Counter()
-  for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
-    for plane in jax.profiler.ProfileData.from_file(path).planes:
-      if not plane.name.startswith("/device:GPU"):
-        continue
-      for line in plane.lines:
-        if line.name.startswith("Stream"):
-          for event in line.events:
-            totals[event.name[:60]] += event.duration_ns / 1e3 / iterations
+  for name, _, duration_ns in trace_kernels(lambda: fn(*args), iterations):
+    totals[name[:60]] += duration_ns / 1e3 / iterations
   return dict(totals.most_common())
 
 

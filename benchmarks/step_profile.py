@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import collections
 import datetime
-import glob
 import gzip
 import json
 import os
 import subprocess
 import sys
-import tempfile
-import time
 
 from absl import app, flags
 
@@ -78,26 +75,6 @@ def _kind(name: str) -> str:
   return "other (pallas / custom)"
 
 
-def _trace_kernels(fn, calls: int) -> list[tuple[str, int, int]]:
-  """(name, start_ns, duration_ns) of every GPU kernel ``calls`` calls of ``fn`` launch."""
-  import jax
-  jax.block_until_ready(fn())
-  trace_dir = tempfile.mkdtemp()
-  jax.profiler.start_trace(trace_dir)
-  for _ in range(calls):
-    jax.block_until_ready(fn())
-  jax.profiler.stop_trace()
-  events = []
-  for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
-    for plane in jax.profiler.ProfileData.from_file(path).planes:
-      if not plane.name.startswith("/device:GPU"):
-        continue
-      for line in plane.lines:
-        if line.name.startswith("Stream"):
-          events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
-  return events
-
-
 def _device_summary(events, calls: int, steps_per_call: int) -> dict:
   """Per-step kernel count, busy time and span (busy + gaps) from a loop's trace."""
   steps = calls * steps_per_call
@@ -138,7 +115,7 @@ def _run_variant(variant: str) -> list[dict]:
   from mage_jax.methods.base import AttentionMethod
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from bench_common import NoAttention, denoise_loop, median_seconds
+  from bench_common import NoAttention, denoise_loop, median_seconds, trace_kernels
 
   cfg = ModelConfig.preset(FLAGS.preset, max_position_embeddings=1 << 20)
   graphdef, params = nnx.split(build_model(cfg, seed=0))
@@ -174,7 +151,7 @@ def _run_variant(variant: str) -> list[dict]:
       call_s = median_seconds(lambda: later_step(params, block, cache, state), FLAGS.repeats)
       loop_s = median_seconds(lambda: later_loop(params, block, cache, state), FLAGS.repeats)
       calls = 3
-      device = _device_summary(_trace_kernels(lambda: later_loop(params, block, cache, state),
+      device = _device_summary(trace_kernels(lambda: later_loop(params, block, cache, state),
                                               calls), calls, FLAGS.steps)
       if FLAGS.dump_hlo and variant == "default":
         text = later_loop.lower(params, block, cache, state).compile().as_text()
