@@ -41,12 +41,19 @@ _IGNORABLE = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
 
 
 class _Spec(NamedTuple):
-  """How one Hugging Face tensor maps onto one model parameter."""
+  """How one Hugging Face tensor maps onto one model parameter, or onto a part of one (the MLP's
+  gate and up weights are the two halves of ``mlp.gate_up_proj.kernel``)."""
 
   path: tuple[str | int, ...]  # the parameter's path in the model's flat state
   hf_shape: tuple[int, ...]
-  shape: tuple[int, ...]
+  shape: tuple[int, ...]  # this tensor's shape in our layout
   transpose: bool  # a Linear weight: Hugging Face keeps [out, in], we keep inputs first
+  param_shape: tuple[int, ...] | None = None  # the whole parameter's shape when ``part`` is set
+  part: tuple | None = None  # numpy index of this tensor inside the parameter
+
+  @property
+  def full_shape(self) -> tuple[int, ...]:
+    return self.shape if self.part is None else self.param_shape
 
   def to_ours(self, x: np.ndarray) -> np.ndarray:
     return (x.T if self.transpose else x).reshape(self.shape)
@@ -82,9 +89,11 @@ def _tensor_specs(cfg: ModelConfig) -> dict[str, _Spec]:
         add(f"self_attn.{norm}.weight", ("self_attn", norm, "scale"), (d,), (d,), False)
     add("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), (e,), (e,),
         False)
-    for proj, (fan_in, fan_out) in (("gate", (e, f)), ("up", (e, f)), ("down", (f, e))):
-      add(f"mlp.{proj}_proj.weight", ("mlp", f"{proj}_proj", "kernel"), (fan_out, fan_in),
-          (fan_in, fan_out), True)
+    for index, proj in enumerate(("gate", "up")):
+      specs[f"model.layers.{i}.mlp.{proj}_proj.weight"] = _Spec(
+          ("layers", i, "mlp", "gate_up_proj", "kernel"), (f, e), (e, f), True,
+          param_shape=(e, 2, f), part=(slice(None), index))
+    add("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (e, f), (f, e), True)
   specs["model.norm.weight"] = _Spec(("norm", "scale"), (e,), (e,), False)
   if not cfg.tie_word_embeddings:
     specs["lm_head.weight"] = _Spec(("lm_head", "kernel"), (vocab, e), (e, vocab), True)
@@ -214,6 +223,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None,
   _check_name_map(specs, flat)
 
   values: dict[tuple, jax.Array] = {}
+  parts: dict[tuple, np.ndarray] = {}  # parameters assembled from several tensors
+  loaded: set[str] = set()
   tied_head: _SafetensorsFile | None = None
   weights = _weight_files(path)
   for name, handle in _iter_tensors(weights):
@@ -231,12 +242,19 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None,
     if tuple(x.shape) != spec.hf_shape:
       raise ValueError(f"tensor {name!r} in {file} has shape {tuple(x.shape)}, expected "
                        f"{spec.hf_shape} from {config_file}")
-    values[spec.path] = jnp.asarray(spec.to_ours(x), dtype=flat[spec.path].get_value().dtype)
-  missing = [n for n, s in specs.items() if s.path not in values]
+    dtype = flat[spec.path].get_value().dtype
+    loaded.add(name)
+    if spec.part is None:
+      values[spec.path] = jnp.asarray(spec.to_ours(x), dtype=dtype)
+    else:
+      whole = parts.setdefault(spec.path, np.zeros(spec.param_shape, dtype))
+      whole[spec.part] = spec.to_ours(x).astype(dtype)
+  missing = [n for n in specs if n not in loaded]
   if missing:
     more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
     raise ValueError(f"missing tensor {missing[0]!r}: expected in "
                      f"{weights.expected_file(missing[0])}{more}")
+  values.update({p: jnp.asarray(v) for p, v in parts.items()})
   if tied_head is not None:
     _check_tied_head(tied_head, values[specs["model.embed_tokens.weight"].path])
   state = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in flat.items()])
@@ -245,7 +263,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None,
 
 def _check_name_map(specs: Mapping[str, _Spec], flat: Mapping[tuple, Any]) -> None:
   """Fails loudly if the model grew or reshaped a parameter the name map does not know."""
-  by_path = {s.path: (n, s.shape) for n, s in specs.items()}
+  by_path = {s.path: (n, s.full_shape) for n, s in specs.items()}
   for p, v in flat.items():
     if p not in by_path:
       raise ValueError(f"model parameter {'.'.join(map(str, p))} has no Hugging Face name")
@@ -305,8 +323,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *,
     if (stale in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.match(stale)) and stale not in files:
       os.remove(os.path.join(path, stale))
   for file, names in zip(files, shards):
-    tensors = {n: specs[n].to_hf(np.asarray(flat[specs[n].path].get_value().astype(dtype)))
-               for n in names}
+    tensors = {n: specs[n].to_hf(_our_tensor(flat, specs[n], dtype)) for n in names}
     safetensors.numpy.save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
   if len(files) > 1:
     index = {
@@ -318,6 +335,12 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *,
       json.dump(index, f, indent=2)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(cfg.to_hf_config(), f, indent=2)
+
+
+def _our_tensor(flat, spec: _Spec, dtype) -> np.ndarray:
+  """The parameter (or the part of it) that ``spec`` exports, in ``dtype``."""
+  value = np.asarray(flat[spec.path].get_value().astype(dtype))
+  return value if spec.part is None else value[spec.part]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ AXIS_RULES: dict[str, str | None] = {
     "vocab": "model",
     "embed": None,
     "head_dim": None,
+    "gate_up": None,  # the gate / up pair of the fused MLP input projection
     "seq": None,
     "capacity": None,
     "layers": None,
@@ -67,8 +68,7 @@ _PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("v_proj", "kernel"): ("embed", "kv_heads", "head_dim"),
     ("v_proj", "bias"): ("kv_heads", "head_dim"),
     ("o_proj", "kernel"): ("q_heads", "head_dim", "embed"),
-    ("gate_proj", "kernel"): ("embed", "mlp"),
-    ("up_proj", "kernel"): ("embed", "mlp"),
+    ("gate_up_proj", "kernel"): ("embed", "gate_up", "mlp"),
     ("down_proj", "kernel"): ("mlp", "embed"),
     ("scale",): ("norm",),
 }

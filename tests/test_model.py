@@ -172,7 +172,7 @@ def test_scaled_residual_init_shrinks_only_the_residual_projections():
                                a.mlp.down_proj.kernel.get_value() * factor, rtol=1e-6)
     np.testing.assert_array_equal(b.self_attn.q_proj.kernel.get_value(),
                                   a.self_attn.q_proj.kernel.get_value())
-    np.testing.assert_array_equal(b.mlp.up_proj.kernel.get_value(),
-                                  a.mlp.up_proj.kernel.get_value())
+    np.testing.assert_array_equal(b.mlp.gate_up_proj.kernel.get_value(),
+                                  a.mlp.gate_up_proj.kernel.get_value())
   down = scaled.layers[0].mlp.down_proj.kernel.get_value()
   assert abs(float(np.std(down)) - 0.02 * factor) < 1e-3

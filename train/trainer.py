@@ -50,7 +50,7 @@ class TrainState(NamedTuple):
 
   Attributes:
     step: int32 scalar, optimizer steps completed.
-    params: float32 master weights by dotted name (``layers.0.mlp.up_proj.kernel``).
+    params: float32 master weights by dotted name (``layers.0.mlp.gate_up_proj.kernel``).
     opt_state: the optax state of ``params``.
     rng: uint32 key data of the run's PRNG key; step s uses fold_in(key, s).
     data_position: int32 scalar, packed sequences consumed (step * global batch).

@@ -110,7 +110,7 @@ def generation() -> dict:
     cache = sharding.init_sharded_cache(cfg, BATCH, 64, mesh)
     out["specs"][mesh_name] = {
         "k_proj": _spec(attn.k_proj.kernel), "o_proj": _spec(attn.o_proj.kernel),
-        "up_proj": _spec(mlp.up_proj.kernel), "down_proj": _spec(mlp.down_proj.kernel),
+        "gate_up_proj": _spec(mlp.gate_up_proj.kernel), "down_proj": _spec(mlp.down_proj.kernel),
         "embed": _spec(model.embed_tokens.embedding), "lm_head": _spec(model.lm_head.kernel),
         "cache_k": _spec(cache.layers[0][0]), "cache_lengths": _spec(cache.lengths)}
   del out["mage"]["single_indices"]

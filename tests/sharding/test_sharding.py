@@ -79,9 +79,9 @@ def test_params_and_cache_carry_the_declared_shardings(sharded):
   for mesh in MESHES:
     assert specs[mesh] == {
         "k_proj": [None, "model", None], "o_proj": ["model", None, None],
-        "up_proj": [None, "model"], "down_proj": ["model", None], "embed": ["model", None],
-        "lm_head": [None, "model"], "cache_k": ["data", "model", None, None],
-        "cache_lengths": ["data"]}, mesh
+        "gate_up_proj": [None, None, "model"], "down_proj": ["model", None],
+        "embed": ["model", None], "lm_head": [None, "model"],
+        "cache_k": ["data", "model", None, None], "cache_lengths": ["data"]}, mesh
     assert specs[f"{mesh}/selections"], f"{mesh}: MAGE selections not over (data, model)"
 
 
