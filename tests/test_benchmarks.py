@@ -1,0 +1,56 @@
+"""The GPU benchmark scripts run end to end on the CPU at toy sizes (their numbers are only
+meaningful on the GPU; this keeps the scripts from breaking between device sessions)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args):
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+def test_decode_e2e_times_every_method_in_the_loop_and_rewrites_its_table(tmp_path):
+  _run("decode_e2e.py", "--preset=tiny_qwen2", "--contexts=40,100", "--batches=2",
+       "--methods=exact,mage,none,xla", "--budget=16", "--loop_context=0", "--loop_steps=2",
+       "--step_repeats=1", "--prefill_chunk=64", f"--out={tmp_path}")
+  with open(tmp_path / "decode_e2e.json") as f:
+    saved = json.load(f)
+  steps = saved["steps"]
+  assert [(r["method"], r["context"]) for r in steps] == [
+      (m, c) for m in ("exact", "mage", "none", "xla") for c in (40, 100)]
+  for r in steps:
+    assert r["step_ms"] > 0 and r["first_step_ms"] > 0 and r["call_ms"] > 0, r
+    assert r["floor_step_ms"] <= r["floor_first_ms"], r  # MAGE's later step reads less
+  table = (tmp_path / "decode_e2e.md").read_text()
+  assert "| mage | 2 | 100 |" in table and "exact / this block" in table
+  os.remove(tmp_path / "decode_e2e.md")
+  _run("decode_e2e.py", f"--markdown_from={tmp_path / 'decode_e2e.json'}", f"--out={tmp_path}")
+  assert (tmp_path / "decode_e2e.md").read_text() == table
+
+
+def test_step_profile_runs_a_variant_in_its_own_process(tmp_path):
+  out = _run("step_profile.py", "--preset=tiny_qwen2", "--context=60", "--batches=1",
+             "--methods=none,exact,mage", "--budget=16", "--variants=default", "--steps=2",
+             "--repeats=1", f"--out={tmp_path}")
+  with open(tmp_path / "step_profile.json") as f:
+    rows = json.load(f)["rows"]
+  assert [(r["variant"], r["method"]) for r in rows] == [
+      ("default", m) for m in ("none", "exact", "mage")]
+  assert all(r["loop_ms"] > 0 and r["call_ms"] > 0 for r in rows)
+  assert "| default | 1 | mage |" in out
+
+
+def test_gemm_layouts_times_both_layouts(tmp_path):
+  _run("gemm_layouts.py", "--rows=8", "--layers=2", "--embed=32", "--mlp=48", "--q_out=32",
+       "--kv_out=8", f"--out={tmp_path}")
+  with open(tmp_path / "gemm_layouts.json") as f:
+    rows = json.load(f)["rows"]
+  assert {(r["group"], r["layout"]) for r in rows} == {
+      (g, layout) for g in ("gate_up", "qkv") for layout in ("separate", "fused")}
