@@ -15,7 +15,7 @@ import typing
 from typing import Any, Mapping
 
 from mage_jax.config import ModelConfig
-from mage_jax.tasks import niah
+from mage_jax.tasks import haystack, niah
 
 MODES = ("pretrain", "selfdistill")
 # Synthetic training samples draw seeds from [TRAIN_SEED_OFFSET, ...): eval uses seeds below it,
@@ -87,7 +87,8 @@ class SourceConfig:
   retrieval targets for a model learning to retrieve from scratch. "repeat" documents are a
   filler passage and its exact repetition (mage_jax.tasks.haystack.repeated_passage): copying
   practice, which makes a model from scratch form induction heads early; ``number_share`` of
-  its items are 7-digit numbers (copying digit strings exactly, as needle values need).
+  its items are ``number_digits``-digit numbers (copying digit strings exactly, as needle
+  values need; default 7, the needle values' length).
   """
 
   kind: str
@@ -97,6 +98,7 @@ class SourceConfig:
   min_context_tokens: int | None = None
   needles: int = 8
   number_share: float = 0.0
+  number_digits: int = 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +227,9 @@ class TrainConfig:
            f"must be in [0, 1], got {source.number_share}"),
           (source.number_share == 0.0 or source.kind == "repeat", "data.sources.number_share",
            f"applies to repeat sources only, not {source.kind}"),
+          (1 <= source.number_digits <= haystack.MAX_NUMBER_DIGITS,
+           "data.sources.number_digits",
+           f"must be in [1, {haystack.MAX_NUMBER_DIGITS}], got {source.number_digits}"),
           (source.kind != "files" or source.paths, "data.sources.paths",
            "a files source needs paths"),
           (source.min_context_tokens is None or source.min_context_tokens >= 1,

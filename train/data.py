@@ -119,6 +119,7 @@ class _Synthetic:
     self.kind = source.kind
     self.needles = source.needles
     self.number_share = source.number_share
+    self.number_digits = source.number_digits
     self.context = source.context_tokens or max(1, seq_len - ANSWER_ROOM)
     self.min_context = source.min_context_tokens or self.context
     self.seed = TRAIN_SEED_OFFSET + seed
@@ -143,7 +144,8 @@ class _Synthetic:
     if self.kind == "repeat":
       return haystack.repeated_passage(context, seed=self.seed, index=index,
                                        count_tokens=self.count_tokens,
-                                       number_share=self.number_share)
+                                       number_share=self.number_share,
+                                       number_digits=self.number_digits)
     if self.kind == "niah_drill":
       if needles is None:
         needles = random.Random(f"train-needles/{self.seed}/{index}").randint(

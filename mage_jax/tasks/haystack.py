@@ -278,8 +278,12 @@ _COPY_WORDS = (_ADJECTIVES + _NOUNS + _PLURALS + _PAST_VERBS + _PRESENT_VERBS + 
                + tuple("0123456789"))
 
 
+MAX_NUMBER_DIGITS = 18
+
+
 def repeated_passage(context_length: int, *, seed: int | str, index: int,
-                     count_tokens: Callable[[str], int], number_share: float = 0.0) -> str:
+                     count_tokens: Callable[[str], int], number_share: float = 0.0,
+                     number_digits: int = 7) -> str:
   """A passage of random words followed by its exact repetition, at most
   ``context_length`` tokens in all.
 
@@ -289,22 +293,28 @@ def repeated_passage(context_length: int, *, seed: int | str, index: int,
   grammatical filler the copy gains little over the grammar and a model from
   scratch did not pick it up (WORKSPACE_NOTES.md).
 
-  ``number_share`` of the items are 7-digit numbers instead of words. A
-  word-level tokenizer spells numbers one digit per token, from an alphabet of
-  ten, so the previous token alone does not say where a copy continues
-  ("8737866": which 7?); numbers teach the multi-token copying that needle
-  values need.
+  ``number_share`` of the items are ``number_digits``-digit numbers instead of
+  words. A word-level tokenizer spells numbers one digit per token, from an
+  alphabet of ten, so the previous token alone does not say where a copy
+  continues ("8737866": which 7?); numbers teach the multi-token copying that
+  needle values need. Numbers longer than the 7-digit needle values train
+  copying past the 7th digit (the shipped model copies digits 1-5 of a needle
+  value and misses 6-7: WORKSPACE_NOTES.md, session 5).
 
   Raises:
-    ValueError: if ``context_length`` cannot hold a word twice.
+    ValueError: if ``context_length`` cannot hold a word twice, or a number
+      setting is out of range.
   """
   if not 0.0 <= number_share <= 1.0:
     raise ValueError(f"number_share must be in [0, 1], got {number_share}")
+  if not 1 <= number_digits <= MAX_NUMBER_DIGITS:
+    raise ValueError(f"number_digits must be in [1, {MAX_NUMBER_DIGITS}], got {number_digits}")
   rng = random.Random(f"repeat/{seed}/{index}")
   if number_share == 0.0:  # the original stream, kept for the runs that used it
     words = [rng.choice(_COPY_WORDS) for _ in range(context_length)]
   else:
-    words = [str(rng.randrange(10**6, 10**7)) if rng.random() < number_share
+    low = 10**(number_digits - 1) if number_digits > 1 else 0
+    words = [str(rng.randrange(low, 10**number_digits)) if rng.random() < number_share
              else rng.choice(_COPY_WORDS) for _ in range(context_length)]
 
   def doubled(n: int) -> str:

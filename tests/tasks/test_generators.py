@@ -326,3 +326,19 @@ def test_repeated_passage_number_share_mixes_in_seven_digit_numbers():
   assert not re.search(r"\d{2}", plain)  # share 0: the original stream, digits single
   with pytest.raises(ValueError, match="number_share must be in"):
     haystack_lib.repeated_passage(400, seed=1, index=2, count_tokens=count, number_share=1.5)
+
+
+def test_repeated_passage_number_digits_sets_the_numbers_length():
+  count = sample_lib.count_words
+  mixed = haystack_lib.repeated_passage(400, seed=1, index=2, count_tokens=count,
+                                        number_share=0.3)
+  # 7 digits is the default and keeps the stream the shipped recipe was trained on.
+  assert mixed == haystack_lib.repeated_passage(400, seed=1, index=2, count_tokens=count,
+                                                number_share=0.3, number_digits=7)
+  longer = haystack_lib.repeated_passage(400, seed=1, index=2, count_tokens=count,
+                                         number_share=0.3, number_digits=10)
+  numbers = [w for w in re.findall(r"\d+", longer.split("\n\n")[0]) if len(w) > 1]
+  assert numbers and all(len(n) == 10 for n in numbers)  # (single digits are filler words)
+  with pytest.raises(ValueError, match="number_digits must be in"):
+    haystack_lib.repeated_passage(400, seed=1, index=2, count_tokens=count, number_share=0.3,
+                                  number_digits=0)

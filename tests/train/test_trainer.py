@@ -267,3 +267,8 @@ def test_number_share_outside_repeat_is_a_config_error():
                               "data": {"sources": [{"kind": "niah", "number_share": 0.2}]}})
   with pytest.raises(config_lib.ConfigError, match="number_share: applies to repeat sources"):
     cfg.validate(ModelConfig.preset("tiny_qwen2"), "pretrain")
+  cfg = config_lib.from_dict({"model": "tiny_qwen2", "workdir": "/tmp/x", "steps": 1,
+                              "seq_len": 512, "data": {"sources": [
+                                  {"kind": "repeat", "number_share": 0.2, "number_digits": 40}]}})
+  with pytest.raises(config_lib.ConfigError, match="number_digits: must be in"):
+    cfg.validate(ModelConfig.preset("tiny_qwen2"), "pretrain")
