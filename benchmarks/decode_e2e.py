@@ -1,7 +1,8 @@
 """End-to-end decoding benchmark on a random-weight model, next to the roofline of a step.
 
     python benchmarks/decode_e2e.py --preset=fast_dllm_v2_1.5b --contexts=16384,32768,65536,131072 \
-        --batches=1,8 --methods=exact,mage,xla --loop_context=32768 --out=$OUT
+        --batches=1 --methods=exact,mage,none,xla --loop_context=32768 --loop_steps=16 \
+        --step_repeats=3 --out=$OUT        # then --batches=8 --loop_context=0 (results/*_b8.*)
 
 For each batch size the cache is filled once by a real (chunked, flash-attention) prefill of the
 longest context; shorter contexts reuse that cache with smaller lengths, so each method compiles
