@@ -88,7 +88,8 @@ class SourceConfig:
   filler passage and its exact repetition (mage_jax.tasks.haystack.repeated_passage): copying
   practice, which makes a model from scratch form induction heads early; ``number_share`` of
   its items are ``number_digits``-digit numbers (copying digit strings exactly, as needle
-  values need; default 7, the needle values' length).
+  values need; default 7, the needle values' length). ``value_digits`` (low, high): the digit
+  counts of niah_drill needle values, uniform per value (default (7, 7), the eval tasks').
   """
 
   kind: str
@@ -99,6 +100,7 @@ class SourceConfig:
   needles: int = 8
   number_share: float = 0.0
   number_digits: int = 7
+  value_digits: tuple[int, int] = (7, 7)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +232,11 @@ class TrainConfig:
           (1 <= source.number_digits <= haystack.MAX_NUMBER_DIGITS,
            "data.sources.number_digits",
            f"must be in [1, {haystack.MAX_NUMBER_DIGITS}], got {source.number_digits}"),
+          (_valid_value_digits(source.value_digits), "data.sources.value_digits",
+           f"must be [low, high] with 1 <= low <= high <= {niah.MAX_VALUE_DIGITS}, "
+           f"got {list(source.value_digits)}"),
+          (tuple(source.value_digits) == (7, 7) or source.kind == "niah_drill",
+           "data.sources.value_digits", f"applies to niah_drill sources only, not {source.kind}"),
           (source.kind != "files" or source.paths, "data.sources.paths",
            "a files source needs paths"),
           (source.min_context_tokens is None or source.min_context_tokens >= 1,
@@ -242,6 +249,14 @@ class TrainConfig:
     for ok, field, why in checks:
       if not ok:
         raise ConfigError(f"{field}: {why}")
+
+
+def _valid_value_digits(value_digits) -> bool:
+  try:
+    niah.check_value_digits(value_digits)
+  except (TypeError, ValueError):
+    return False
+  return True
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:

@@ -120,6 +120,7 @@ class _Synthetic:
     self.needles = source.needles
     self.number_share = source.number_share
     self.number_digits = source.number_digits
+    self.value_digits = tuple(source.value_digits)
     self.context = source.context_tokens or max(1, seq_len - ANSWER_ROOM)
     self.min_context = source.min_context_tokens or self.context
     self.seed = TRAIN_SEED_OFFSET + seed
@@ -151,7 +152,8 @@ class _Synthetic:
         needles = random.Random(f"train-needles/{self.seed}/{index}").randint(
             1, self.max_needles(context))
       return niah.recall_drill_text(context, needles, seed=self.seed, index=index,
-                                    count_tokens=self.count_tokens)
+                                    count_tokens=self.count_tokens,
+                                    value_digits=self.value_digits)
     if self.kind == "niah":
       depth = random.Random(f"train-depth/{self.seed}/{index}").random()
       sample = niah.niah_sample(context, depth, seed=self.seed, index=index,

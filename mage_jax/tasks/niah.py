@@ -40,14 +40,26 @@ _KEY_NOUNS = (
 )
 
 
+MAX_VALUE_DIGITS = 18
+
+
+def check_value_digits(value_digits: Sequence[int]) -> tuple[int, int]:
+  """(low, high) of a needle-value digit range; ValueError unless 1 <= low <= high <= 18."""
+  if len(value_digits) != 2 or not 1 <= value_digits[0] <= value_digits[1] <= MAX_VALUE_DIGITS:
+    raise ValueError(f"value_digits must be (low, high) with 1 <= low <= high <= "
+                     f"{MAX_VALUE_DIGITS}, got {tuple(value_digits)}")
+  return int(value_digits[0]), int(value_digits[1])
+
+
 def random_key(rng: random.Random) -> str:
   """A needle key such as "cobalt-heron"."""
   return f"{rng.choice(_KEY_ADJECTIVES)}-{rng.choice(_KEY_NOUNS)}"
 
 
-def random_value(rng: random.Random) -> str:
-  """A 7-digit needle value; the filler has no digits, so it is unique."""
-  return str(rng.randint(10**6, 10**7 - 1))
+def random_value(rng: random.Random, digits: int = 7) -> str:
+  """A needle value of ``digits`` digits (7 in every eval task); the filler has no digits, so
+  it is unique."""
+  return str(rng.randint(10**(digits - 1), 10**digits - 1))
 
 
 def haystack_sample(
@@ -216,6 +228,7 @@ def recall_drill_text(
     index: int = 0,
     count_tokens: sample_lib.TokenCounter = sample_lib.count_words,
     haystack: haystack_lib.Haystack | None = None,
+    value_digits: tuple[int, int] = (7, 7),
 ) -> str:
   """A training document dense in retrieval: many needles, then every one asked.
 
@@ -228,16 +241,25 @@ def recall_drill_text(
   value's digits), so a small model sees retrieval targets often enough to
   learn key matching and copying.
 
+  Each value has a digit count drawn uniformly from ``value_digits`` (low, high); the default
+  (7, 7) is the eval tasks' length and keeps the original stream. Longer values put the 7th
+  digit inside the copied range rather than at its end (the shipped model copies digits 1-5 of
+  a 7-digit value and misses 6-7: WORKSPACE_NOTES.md, session 5).
+
   Raises:
-    ValueError: if num_needles is outside [1, 576] or the prompt cannot hold
-      the needles.
+    ValueError: if num_needles is outside [1, 576], value_digits is not an ordered pair in
+      [1, MAX_VALUE_DIGITS], or the prompt cannot hold the needles.
   """
   keys = all_keys()
   if not 1 <= num_needles <= len(keys):
     raise ValueError(f"num_needles must be in [1, {len(keys)}], got {num_needles}")
+  low, high = check_value_digits(value_digits)
   rng = random.Random(f"niah-drill/{seed}/{index}")
   chosen = rng.sample(keys, num_needles)
-  values = [random_value(rng) for _ in chosen]
+  if low == high:
+    values = [random_value(rng, low) for _ in chosen]
+  else:
+    values = [random_value(rng, rng.randint(low, high)) for _ in chosen]
   depths = [rng.random() for _ in chosen]
   if haystack is None:
     haystack = haystack_lib.Haystack.synthetic(f"niah-drill/{seed}/{index}")

@@ -342,3 +342,21 @@ def test_repeated_passage_number_digits_sets_the_numbers_length():
   with pytest.raises(ValueError, match="number_digits must be in"):
     haystack_lib.repeated_passage(400, seed=1, index=2, count_tokens=count, number_share=0.3,
                                   number_digits=0)
+
+
+def test_recall_drill_value_digits_sets_the_values_lengths():
+  # The default (7, 7) keeps the stream the shipped recipe was trained on.
+  assert niah.recall_drill_text(900, 8, seed=3, index=4) == niah.recall_drill_text(
+      900, 8, seed=3, index=4, value_digits=(7, 7))
+  text = niah.recall_drill_text(900, 8, seed=3, index=4, value_digits=(5, 12))
+  needles = dict(re.findall(r"The special magic number for (\S+) is (\d+)\.", text))
+  answered = dict(re.findall(r"The special magic number for (\S+) mentioned in the text is "
+                             r"(\d+)\.", text))
+  assert len(needles) == 8 and answered == needles
+  lengths = {len(v) for v in needles.values()}
+  assert lengths <= set(range(5, 13)) and len(lengths) > 1
+  fixed = niah.recall_drill_text(900, 8, seed=3, index=4, value_digits=(10, 10))
+  assert all(len(v) == 10 for v in re.findall(r"is (\d+)\.", fixed))
+  for bad in ((8, 7), (0, 7), (7, 19), (7,)):
+    with pytest.raises(ValueError, match="value_digits must be"):
+      niah.recall_drill_text(900, 8, value_digits=bad)

@@ -272,3 +272,33 @@ def test_number_share_outside_repeat_is_a_config_error():
                                   {"kind": "repeat", "number_share": 0.2, "number_digits": 40}]}})
   with pytest.raises(config_lib.ConfigError, match="number_digits: must be in"):
     cfg.validate(ModelConfig.preset("tiny_qwen2"), "pretrain")
+
+
+@pytest.mark.parametrize("source, why", [
+    ({"kind": "niah", "value_digits": [8, 10]}, "value_digits: applies to niah_drill sources"),
+    ({"kind": "niah_drill", "value_digits": [10, 8]}, r"value_digits: must be \[low, high\]"),
+    ({"kind": "niah_drill", "value_digits": [0, 8]}, r"value_digits: must be \[low, high\]"),
+    ({"kind": "niah_drill", "value_digits": [7, 8, 9]}, r"value_digits: must be \[low, high\]"),
+])
+def test_bad_value_digits_are_config_errors(source, why):
+  from mage_jax import ModelConfig
+  from train import config as config_lib
+
+  cfg = config_lib.from_dict({"model": "tiny_qwen2", "workdir": "/tmp/x", "steps": 1,
+                              "seq_len": 512, "data": {"sources": [source]}})
+  with pytest.raises(config_lib.ConfigError, match=why):
+    cfg.validate(ModelConfig.preset("tiny_qwen2"), "pretrain")
+
+
+def test_value_digits_reach_the_drill_documents():
+  from mage_jax.tasks import sample as sample_lib
+  from train import config as config_lib
+  from train import data as data_lib
+
+  source = config_lib.from_dict({"model": "tiny_qwen2", "workdir": "/tmp/x", "steps": 1,
+                                 "seq_len": 512, "data": {"sources": [
+                                     {"kind": "niah_drill", "needles": 6,
+                                      "value_digits": [9, 11]}]}}).data.sources[0]
+  drill = data_lib._Synthetic(source, seed=1, seq_len=512, count_tokens=sample_lib.count_words)
+  values = re.findall(r"The special magic number for \S+ is (\d+)\.", drill.text(0, needles=6))
+  assert len(values) == 6 and all(9 <= len(v) <= 11 for v in values)
