@@ -3,7 +3,9 @@
 Fixed budget (v2, eq. 5): at the first step every sparse layer runs exact attention through the
 mask-step kernel, which also returns alpha (the block-and-group mean attention probability of
 each cache row); the top ``budget`` rows of alpha per KV head are stored and every later step of
-the block attends only them (plus the block itself).
+the block attends only them (plus the block itself). The selection runs once for all layers,
+after the step (``after_step``): one call over layers x batch x KV heads rows keeps the GPU busy
+where one layer's few rows (2 at batch 1) leave it launch-bound, and the result is the same.
 
 Layer-adaptive budget (v1, Algorithm 1), ``adaptive=True``: at the first step each layer also
 records, per KV head, the union U_h of its queries' local top-K' rows and the layer score
@@ -24,6 +26,15 @@ import jax.numpy as jnp
 
 from mage_jax.methods import common
 from mage_jax.methods.base import AttentionMethod
+
+
+class FirstStepAlphas(NamedTuple):
+  """Fixed budget, between the first step's layers and its ``after_step``: the alpha of each
+  sparse layer run so far (by sparse-layer index), and the cache lengths they cover."""
+
+  selections: common.LayerSelections
+  alphas: dict[int, jax.Array]  # float32 [batch, kv_heads, capacity] per sparse layer
+  lengths: jax.Array  # int32 [batch]
 
 
 class AdaptiveState(NamedTuple):
@@ -123,9 +134,11 @@ class MageAttention(AttentionMethod):
       return common.attend_selected(q, k_block, v_block, cache, selections.get(i), self.impl), state
     out, alpha = common.exact_with_alpha(q, k_block, v_block, cache, self.alpha_includes_block,
                                          self.impl)
-    slots = self.slots(cache.k.shape[2])
     if not self.adaptive:
-      return out, state.set(i, common.top_rows(alpha, cache.lengths, slots, self.impl))
+      if not isinstance(state, FirstStepAlphas):
+        state = FirstStepAlphas(state, {}, cache.lengths)
+      return out, state._replace(alphas={**state.alphas, i: alpha})
+    slots = self.slots(cache.k.shape[2])
     candidates, scores, layer_score = self._candidates(q, cache, alpha, slots)
     return out, AdaptiveState(state.selections.set(i, candidates),
                               state.candidate_scores.at[i].set(scores),
@@ -164,6 +177,8 @@ class MageAttention(AttentionMethod):
             jnp.max(head_scores, axis=-1))
 
   def after_step(self, state, step):
+    if isinstance(state, FirstStepAlphas):
+      return _select_all_layers(state, self.impl)
     if not (self.adaptive and step.first):
       return state
     selections = state.selections
@@ -178,7 +193,21 @@ class MageAttention(AttentionMethod):
     return state._replace(selections=common.LayerSelections(rows, counts))
 
   def selection(self, layer, state):
-    if layer < self.dense_layers:
-      return None
+    if layer < self.dense_layers or isinstance(state, FirstStepAlphas):
+      return None  # dense, or the first step: selected by after_step
     selections = state.selections if self.adaptive else state
     return selections.get(layer - self.dense_layers)
+
+
+def _select_all_layers(state: FirstStepAlphas, impl: str) -> common.LayerSelections:
+  """The top rows of alpha of every layer the first step ran, in one selection call."""
+  layers = sorted(state.alphas)
+  slots = state.selections.indices.shape[-1]
+  alphas = jnp.stack([state.alphas[i] for i in layers])  # [layers, batch, kv_heads, capacity]
+  indices, counts = common.top_k_per_head(alphas, state.lengths[None, :, None], slots, impl,
+                                          leading=("layers",))
+  if layers == list(range(state.selections.indices.shape[0])):
+    return common.LayerSelections(indices, counts)
+  at = jnp.asarray(layers)
+  return common.LayerSelections(state.selections.indices.at[at].set(indices),
+                                state.selections.counts.at[at].set(counts))

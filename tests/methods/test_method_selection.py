@@ -116,6 +116,8 @@ def test_mage_selects_top_alpha_at_the_first_step(budget, includes_block, impl):
   state = method.init_state(cfg, BATCH, CAPACITY)
   assert method.selection(0, state) is None
   _, state = method.attend(2, q, kb, vb, cache, state, FIRST)
+  assert method.selection(2, state) is None  # selected after the step, all layers at once
+  state = method.after_step(state, FIRST)
   _check(method.selection(2, state), _np_top_alpha(q, kb, cache, budget, includes_block))
   # Later steps keep the first step's selection, whatever their queries.
   expected = _np_top_alpha(q, kb, cache, budget, includes_block)
@@ -123,6 +125,25 @@ def test_mage_selects_top_alpha_at_the_first_step(budget, includes_block, impl):
   out, later = method.attend(2, q2, kb, vb, cache, state, StepInfo(False, jnp.int32(3)))
   _check(method.selection(2, later), expected)
   _check_output(out, q2, kb, vb, cache, expected)
+
+
+@IMPLS
+def test_mage_selects_every_layer_after_the_first_step(impl):
+  # Each sparse layer its own inputs (and cache lengths): one selection call over all layers
+  # must give each layer its own top alpha, and leave a layer the step did not run untouched.
+  cfg = _cfg(5)
+  method = MageAttention(budget=7, dense_layers=1, impl=impl)
+  state = method.init_state(cfg, BATCH, CAPACITY)
+  first = method.init_state(cfg, BATCH, CAPACITY)
+  layer_inputs = {layer: _inputs(20 + layer, cfg) for layer in (1, 2, 4)}
+  for layer, (q, kb, vb, cache) in layer_inputs.items():
+    _, state = method.attend(layer, q, kb, vb, cache, state, FIRST)
+  state = method.after_step(state, FIRST)
+  for layer, (q, kb, vb, cache) in layer_inputs.items():
+    _check(method.selection(layer, state), _np_top_alpha(q, kb, cache, 7))
+  untouched = method.selection(3, state)
+  np.testing.assert_array_equal(untouched.indices, first.get(2).indices)
+  np.testing.assert_array_equal(untouched.counts, first.get(2).counts)
 
 
 def _np_adaptive(layer_inputs, budget, query_budget, min_budget, max_budget):
@@ -298,6 +319,7 @@ def test_empty_cache_selects_nothing_and_attends_the_block():
     state = method.init_state(cfg, BATCH, CAPACITY)
     state = method.after_write(1, cache, state)
     out, state = method.attend(1, q, kb, vb, cache, state, FIRST)
+    state = method.after_step(state, FIRST)
     _, state = method.attend(1, q, kb, vb, cache, state, StepInfo(False, jnp.int32(1)))
     assert np.all(np.asarray(method.selection(1, state).counts) == 0)
     assert np.all(np.isfinite(np.asarray(out)))
