@@ -11,7 +11,8 @@ block's own keys. They share one layout trick and one reduction:
   no mask, and their stores write the very bits the real row writes.
 * Split-KV (flash-decoding): programs along a grid axis each cover a part of the rows, write a
   normalised partial output and its base-2 log-sum-exp in the final [B*Hq] row order, and
-  `combine_partials` merges them in one reduction over the splits. In the dense kernels the last
+  `merge_splits` merges them in one kernel (`combine_partials` is the XLA definition). In the
+  dense kernels the last
   split holds the block's own keys alone, so that statistics over the cache alone stay
   available (mask step with ``alpha_includes_block=False``).
 

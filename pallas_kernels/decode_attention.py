@@ -25,9 +25,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _triton_utils as tu
+from pallas_kernels import merge_splits
 from pallas_kernels.dispatch import resolve_impl
 
-_ATTENTION_TUNING = ("block_k", "block_q", "num_splits", "num_warps", "num_stages")
+_ATTENTION_TUNING = ("block_k", "block_q", "num_splits", "num_warps", "num_stages", "merge")
 _ALPHA_TUNING = ("alpha_block_k", "alpha_num_splits", "alpha_num_warps", "alpha_num_stages")
 
 
@@ -132,10 +133,11 @@ def _default_block_q(query_rows: int, pairs: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_k", "block_q",
-                                             "num_splits", "num_warps", "num_stages"))
+                                             "num_splits", "num_warps", "num_stages", "merge"))
 def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
                         sm_scale: float, interpret: bool, block_k: int, block_q: int | None,
-                        num_splits: int | None, num_warps: int | None, num_stages: int):
+                        num_splits: int | None, num_warps: int | None, num_stages: int,
+                        merge: str):
   """Runs the attention kernel; returns (out, per-split out and lse in the [B*Hq] row order)."""
   batch, block, q_heads, head_dim = q.shape
   kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
@@ -184,17 +186,19 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
     q.reshape(batch, block * q_heads, head_dim), k_cache, v_cache,
     k_block.reshape(batch, block * kv_heads, head_dim),
     v_block.reshape(batch, block * kv_heads, head_dim))
-  out = tu.combine_partials(partial_out, partial_lse).reshape(q.shape).astype(q.dtype)
-  return out, partial_lse
+  out = merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
+                           out_dtype=q.dtype)
+  return out.reshape(q.shape), partial_lse
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "alpha_includes_block", "interpret",
                                              "block_k", "block_q", "num_splits", "num_warps",
-                                             "num_stages", "alpha_block_k", "alpha_num_splits",
-                                             "alpha_num_warps", "alpha_num_stages"))
+                                             "num_stages", "merge", "alpha_block_k",
+                                             "alpha_num_splits", "alpha_num_warps",
+                                             "alpha_num_stages"))
 def _mask_step(q, k_cache, v_cache, cache_lengths, k_block, v_block, *, sm_scale: float,
                alpha_includes_block: bool, interpret: bool, block_k: int, block_q: int | None,
-               num_splits: int | None, num_warps: int | None, num_stages: int,
+               num_splits: int | None, num_warps: int | None, num_stages: int, merge: str,
                alpha_block_k: int, alpha_num_splits: int | None,
                alpha_num_warps: int, alpha_num_stages: int):
   batch, block, q_heads, head_dim = q.shape
@@ -203,7 +207,7 @@ def _mask_step(q, k_cache, v_cache, cache_lengths, k_block, v_block, *, sm_scale
   out, partial_lse = _split_kv_attention(
       q, k_cache, v_cache, cache_lengths, k_block, v_block, sm_scale=sm_scale,
       interpret=interpret, block_k=block_k, block_q=block_q, num_splits=num_splits,
-      num_warps=num_warps, num_stages=num_stages)
+      num_warps=num_warps, num_stages=num_stages, merge=merge)
   if alpha_includes_block:
     lse = tu.combine_lse(partial_lse)
   else:
@@ -262,8 +266,11 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
       one tile of all G*B rows, except with fewer than FULL_TILE_MIN_PAIRS (sequence, KV head)
       pairs, where 64-row tiles are used if they save padded rows, as for the 1.5B shape's
       192 = 3 x 64 rows, whose three programs share each K/V tile through L2), num_splits
-      (programs per KV head and query tile, default enough for ~264 programs), num_warps (default 8 for tiles of >= 256 query
-      rows, else 4), num_stages (default 3; benchmarks/results/decode_kernels.md has the sweeps).
+      (programs per KV head and query tile, default enough for ~264 programs), num_warps
+      (default 8 for tiles of >= 256 query rows, else 4), num_stages (default 3), merge (how the
+      splits' partial results are merged: "pallas", one kernel, "xla", three ops, or "auto",
+      the default: the kernel from merge_splits.PALLAS_MIN_SPLITS splits on).
+      benchmarks/results/decode_kernels.md has the sweeps.
 
   Returns:
     [batch, block, q_heads, head_dim] in q.dtype (softmax in float32).
@@ -282,7 +289,8 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
       q, k_cache, v_cache, cache_lengths, k_block, v_block, sm_scale=sm_scale,
       interpret=impl == "interpret", block_k=tuning.get("block_k", 64),
       block_q=tuning.get("block_q"), num_splits=tuning.get("num_splits"),
-      num_warps=tuning.get("num_warps"), num_stages=tuning.get("num_stages", 3))[0]
+      num_warps=tuning.get("num_warps"), num_stages=tuning.get("num_stages", 3),
+      merge=tuning.get("merge", "auto"))[0]
 
 
 def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
@@ -323,7 +331,8 @@ def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
       alpha_includes_block=alpha_includes_block, interpret=impl == "interpret",
       block_k=tuning.get("block_k", 64), block_q=tuning.get("block_q"),
       num_splits=tuning.get("num_splits"), num_warps=tuning.get("num_warps"),
-      num_stages=tuning.get("num_stages", 3), alpha_block_k=tuning.get("alpha_block_k", 64),
+      num_stages=tuning.get("num_stages", 3), merge=tuning.get("merge", "auto"),
+      alpha_block_k=tuning.get("alpha_block_k", 64),
       alpha_num_splits=tuning.get("alpha_num_splits"),
       alpha_num_warps=tuning.get("alpha_num_warps", 4),
       alpha_num_stages=tuning.get("alpha_num_stages", 3))

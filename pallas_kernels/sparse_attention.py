@@ -23,9 +23,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _triton_utils as tu
+from pallas_kernels import merge_splits
 from pallas_kernels.dispatch import resolve_impl
 
-_TUNING = ("block_k", "block_q", "num_splits", "num_warps", "num_stages")
+_TUNING = ("block_k", "block_q", "num_splits", "num_warps", "num_stages", "merge")
 
 
 def _sparse_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, k_block_ref, v_block_ref,
@@ -62,10 +63,11 @@ def _sparse_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, k_block_ref, v_
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_k", "block_q",
-                                             "num_splits", "num_warps", "num_stages"))
+                                             "num_splits", "num_warps", "num_stages", "merge"))
 def _sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block, *,
                       sm_scale: float, interpret: bool, block_k: int, block_q: int,
-                      num_splits: int | None, num_warps: int | None, num_stages: int):
+                      num_splits: int | None, num_warps: int | None, num_stages: int,
+                      merge: str):
   batch, block, q_heads, head_dim = q.shape
   kv_heads = k_cache.shape[1]
   group = q_heads // kv_heads
@@ -116,7 +118,8 @@ def _sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block, *,
     v_block.reshape(batch, block * kv_heads, head_dim))
   if num_splits == 1:
     return partial_out.reshape(q.shape)
-  return tu.combine_partials(partial_out, partial_lse).reshape(q.shape).astype(q.dtype)
+  return merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
+                            out_dtype=q.dtype).reshape(q.shape)
 
 
 def _check_selection(indices, counts, batch: int, kv_heads: int) -> None:
@@ -142,7 +145,8 @@ def sparse_block_attention(q, k_cache, v_cache, indices, counts, k_block, v_bloc
     impl: "auto", "pallas", "interpret" or "reference" (see `dispatch.resolve_impl`).
     **tuning: block_k (rows gathered per tile, default 64), block_q (query rows per program,
       default 64), num_splits (parts of the index list, default one tile each within ~264
-      programs), num_warps, num_stages.
+      programs), num_warps, num_stages, merge ("auto", "pallas" or "xla", as
+      for `exact_block_attention`).
 
   Returns:
     [batch, block, q_heads, head_dim] in q.dtype.
@@ -162,7 +166,7 @@ def sparse_block_attention(q, k_cache, v_cache, indices, counts, k_block, v_bloc
       interpret=impl == "interpret", block_k=tuning.get("block_k", 64),
       block_q=tuning.get("block_q", 64), num_splits=tuning.get("num_splits"),
       num_warps=tuning.get("num_warps"),
-      num_stages=tuning.get("num_stages", 2))
+      num_stages=tuning.get("num_stages", 2), merge=tuning.get("merge", "auto"))
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale",))

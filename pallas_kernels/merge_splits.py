@@ -1,0 +1,118 @@
+"""Merging the partial results of a split-KV (flash-decoding) attention call in one kernel.
+
+Each split of a split-KV call writes, per query row, a normalised partial output o_s and its
+base-2 log-sum-exp l_s. The merged row is sum_s 2^(l_s - m) o_s / sum_s 2^(l_s - m), m = max_s l_s.
+As XLA ops that is a max over the splits, then a weighted sum, then a division: three kernels
+per attention call, which at batch 1 took 8.4 us of a 30.5 us exact call (1.5B shape, 32K cache;
+WORKSPACE_NOTES.md). Here one program per (sequence, query row) loads the row's partials of up
+to MAX_CHUNK splits at a time as one [splits, D] tile and merges them online (running max and
+sum, as flash attention merges key tiles), so the whole merge is one launch over as many
+programs as query rows.
+
+`merge_splits_reference` (the XLA merge, `_triton_utils.combine_partials`) is the definition.
+"""
+
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import _triton_utils as tu
+
+# Splits merged per loop iteration: a [64, D] tile of partials (64 x 128 float32 in registers
+# over 4 warps) keeps every program to one or a few loads while its registers stay bounded.
+MAX_CHUNK = 64
+
+
+def _merge_kernel(lse_ref, partial_ref, out_ref, *, num_splits: int, chunk: int):
+  """One (sequence, query row) program: lse_ref [splits], partial_ref [splits, D] -> [D]."""
+  head_dim = partial_ref.shape[1]
+
+  def merge_chunk(i, carry):
+    acc, total, running_max = carry
+    # Every tile lies inside the splits: the last one starts early and masks the splits the
+    # previous tile already merged.
+    start = jnp.minimum(i * chunk, num_splits - chunk)
+    splits = pl.ds(start, chunk)
+    valid = start + jnp.arange(chunk) >= i * chunk
+    lse = plt.load(lse_ref.at[splits], mask=valid, other=-jnp.inf)
+    partial = plt.load(partial_ref.at[splits, :], mask=valid[:, None], other=0.0)
+    new_max = jnp.maximum(running_max, jnp.max(lse))
+    # All splits so far empty: the maximum is -inf and 2^(-inf - 0) = 0 keeps acc and total 0.
+    finite_max = jnp.where(new_max > -jnp.inf, new_max, 0.0)
+    rescale = jnp.exp2(running_max - finite_max)
+    weights = jnp.exp2(lse - finite_max)
+    acc = acc * rescale + jnp.sum(weights[:, None] * partial.astype(jnp.float32), axis=0)
+    return acc, total * rescale + jnp.sum(weights), new_max
+
+  init = (jnp.zeros((head_dim,), jnp.float32), jnp.float32(0.0), jnp.float32(-jnp.inf))
+  acc, total, _ = lax.fori_loop(0, pl.cdiv(num_splits, chunk), merge_chunk, init)
+  out_ref[...] = (acc / jnp.where(total > 0, total, 1.0)).astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "num_warps"))
+def merge_splits(partial_out: jax.Array, partial_lse: jax.Array, *, out_dtype=None,
+                 interpret: bool = False, num_warps: int = 4) -> jax.Array:
+  """Merges split-KV partials in one Pallas kernel.
+
+  Args:
+    partial_out: [batch, splits, rows, D], each split's normalised output (any float dtype).
+    partial_lse: float32 [batch, splits, rows], each split's base-2 log-sum-exp (-inf where the
+      split saw no key).
+    out_dtype: dtype of the result (default partial_out's).
+    interpret: run the Pallas interpreter (CPU tests).
+    num_warps: warps per program.
+
+  Returns:
+    [batch, rows, D]: the merged output, 0 for rows that no split saw a key for.
+  """
+  batch, num_splits, rows, head_dim = partial_out.shape
+  if partial_lse.shape != (batch, num_splits, rows):
+    raise ValueError(f"partial_lse must have shape {(batch, num_splits, rows)} to match "
+                     f"partial_out {partial_out.shape}, got {partial_lse.shape}")
+  chunk = min(1 << (num_splits.bit_length() - 1), MAX_CHUNK)  # a power of two <= num_splits
+  kernel = functools.partial(_merge_kernel, num_splits=num_splits, chunk=chunk)
+  return pl.pallas_call(
+      kernel,
+      grid=(batch, rows),
+      in_specs=[
+          pl.BlockSpec((None, num_splits, None), lambda b, r: (b, 0, r)),
+          pl.BlockSpec((None, num_splits, None, head_dim), lambda b, r: (b, 0, r, 0)),
+      ],
+      out_specs=pl.BlockSpec((None, None, head_dim), lambda b, r: (b, r, 0)),
+      out_shape=jax.ShapeDtypeStruct((batch, rows, head_dim), out_dtype or partial_out.dtype),
+      compiler_params=tu.compiler_params(num_warps, 1),
+      interpret=interpret,
+      name="merge_splits",
+  )(partial_lse.astype(jnp.float32), partial_out)
+
+
+def merge_splits_reference(partial_out: jax.Array, partial_lse: jax.Array, *,
+                           out_dtype=None) -> jax.Array:
+  """The XLA merge (max, weighted sum, division), in float32, cast to ``out_dtype``."""
+  merged = tu.combine_partials(partial_out, partial_lse)
+  return merged.astype(out_dtype or partial_out.dtype)
+
+
+MERGES = ("auto", "pallas", "xla")
+# From this many splits on the kernel wins; with fewer, a program per row has too little to merge
+# and XLA's fused reduction is as fast or faster. H100, 1.5B shape (benchmarks/results/
+# decode_kernels_merge.md): 44 splits (batch 1, 32K) exact 37.0 vs 45.9 us, sparse 17.4 vs 19.5;
+# 16 splits (exact, batch 8, 32K) 197 vs 195 us; 5 splits (sparse, batch 8) 32.6 vs 29.7 us.
+PALLAS_MIN_SPLITS = 16
+
+
+def merge(partial_out: jax.Array, partial_lse: jax.Array, *, how: str, interpret: bool,
+          out_dtype) -> jax.Array:
+  """The split-KV kernels' merge: ``how`` "pallas" (this module's kernel), "xla" (the three-op
+  merge) or "auto" (the kernel from PALLAS_MIN_SPLITS splits on, else XLA)."""
+  if how not in MERGES:
+    raise ValueError(f"merge must be one of {MERGES}, got {how!r}")
+  if how == "auto":
+    how = "pallas" if partial_out.shape[1] >= PALLAS_MIN_SPLITS else "xla"
+  if how == "xla":
+    return merge_splits_reference(partial_out, partial_lse, out_dtype=out_dtype)
+  return merge_splits(partial_out, partial_lse, out_dtype=out_dtype, interpret=interpret)
