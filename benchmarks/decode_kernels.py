@@ -5,12 +5,14 @@
 * check: every kernel against its plain-JAX reference on the GPU (bf16, ragged lengths).
 * profile: device time of every kernel launched by each entry point (jax.profiler trace), at the
   1.5B shape, batch 1, 16K and 128K: which launches a step is made of, and what the harness adds.
-* sweep: tuning variants at the 1.5B shape, 128K cache, batch 1.
+* sweep: the split merge (Pallas kernel vs XLA ops) at the 1.5B shape, 32K (batch 1 and 8) and
+  128K (batch 1); tuning variants at the 1.5B shape, 128K cache, batch 1.
 * sweep_exact: the exact kernel's tuning grid (exact_tunings) at the 1.5B shape over --batches x
   --caches, judged on device time over four K/V sets (past the L2).
 * table: Fast-dLLM v2 1.5B (12 q / 2 KV heads) and 7B (28 / 4), hd 128, 32-token block, caches
   16K..128K, batch 1 and 8: exact split-KV, mask step (attention + alpha), sparse k=512, index
-  selection, against XLA's dot_product_attention and lax.top_k, next to the floor
+  selection (one layer's rows, and every sparse layer's rows in one call, as MAGE runs it),
+  against XLA's dot_product_attention and lax.top_k, next to the floor
   max(K+V bytes / copy bandwidth, FLOPs / matmul rate) measured in the same run.
 
 Timing: each timed call runs `REPS` kernel calls inside one jitted program, every call on its own
@@ -51,6 +53,8 @@ BLOCK = 32
 CACHES = (16384, 32768, 65536, 131072)
 BATCHES = (1, 8)
 SPARSE_K = 512
+# Both models have 28 layers; MAGE keeps the first 2 exact and selects for the other 26.
+SPARSE_LAYERS = 26
 REPS = 20
 TIMINGS = 7
 L2_BYTES = 50e6
@@ -181,6 +185,12 @@ class Problem:
         "select": (jax.jit(lambda s: topk.select_kv_indices(s, self.lengths[:, None], SPARSE_K,
                                                             impl="pallas")),
                    self.alpha_sets()[0]),
+        # MAGE selects every sparse layer's rows in one call after its first step; profiled
+        # per call, reported per layer.
+        "select_layers": (jax.jit(lambda s: topk.select_kv_indices(
+            s, self.lengths[None, :, None], SPARSE_K, impl="pallas")),
+                          (jax.random.uniform(jax.random.key(99),
+                                              (SPARSE_LAYERS,) + self.alpha_sets()[0][0].shape),)),
     }
 
   def time_xla(self):
@@ -288,6 +298,15 @@ def run_sweep(log) -> list[dict]:
       rows.append({"kernel": kernel, "model": model, **tuning, "us": seconds * 1e6})
       log(json.dumps(rows[-1]))
 
+  # The split merge: one Pallas kernel (default) or three XLA ops, where the merge weighs most
+  # (short caches, many splits, batch 8's larger partials).
+  for batch, capacity in ((1, 32768), (8, 32768), (1, 131072)):
+    problem = Problem(batch, *MODELS["1.5B"], capacity)
+    for kernel, timer in (("exact", problem.time_exact), ("mask_step", problem.time_mask_step),
+                          ("sparse", problem.time_sparse)):
+      for merge in ("pallas", "xla"):
+        record(f"{kernel} b{batch} {capacity // 1024}K", "1.5B", timer, dict(merge=merge))
+    del problem
   problem = Problem(1, *MODELS["1.5B"], 131072)
   for tuning in [{}, dict(block_q=256), dict(num_splits=21), dict(num_splits=64)]:
     record("exact", "1.5B", problem.time_exact, tuning)
@@ -378,16 +397,20 @@ def run_table(log, tuning: dict, batches, caches, baselines: bool) -> list[dict]
 def format_table(rows: list[dict]) -> str:
   """Device times (sum of the profiled kernels per call) first, harness wall times after."""
   header = ("| model | batch | cache | floor us | exact dev us (x floor) | mask step dev us"
-            " (x exact) | sparse k=512 dev us | select dev us (x mask) | launches e/m/s/sel |"
+            " (x exact) | sparse k=512 dev us | select dev us (x mask) | select, all"
+            f" {SPARSE_LAYERS} layers in one call: dev us per layer (x mask) |"
+            " launches e/m/s/sel |"
             " wall us: exact / mask / sparse / select / harness |")
-  lines = [header, "|" + "---|" * 10]
+  lines = [header, "|" + "---|" * 11]
+  per_layer = lambda r: r.get("select_layers_device_us", float("nan")) / SPARSE_LAYERS
   for r in rows:
     lines.append(
         f"| {r['model']} | {r['batch']} | {r['cache'] // 1024}K | {r['floor_us']:.1f} | "
         f"{r['exact_device_us']:.1f} ({r['exact_device_us'] / r['floor_us']:.2f}) | "
         f"{r['mask_step_device_us']:.1f} ({r['mask_step_device_us'] / r['exact_device_us']:.2f})"
         f" | {r['sparse_device_us']:.1f} | {r['select_device_us']:.1f} "
-        f"({r['select_device_us'] / r['mask_step_device_us']:.2f}) | {r['exact_launches']}/"
+        f"({r['select_device_us'] / r['mask_step_device_us']:.2f}) | {per_layer(r):.1f} "
+        f"({per_layer(r) / r['mask_step_device_us']:.2f}) | {r['exact_launches']}/"
         f"{r['mask_step_launches']}/{r['sparse_launches']}/{r['select_launches']} | "
         f"{r['exact_us']:.1f} / {r['mask_step_us']:.1f} / {r['sparse_us']:.1f} / "
         f"{r['select_us']:.1f} / {r['harness_us']:.1f} |")
