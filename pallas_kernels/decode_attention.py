@@ -269,7 +269,7 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
       (programs per KV head and query tile, default enough for ~264 programs), num_warps
       (default 8 for tiles of >= 256 query rows, else 4), num_stages (default 3), merge (how the
       splits' partial results are merged: "pallas", one kernel, "xla", three ops, or "auto",
-      the default: the kernel from merge_splits.PALLAS_MIN_SPLITS splits on).
+      the default: the kernel for at most merge_splits.PALLAS_MAX_ROWS query rows).
       benchmarks/results/decode_kernels.md has the sweeps.
 
   Returns:

@@ -98,21 +98,23 @@ def merge_splits_reference(partial_out: jax.Array, partial_lse: jax.Array, *,
 
 
 MERGES = ("auto", "pallas", "xla")
-# From this many splits on the kernel wins; with fewer, a program per row has too little to merge
-# and XLA's fused reduction is as fast or faster. H100, 1.5B shape (benchmarks/results/
-# decode_kernels_merge.md): 44 splits (batch 1, 32K) exact 37.0 vs 45.9 us, sparse 17.4 vs 19.5;
-# 16 splits (exact, batch 8, 32K) 197 vs 195 us; 5 splits (sparse, batch 8) 32.6 vs 29.7 us.
-PALLAS_MIN_SPLITS = 16
+# Up to this many query rows (batch x block x q heads) the kernel wins; beyond, each of its
+# one-row programs has too little to merge and XLA's fused reduction is as fast or faster. H100,
+# 1.5B shape, wall us per call (benchmarks/results/decode_kernels.md, session 6): 384 rows (batch
+# 1) exact 37.0 vs 45.9 (44 splits), sparse 17.4 vs 19.5 (8 splits); 3072 rows (batch 8) exact
+# 197 vs 195 (16 splits), sparse 32.6 vs 29.7 (5 splits).
+PALLAS_MAX_ROWS = 1024
 
 
 def merge(partial_out: jax.Array, partial_lse: jax.Array, *, how: str, interpret: bool,
           out_dtype) -> jax.Array:
   """The split-KV kernels' merge: ``how`` "pallas" (this module's kernel), "xla" (the three-op
-  merge) or "auto" (the kernel from PALLAS_MIN_SPLITS splits on, else XLA)."""
+  merge) or "auto" (the kernel for at most PALLAS_MAX_ROWS query rows, else XLA)."""
   if how not in MERGES:
     raise ValueError(f"merge must be one of {MERGES}, got {how!r}")
   if how == "auto":
-    how = "pallas" if partial_out.shape[1] >= PALLAS_MIN_SPLITS else "xla"
+    batch, _, rows, _ = partial_out.shape
+    how = "pallas" if batch * rows <= PALLAS_MAX_ROWS else "xla"
   if how == "xla":
     return merge_splits_reference(partial_out, partial_lse, out_dtype=out_dtype)
   return merge_splits(partial_out, partial_lse, out_dtype=out_dtype, interpret=interpret)

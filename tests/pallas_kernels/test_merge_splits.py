@@ -43,13 +43,14 @@ def test_merge_matches_float64_and_the_xla_merge(batch, splits, rows, head_dim, 
   assert merge_splits.merge_splits(out, lse, interpret=True).dtype == dtype
 
 
-def test_auto_merge_uses_the_kernel_from_enough_splits(monkeypatch):
+def test_auto_merge_uses_the_kernel_up_to_max_rows(monkeypatch):
   calls = []
   monkeypatch.setattr(merge_splits, "merge_splits",
                       lambda *a, **k: calls.append("pallas") or merge_splits.merge_splits_reference(
                           *a, out_dtype=k["out_dtype"]))
-  for splits in (merge_splits.PALLAS_MIN_SPLITS - 1, merge_splits.PALLAS_MIN_SPLITS):
-    merge_splits.merge(jnp.zeros((1, splits, 3, 16)), jnp.zeros((1, splits, 3)), how="auto",
+  most = merge_splits.PALLAS_MAX_ROWS
+  for batch, rows in ((2, most // 2 + 1), (2, most // 2)):
+    merge_splits.merge(jnp.zeros((batch, 3, rows, 16)), jnp.zeros((batch, 3, rows)), how="auto",
                        interpret=True, out_dtype=None)
   assert calls == ["pallas"]
 
