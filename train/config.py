@@ -90,6 +90,8 @@ class SourceConfig:
   its items are ``number_digits``-digit numbers (copying digit strings exactly, as needle
   values need; default 7, the needle values' length). ``value_digits`` (low, high): the digit
   counts of niah_drill needle values, uniform per value (default (7, 7), the eval tasks').
+  ``zero_depth_share``: the share of niah documents whose needle sits at depth 0, right after
+  the task header, instead of at a uniform depth (default 0: uniform for all).
   """
 
   kind: str
@@ -101,6 +103,7 @@ class SourceConfig:
   number_share: float = 0.0
   number_digits: int = 7
   value_digits: tuple[int, int] = (7, 7)
+  zero_depth_share: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +235,10 @@ class TrainConfig:
           (1 <= source.number_digits <= haystack.MAX_NUMBER_DIGITS,
            "data.sources.number_digits",
            f"must be in [1, {haystack.MAX_NUMBER_DIGITS}], got {source.number_digits}"),
+          (0.0 <= source.zero_depth_share <= 1.0, "data.sources.zero_depth_share",
+           f"must be in [0, 1], got {source.zero_depth_share}"),
+          (source.zero_depth_share == 0.0 or source.kind == "niah",
+           "data.sources.zero_depth_share", f"applies to niah sources only, not {source.kind}"),
           (_valid_value_digits(source.value_digits), "data.sources.value_digits",
            f"must be [low, high] with 1 <= low <= high <= {niah.MAX_VALUE_DIGITS}, "
            f"got {list(source.value_digits)}"),

@@ -121,6 +121,7 @@ class _Synthetic:
     self.number_share = source.number_share
     self.number_digits = source.number_digits
     self.value_digits = tuple(source.value_digits)
+    self.zero_depth_share = source.zero_depth_share
     self.context = source.context_tokens or max(1, seq_len - ANSWER_ROOM)
     self.min_context = source.min_context_tokens or self.context
     self.seed = TRAIN_SEED_OFFSET + seed
@@ -155,7 +156,10 @@ class _Synthetic:
                                     count_tokens=self.count_tokens,
                                     value_digits=self.value_digits)
     if self.kind == "niah":
-      depth = random.Random(f"train-depth/{self.seed}/{index}").random()
+      rng = random.Random(f"train-depth/{self.seed}/{index}")
+      depth = rng.random()
+      if self.zero_depth_share and rng.random() < self.zero_depth_share:
+        depth = 0.0
       sample = niah.niah_sample(context, depth, seed=self.seed, index=index,
                                 count_tokens=self.count_tokens)
     else:

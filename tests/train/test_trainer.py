@@ -302,3 +302,39 @@ def test_value_digits_reach_the_drill_documents():
   drill = data_lib._Synthetic(source, seed=1, seq_len=512, count_tokens=sample_lib.count_words)
   values = re.findall(r"The special magic number for \S+ is (\d+)\.", drill.text(0, needles=6))
   assert len(values) == 6 and all(9 <= len(v) <= 11 for v in values)
+
+
+def test_zero_depth_share_puts_niah_needles_after_the_header():
+  from mage_jax.tasks import sample as sample_lib
+  from train import config as config_lib
+  from train import data as data_lib
+
+  def source(**fields):
+    return config_lib.from_dict({"model": "tiny_qwen2", "workdir": "/tmp/x", "steps": 1,
+                                 "seq_len": 512, "data": {"sources": [
+                                     {"kind": "niah", **fields}]}}).data.sources[0]
+
+  after_header = re.compile(r"at the end\.\n\nThe special magic number for")
+  count = sample_lib.count_words
+  plain = data_lib._Synthetic(source(), seed=1, seq_len=512, count_tokens=count)
+  half = data_lib._Synthetic(source(zero_depth_share=0.5), seed=1, seq_len=512,
+                             count_tokens=count)
+  texts = [(plain.text(i), half.text(i)) for i in range(40)]
+  assert sum(bool(after_header.search(t)) for t, _ in texts) <= 2
+  assert 10 <= sum(bool(after_header.search(t)) for _, t in texts) <= 30
+  # The documents not moved are the default stream's.
+  assert all(t == h for t, h in texts if not after_header.search(h))
+
+
+@pytest.mark.parametrize("source, why", [
+    ({"kind": "niah", "zero_depth_share": 1.5}, "zero_depth_share: must be in"),
+    ({"kind": "niah_drill", "zero_depth_share": 0.5}, "zero_depth_share: applies to niah"),
+])
+def test_bad_zero_depth_share_is_a_config_error(source, why):
+  from mage_jax import ModelConfig
+  from train import config as config_lib
+
+  cfg = config_lib.from_dict({"model": "tiny_qwen2", "workdir": "/tmp/x", "steps": 1,
+                              "seq_len": 512, "data": {"sources": [source]}})
+  with pytest.raises(config_lib.ConfigError, match=why):
+    cfg.validate(ModelConfig.preset("tiny_qwen2"), "pretrain")
