@@ -1,11 +1,8 @@
 """End-to-end decoding benchmark on a random-weight model, next to the roofline of a step.
 
     python benchmarks/decode_e2e.py --preset=fast_dllm_v2_1.5b --contexts=16384,32768,65536,131072 \
-        --batches=1 --methods=exact,mage,none --loop_context=0 --loop_steps=16 \
-        --step_repeats=3 --out=$OUT        # then --batches=8 (results/decode_e2e_b1/b8.*)
-
-(add xla to --methods for the dense jax.nn.dot_product_attention step, and --loop_context=32768
-for the whole generate loop at batch 1: session 5's committed run had both).
+        --batches=1 --methods=exact,mage,none,xla --loop_context=32768 --loop_steps=16 \
+        --step_repeats=3 --out=$OUT        # then --batches=8 --loop_context=0 (results/*_b8.*)
 
 For each batch size the cache is filled once by a real (chunked, flash-attention) prefill of the
 longest context; shorter contexts reuse that cache with smaller lengths, so each method compiles
