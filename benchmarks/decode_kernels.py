@@ -30,7 +30,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import jax
 from jax import lax
@@ -45,7 +44,7 @@ from pallas_kernels import topk
 from pallas_kernels import _triton_utils as tu  # pylint: disable=protected-access
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import trace_kernels  # noqa: E402
+from bench_common import median_seconds, trace_kernels  # noqa: E402
 
 MODELS = {"1.5B": (12, 2), "7B": (28, 4)}
 HEAD_DIM = 128
@@ -62,16 +61,6 @@ L2_BYTES = 50e6
 # run's own, lower, host-timed measurements are reported beside them.
 COPY_BYTES_PER_S = 3.0e12
 MATMUL_FLOPS_PER_S = 7.0e14
-
-
-def _median_seconds(fn, args) -> float:
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(TIMINGS):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    samples.append(time.perf_counter() - start)
-  return float(np.median(samples))
 
 
 def time_per_call(call, per_call_args: tuple, shared_sets: list) -> float:
@@ -98,7 +87,8 @@ def time_per_call(call, per_call_args: tuple, shared_sets: list) -> float:
         lambda x: x[:steps * num_sets].reshape(steps, num_sets, *x.shape[1:]), per_call)
     total, _ = lax.scan(body, jnp.float32(0), grouped)
     return total
-  return _median_seconds(jax.jit(program), (per_call_args, shared_sets)) / (steps * num_sets)
+  run = jax.jit(program)
+  return median_seconds(lambda: run(per_call_args, shared_sets), TIMINGS) / (steps * num_sets)
 
 
 def profile_launches(fn, args, iterations: int = 5) -> dict[str, float]:
@@ -113,11 +103,12 @@ def measure_ceilings() -> dict:
   """Device-to-device copy bandwidth (read + written) and bf16 matmul rate."""
   x = jax.random.normal(jax.random.key(0), (512 * 1024 * 1024,), jnp.bfloat16)
   copy = jax.jit(lambda a: a * 2)
-  copy_s = _median_seconds(copy, (x,))
+  copy_s = median_seconds(lambda: copy(x), TIMINGS)
   del x
   a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
   b = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
-  matmul_s = _median_seconds(jax.jit(jnp.matmul), (a, b))
+  matmul = jax.jit(jnp.matmul)
+  matmul_s = median_seconds(lambda: matmul(a, b), TIMINGS)
   return {"copy_bytes_per_s": 2 * 2 * 512 * 1024 * 1024 / copy_s,
           "matmul_flops_per_s": 2 * 8192**3 / matmul_s}
 

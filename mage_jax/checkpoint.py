@@ -48,12 +48,7 @@ class _Spec(NamedTuple):
   hf_shape: tuple[int, ...]
   shape: tuple[int, ...]  # this tensor's shape in our layout
   transpose: bool  # a Linear weight: Hugging Face keeps [out, in], we keep inputs first
-  param_shape: tuple[int, ...] | None = None  # the whole parameter's shape when ``part`` is set
-  part: tuple | None = None  # numpy index of this tensor inside the parameter
-
-  @property
-  def full_shape(self) -> tuple[int, ...]:
-    return self.shape if self.part is None else self.param_shape
+  part: tuple | None = None  # numpy index of this tensor inside the parameter (None: all of it)
 
   def to_ours(self, x: np.ndarray) -> np.ndarray:
     return (x.T if self.transpose else x).reshape(self.shape)
@@ -92,7 +87,7 @@ def _tensor_specs(cfg: ModelConfig) -> dict[str, _Spec]:
     for index, proj in enumerate(("gate", "up")):
       specs[f"model.layers.{i}.mlp.{proj}_proj.weight"] = _Spec(
           ("layers", i, "mlp", "gate_up_proj", "kernel"), (f, e), (e, f), True,
-          param_shape=(e, 2, f), part=(slice(None), index))
+          part=(slice(None), index))
     add("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (e, f), (f, e), True)
   specs["model.norm.weight"] = _Spec(("norm", "scale"), (e,), (e,), False)
   if not cfg.tie_word_embeddings:
@@ -247,7 +242,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None,
     if spec.part is None:
       values[spec.path] = jnp.asarray(spec.to_ours(x), dtype=dtype)
     else:
-      whole = parts.setdefault(spec.path, np.zeros(spec.param_shape, dtype))
+      whole = parts.setdefault(spec.path, np.zeros(flat[spec.path].get_value().shape, dtype))
       whole[spec.part] = spec.to_ours(x).astype(dtype)
   missing = [n for n in specs if n not in loaded]
   if missing:
@@ -263,14 +258,20 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None,
 
 def _check_name_map(specs: Mapping[str, _Spec], flat: Mapping[tuple, Any]) -> None:
   """Fails loudly if the model grew or reshaped a parameter the name map does not know."""
-  by_path = {s.path: (n, s.full_shape) for n, s in specs.items()}
-  for p, v in flat.items():
-    if p not in by_path:
+  mapped = {s.path for s in specs.values()}
+  for p in flat:
+    if p not in mapped:
       raise ValueError(f"model parameter {'.'.join(map(str, p))} has no Hugging Face name")
-    name, shape = by_path[p]
-    if tuple(v.get_value().shape) != shape:
-      raise ValueError(f"name map shape {shape} of {name!r} disagrees with the model's "
-                       f"{tuple(v.get_value().shape)}")
+  for name, spec in specs.items():
+    if spec.path not in flat:
+      raise ValueError(f"name map entry {name!r} points at "
+                       f"{'.'.join(map(str, spec.path))}, which the model does not have")
+    shape = tuple(flat[spec.path].get_value().shape)
+    if spec.part is not None:  # the shape of the part, without materialising anything
+      shape = np.broadcast_to(np.float32(0), shape)[spec.part].shape
+    if shape != spec.shape:
+      raise ValueError(f"name map shape {spec.shape} of {name!r} disagrees with the model's "
+                       f"{shape}")
 
 
 def _check_tied_head(handle: _SafetensorsFile, embedding: jax.Array) -> None:

@@ -12,9 +12,8 @@ block's own keys. They share one layout trick and one reduction:
 * Split-KV (flash-decoding): programs along a grid axis each cover a part of the rows, write a
   normalised partial output and its base-2 log-sum-exp in the final [B*Hq] row order, and
   `merge_splits` merges them in one kernel (`combine_partials` is the XLA definition). In the
-  dense kernels the last
-  split holds the block's own keys alone, so that statistics over the cache alone stay
-  available (mask step with ``alpha_includes_block=False``).
+  dense kernels the last split holds the block's own keys alone, so that statistics over the
+  cache alone stay available (mask step with ``alpha_includes_block=False``).
 
 Scores are kept in base 2 (``qk_scale = sm_scale * log2(e)``, ``exp2``), which saves a multiply
 per score inside the kernels.

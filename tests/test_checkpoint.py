@@ -380,3 +380,26 @@ def test_chat_template_tojson_keeps_characters():
 def test_missing_tokenizer(tmp_path):
   with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
     load_tokenizer(tmp_path)
+
+
+def test_name_map_checks_each_part_against_the_models_parameter():
+  from mage_jax import checkpoint
+  from mage_jax.model import Transformer
+
+  cfg = ModelConfig.preset("tiny_qwen2")
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  flat = dict(nnx.to_flat_state(nnx.state(abstract)))
+  specs = checkpoint._tensor_specs(cfg)
+  checkpoint._check_name_map(specs, flat)  # the real map agrees with the model
+  name = "model.layers.0.mlp.up_proj.weight"
+  wrong = dict(specs, **{name: specs[name]._replace(shape=(1, 2))})
+  with pytest.raises(ValueError, match=r"name map shape \(1, 2\) of 'model.layers.0.mlp"):
+    checkpoint._check_name_map(wrong, flat)
+  ghost = dict(specs, extra=specs[name]._replace(path=("layers", 0, "mlp", "nope")))
+  with pytest.raises(ValueError, match="'extra' points at layers.0.mlp.nope"):
+    checkpoint._check_name_map(ghost, flat)
+  del flat[specs["model.norm.weight"].path]
+  missing = {n: s for n, s in specs.items() if n != "model.norm.weight"}
+  flat[("norm", "extra")] = flat[specs["model.embed_tokens.weight"].path]
+  with pytest.raises(ValueError, match="model parameter norm.extra has no Hugging Face name"):
+    checkpoint._check_name_map(missing, flat)

@@ -240,7 +240,7 @@ class TrainConfig:
           (source.zero_depth_share == 0.0 or source.kind == "niah",
            "data.sources.zero_depth_share", f"applies to niah sources only, not {source.kind}"),
           (_valid_value_digits(source.value_digits), "data.sources.value_digits",
-           f"must be [low, high] with 1 <= low <= high <= {niah.MAX_VALUE_DIGITS}, "
+           f"must be [low, high] with 1 <= low <= high <= {haystack.MAX_NUMBER_DIGITS}, "
            f"got {list(source.value_digits)}"),
           (tuple(source.value_digits) == (7, 7) or source.kind == "niah_drill",
            "data.sources.value_digits", f"applies to niah_drill sources only, not {source.kind}"),

@@ -206,8 +206,6 @@ def _select_all_layers(state: FirstStepAlphas, impl: str) -> common.LayerSelecti
   alphas = jnp.stack([state.alphas[i] for i in layers])  # [layers, batch, kv_heads, capacity]
   indices, counts = common.top_k_per_head(alphas, state.lengths[None, :, None], slots, impl,
                                           leading=("layers",))
-  if layers == list(range(state.selections.indices.shape[0])):
-    return common.LayerSelections(indices, counts)
   at = jnp.asarray(layers)
   return common.LayerSelections(state.selections.indices.at[at].set(indices),
                                 state.selections.counts.at[at].set(counts))

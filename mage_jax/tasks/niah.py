@@ -40,14 +40,13 @@ _KEY_NOUNS = (
 )
 
 
-MAX_VALUE_DIGITS = 18
-
-
 def check_value_digits(value_digits: Sequence[int]) -> tuple[int, int]:
-  """(low, high) of a needle-value digit range; ValueError unless 1 <= low <= high <= 18."""
-  if len(value_digits) != 2 or not 1 <= value_digits[0] <= value_digits[1] <= MAX_VALUE_DIGITS:
-    raise ValueError(f"value_digits must be (low, high) with 1 <= low <= high <= "
-                     f"{MAX_VALUE_DIGITS}, got {tuple(value_digits)}")
+  """(low, high) of a needle-value digit range; ValueError unless 1 <= low <= high <=
+  haystack.MAX_NUMBER_DIGITS (the limit of repeat sources' numbers too)."""
+  most = haystack_lib.MAX_NUMBER_DIGITS
+  if len(value_digits) != 2 or not 1 <= value_digits[0] <= value_digits[1] <= most:
+    raise ValueError(f"value_digits must be (low, high) with 1 <= low <= high <= {most}, "
+                     f"got {tuple(value_digits)}")
   return int(value_digits[0]), int(value_digits[1])
 
 
@@ -248,7 +247,7 @@ def recall_drill_text(
 
   Raises:
     ValueError: if num_needles is outside [1, 576], value_digits is not an ordered pair in
-      [1, MAX_VALUE_DIGITS], or the prompt cannot hold the needles.
+      [1, haystack.MAX_NUMBER_DIGITS], or the prompt cannot hold the needles.
   """
   keys = all_keys()
   if not 1 <= num_needles <= len(keys):
