@@ -23,6 +23,8 @@ MODES = ("pretrain", "selfdistill")
 TRAIN_SEED_OFFSET = 10**6
 SYNTHETIC_KINDS = ("niah", "ruler_niah_single", "ruler_niah_multikey", "ruler_niah_multivalue",
                    "ruler_niah_multiquery", "ruler_vt", "ruler_cwe", "niah_drill", "repeat")
+# Word tokenizer: the longest digit group one token may hold (1110 number tokens at 3).
+MAX_DIGITS_PER_TOKEN = 3
 
 
 class ConfigError(ValueError):
@@ -118,6 +120,10 @@ class DataConfig:
   ``vocab_sources``, when given, are what the word-level vocabulary is built from instead of
   ``sources``: a first curriculum stage on short documents of a few kinds still gets a
   vocabulary that covers every task the later stages and the evals use.
+  ``digits_per_token`` (word tokenizer only): numbers split left to right into groups of up to
+  this many digits, each group one token (1: one token per digit, as Qwen's tokenizer does; 3:
+  as GPT-4's cl100k does, so a 7-digit needle value is 3 tokens); every group of 1 to
+  ``digits_per_token`` digits is in the vocabulary.
   """
 
   sources: tuple[SourceConfig, ...] = (SourceConfig(kind="niah"),)
@@ -125,6 +131,7 @@ class DataConfig:
   tokenizer: str = "word"
   seed: int = 0
   word_vocab_docs: int = 64
+  digits_per_token: int = 1
   workers: int = 0
 
 
@@ -214,6 +221,11 @@ class TrainConfig:
         (self.mage.score_chunk >= 1, "mage.score_chunk", "must be >= 1"),
         (len(self.data.sources) >= 1, "data.sources", "needs at least one source"),
         (self.data.workers >= 0, "data.workers", f"must be >= 0, got {self.data.workers}"),
+        (1 <= self.data.digits_per_token <= MAX_DIGITS_PER_TOKEN, "data.digits_per_token",
+         f"must be in [1, {MAX_DIGITS_PER_TOKEN}], got {self.data.digits_per_token}"),
+        (self.data.digits_per_token == 1 or self.data.tokenizer == "word",
+         "data.digits_per_token", "applies to the word tokenizer (data.tokenizer = \"word\") only; "
+         f"got data.tokenizer = {self.data.tokenizer!r}, whose file fixes how digits split"),
         (0 <= self.data.seed < TRAIN_SEED_OFFSET, "data.seed",
          f"must be in [0, {TRAIN_SEED_OFFSET}) (synthetic seeds are data.seed + "
          f"{TRAIN_SEED_OFFSET})"),

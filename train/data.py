@@ -59,33 +59,55 @@ def _special_tokens(cfg: ModelConfig) -> list[str]:
   return names
 
 
-def build_word_tokenizer(cfg: ModelConfig, texts: Sequence[str]) -> tokenizers.Tokenizer:
+def number_tokens(digits_per_token: int) -> list[str]:
+  """Every digit string of 1 to ``digits_per_token`` digits, shortest first."""
+  return [str(n).zfill(width) for width in range(1, digits_per_token + 1)
+          for n in range(10**width)]
+
+
+def build_word_tokenizer(cfg: ModelConfig, texts: Sequence[str],
+                         digits_per_token: int = 1) -> tokenizers.Tokenizer:
   """A word-level tokenizer with the model's vocab size and its pad / EOS / mask ids.
 
   Words carry their leading space as "▁" (Metaspace, as SentencePiece does) and punctuation and
-  digits are tokens of their own, digits one per token: needle values (7 digits) are learnable
-  with a small vocabulary, and decoding restores the text exactly ("is 7654321." round-trips;
-  joining word-level tokens with spaces would give "7 6 5 4 3 2 1 ."). Runs of capitals are
-  split into letters too ("VAR QWERT" -> V A R Q W E R T), so RULER's random upper-case
-  variable names are spelled out instead of becoming [UNK]; capitalised words ("The") stay
-  whole. Runs of newlines are tokens of their own ("\n\nWhat" -> "\n\n", "What"; glued
-  together, each paragraph's first word would be a rare token of its own, mostly [UNK]).
-  Other words beyond the vocabulary become [UNK].
+  digits are tokens of their own, in groups of up to ``digits_per_token`` digits split left to
+  right ("8737866" -> 8 7 3 7 8 6 6 at 1, as Qwen's tokenizer does; 873 786 6 at 3, as GPT-4's
+  cl100k does). Every digit group is in the vocabulary, so any number encodes without [UNK],
+  and decoding restores the text exactly ("is 7654321." round-trips; joining word-level tokens
+  with spaces would give "7 6 5 4 3 2 1 ."). Runs of capitals are split into letters too
+  ("VAR QWERT" -> V A R Q W E R T), so RULER's random upper-case variable names are spelled out
+  instead of becoming [UNK]; capitalised words ("The") stay whole. Runs of newlines are tokens
+  of their own ("\n\nWhat" -> "\n\n", "What"; glued together, each paragraph's first word
+  would be a rare token of its own, mostly [UNK]). The most frequent other words of ``texts``
+  fill the rest of the vocabulary; words beyond it become [UNK].
   """
+  if digits_per_token == 1:
+    split_digits = pre_tokenizers.Digits(individual_digits=True)
+  else:
+    split_digits = pre_tokenizers.Split(Regex(rf"\d{{1,{digits_per_token}}}"),
+                                        behavior="isolated")
   tokenizer = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
   tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
       pre_tokenizers.Punctuation(),
       pre_tokenizers.Split(Regex("\n+"), behavior="isolated"),
-      pre_tokenizers.Digits(individual_digits=True),
+      split_digits,
       pre_tokenizers.Split(Regex("[A-Z](?=[A-Z])|(?<=[A-Z])[A-Z]"), behavior="isolated")])
   tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
   specials = _special_tokens(cfg)
-  if len(specials) >= cfg.vocab_size:
-    raise ConfigError(f"model vocab_size={cfg.vocab_size} leaves no room for words")
+  numbers = number_tokens(digits_per_token) if digits_per_token > 1 else []
+  if len(specials) + len(numbers) >= cfg.vocab_size:
+    raise ConfigError(f"model vocab_size={cfg.vocab_size} leaves no room for words after "
+                      f"{len(specials)} special tokens and {len(numbers)} number tokens "
+                      f"(data.digits_per_token={digits_per_token})")
   trainer = trainers.WordLevelTrainer(vocab_size=cfg.vocab_size, special_tokens=specials,
                                       show_progress=False)
   tokenizer.train_from_iterator(texts, trainer)
+  if numbers:  # Specials at their ids, then every digit group, then the most frequent words.
+    learned = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    words = [w for w, _ in learned[len(specials):] if not w.isdigit()]
+    ordered = (specials + numbers + words)[:cfg.vocab_size]
+    tokenizer.model = models.WordLevel({w: i for i, w in enumerate(ordered)}, unk_token="[UNK]")
   return tokenizer
 
 
@@ -337,7 +359,8 @@ def load_tokenizer(cfg: DataConfig, model_cfg: ModelConfig, seq_len: int,
     except Exception as e:  # tokenizers raises a bare Exception on a bad file.
       raise ConfigError(f"data.tokenizer: cannot load {path}: {e}") from e
   else:
-    tokenizer = build_word_tokenizer(model_cfg, _vocabulary_texts(cfg, seq_len))
+    tokenizer = build_word_tokenizer(model_cfg, _vocabulary_texts(cfg, seq_len),
+                                     cfg.digits_per_token)
   if tokenizer.get_vocab_size() > model_cfg.vocab_size:
     raise ConfigError(f"data.tokenizer: {tokenizer.get_vocab_size()} tokens exceed the model's "
                       f"vocab_size={model_cfg.vocab_size}")

@@ -294,10 +294,10 @@ def repeated_passage(context_length: int, *, seed: int | str, index: int,
   scratch did not pick it up (WORKSPACE_NOTES.md).
 
   ``number_share`` of the items are ``number_digits``-digit numbers instead of
-  words. A word-level tokenizer spells numbers one digit per token, from an
-  alphabet of ten, so the previous token alone does not say where a copy
-  continues ("8737866": which 7?); numbers teach the multi-token copying that
-  needle values need. Numbers longer than the 7-digit needle values train
+  words. A word-level tokenizer that spells numbers one digit per token draws
+  them from an alphabet of ten, so the previous token alone does not say where
+  a copy continues ("8737866": which 7?); numbers teach the multi-token copying
+  that needle values need. Numbers longer than the 7-digit needle values train
   copying past the 7th digit (the shipped model copies digits 1-5 of a needle
   value and misses 6-7: WORKSPACE_NOTES.md, session 5).
 

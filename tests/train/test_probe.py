@@ -3,6 +3,7 @@
 import re
 
 import numpy as np
+import pytest
 
 from mage_jax import ModelConfig
 from mage_jax.model import build_model
@@ -12,11 +13,11 @@ from train import data as data_lib
 from train import probe
 
 
-def _tokenizer(model_cfg):
+def _tokenizer(model_cfg, digits_per_token=1):
   sources = (config_lib.SourceConfig(kind="niah_drill", context_tokens=400),
              config_lib.SourceConfig(kind="repeat", context_tokens=400))
   texts = data_lib._vocabulary_texts(config_lib.DataConfig(sources=sources), 512)
-  return data_lib.build_word_tokenizer(model_cfg, texts)
+  return data_lib.build_word_tokenizer(model_cfg, texts, digits_per_token)
 
 
 def test_copy_documents_score_the_repetition_against_the_first_copy():
@@ -33,9 +34,10 @@ def test_copy_documents_score_the_repetition_against_the_first_copy():
     assert not np.any(f & s)
 
 
-def test_needle_documents_score_exactly_the_answer_digits():
-  model_cfg = ModelConfig.preset("tiny_qwen2", vocab_size=512)
-  tokenizer = _tokenizer(model_cfg)
+@pytest.mark.parametrize("digits_per_token", [1, 3])
+def test_needle_documents_score_exactly_the_answer_digits(digits_per_token):
+  model_cfg = ModelConfig.preset("tiny_qwen2", vocab_size=1664)
+  tokenizer = _tokenizer(model_cfg, digits_per_token)
   tokens, answers = probe.needle_documents(tokenizer, context=300, needles=3, docs=2,
                                            multiple=8)
   for d, (row, mask) in enumerate(zip(np.asarray(tokens), np.asarray(answers))):
@@ -44,8 +46,9 @@ def test_needle_documents_score_exactly_the_answer_digits():
         count_tokens=lambda t: len(tokenizer.encode(t, add_special_tokens=False).ids))
     values = re.findall(r"mentioned in the text is (\d{7})", text)
     assert len(values) == 3
-    digits = "".join(tokenizer.id_to_token(int(t)) for t in row[mask])
-    assert digits == "".join(values)
+    groups = [tokenizer.id_to_token(int(t)) for t in row[mask]]
+    assert "".join(groups) == "".join(values)
+    assert len(groups) == 3 * (7 if digits_per_token == 1 else 3)  # 7 digits: 3 + 3 + 1
 
 
 def test_probes_run_on_a_model_and_report_fractions():

@@ -166,6 +166,42 @@ def test_word_tokenizer_splits_off_newlines_and_round_trips():
   assert tokenizer.decode(encoding.ids) == text
 
 
+def test_word_tokenizer_groups_digits_and_holds_every_group():
+  from mage_jax import ModelConfig
+
+  model_cfg = ModelConfig.preset("tiny_qwen2", vocab_size=1200)
+  text = "The magic number is 8737866.\nAnd 0012, then 7 and 45."
+  tokenizer = data_lib.build_word_tokenizer(model_cfg, [text, "words never seen"], 3)
+  encoding = tokenizer.encode(text, add_special_tokens=False)
+  numbers = [t for t in encoding.tokens if t.isdigit()]
+  assert numbers == ["873", "786", "6", "001", "2", "7", "45"]  # left to right, up to 3
+  assert "[UNK]" not in encoding.tokens
+  assert tokenizer.decode(encoding.ids) == text
+  vocab = tokenizer.get_vocab()
+  assert all(g in vocab for g in data_lib.number_tokens(3))  # seen in the texts or not
+  assert len(data_lib.number_tokens(3)) == 1110
+  # Special tokens keep the model's ids; ids are dense and within vocab_size.
+  assert vocab["[PAD]"] == model_cfg.pad_token_id
+  assert vocab["[MASK]"] == model_cfg.mask_token_id
+  assert sorted(vocab.values()) == list(range(len(vocab))) and len(vocab) <= 1200
+  assert "▁words" in vocab and "▁never" in vocab
+
+
+def test_digit_groups_need_room_in_the_vocabulary():
+  from mage_jax import ModelConfig
+  from train import config as config_lib
+
+  with pytest.raises(config_lib.ConfigError, match="1110 number tokens"):
+    data_lib.build_word_tokenizer(ModelConfig.preset("tiny_qwen2", vocab_size=1024), ["a b"], 3)
+  for digits, tokenizer, field in ((4, "word", "must be in"), (3, "tok.json", "word tokenizer")):
+    cfg = config_lib.from_dict({"model": "tiny_qwen2", "workdir": "/tmp/x", "steps": 1,
+                                "seq_len": 512, "data": {"sources": [{"kind": "repeat"}],
+                                                         "tokenizer": tokenizer,
+                                                         "digits_per_token": digits}})
+    with pytest.raises(config_lib.ConfigError, match=f"data.digits_per_token.*{field}"):
+      cfg.validate(ModelConfig.preset("tiny_qwen2"), "pretrain")
+
+
 def test_drill_and_repeat_sources_pack_their_documents():
   from mage_jax import ModelConfig
   from train import config as config_lib
