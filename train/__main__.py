@@ -9,6 +9,7 @@ are reported as one line on stderr (exit status 2); a diverged run exits with st
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app
@@ -31,6 +32,12 @@ _STOP_AT_STEP = flags.DEFINE_integer("stop_at_step", None, "Stop (checkpointed, 
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", None, "Stop (checkpointed, resumable) after the "
                                   "first step that ends this many seconds after training starts.")
 _SET = flags.DEFINE_multi_string("set", [], "key.path=json_value override, repeatable.")
+_DETERMINISTIC = flags.DEFINE_bool(
+    "deterministic", False, "GPU: XLA's deterministic ops (--xla_gpu_deterministic_ops=true in "
+    "XLA_FLAGS), so reruns of one config do not drift apart through the order of floating-point "
+    "reductions; scatters and reductions get slower. The CPU backend is deterministic already.")
+
+DETERMINISTIC_OPS = "--xla_gpu_deterministic_ops"
 
 
 def _fail(message: str, status: int = 2):
@@ -52,6 +59,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+def with_deterministic_ops(xla_flags: str) -> str:
+  """``xla_flags`` (an XLA_FLAGS value) with XLA's deterministic GPU ops switched on.
+
+  Raises:
+    ConfigError: XLA_FLAGS already switches them off.
+  """
+  for flag in xla_flags.split():
+    name, _, value = flag.partition("=")
+    if name == DETERMINISTIC_OPS:
+      if value.lower() not in ("", "true", "1"):
+        raise ConfigError(f"--deterministic conflicts with {flag} in XLA_FLAGS")
+      return xla_flags
+  return f"{xla_flags} {DETERMINISTIC_OPS}=true".strip()
+
+
 def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
@@ -59,6 +81,8 @@ def main(argv: list[str]) -> None:
 
   overrides = {}
   try:
+    if _DETERMINISTIC.value:  # read when jax starts its backend, which has not happened yet
+      os.environ["XLA_FLAGS"] = with_deterministic_ops(os.environ.get("XLA_FLAGS", ""))
     for text in _SET.value:
       key, value = parse_override(text)
       overrides[key] = value
