@@ -122,7 +122,7 @@ class DataConfig:
   vocabulary that covers every task the later stages and the evals use.
   ``digits_per_token`` (word tokenizer only): numbers split left to right into groups of up to
   this many digits, each group one token (1: one token per digit, as Qwen's tokenizer does; 3:
-  as GPT-4's cl100k does, so a 7-digit needle value is 3 tokens); every group of 1 to
+  as GPT-4's cl100k does, so a 7-digit needle value is 3 tokens); above 1, every group of 1 to
   ``digits_per_token`` digits is in the vocabulary.
   """
 

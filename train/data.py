@@ -72,14 +72,16 @@ def build_word_tokenizer(cfg: ModelConfig, texts: Sequence[str],
   Words carry their leading space as "▁" (Metaspace, as SentencePiece does) and punctuation and
   digits are tokens of their own, in groups of up to ``digits_per_token`` digits split left to
   right ("8737866" -> 8 7 3 7 8 6 6 at 1, as Qwen's tokenizer does; 873 786 6 at 3, as GPT-4's
-  cl100k does). Every digit group is in the vocabulary, so any number encodes without [UNK],
-  and decoding restores the text exactly ("is 7654321." round-trips; joining word-level tokens
-  with spaces would give "7 6 5 4 3 2 1 ."). Runs of capitals are split into letters too
-  ("VAR QWERT" -> V A R Q W E R T), so RULER's random upper-case variable names are spelled out
-  instead of becoming [UNK]; capitalised words ("The") stay whole. Runs of newlines are tokens
-  of their own ("\n\nWhat" -> "\n\n", "What"; glued together, each paragraph's first word
-  would be a rare token of its own, mostly [UNK]). The most frequent other words of ``texts``
-  fill the rest of the vocabulary; words beyond it become [UNK].
+  cl100k does). At 2-3 every digit group is in the vocabulary, so any number encodes without
+  [UNK]; at 1 the ten digits come from ``texts`` like words (every recipe text has them), which
+  keeps the shipped vocabulary's ids. Decoding restores the text exactly ("is 7654321."
+  round-trips; joining word-level tokens with spaces would give "7 6 5 4 3 2 1 ."). Runs of
+  capitals are split into letters too ("VAR QWERT" -> V A R Q W E R T), so RULER's random
+  upper-case variable names are spelled out instead of becoming [UNK]; capitalised words
+  ("The") stay whole. Runs of newlines are tokens of their own ("\n\nWhat" -> "\n\n", "What";
+  glued together, each paragraph's first word would be a rare token of its own, mostly
+  [UNK]). The most frequent other words of ``texts`` fill the rest of the vocabulary; words
+  beyond it become [UNK].
   """
   if digits_per_token == 1:
     split_digits = pre_tokenizers.Digits(individual_digits=True)
