@@ -1,4 +1,5 @@
-"""What the whole-model step benchmarks share (decode_e2e.py, step_profile.py).
+"""What the whole-model step benchmarks share (decode_e2e.py, step_profile.py,
+pretrain_step.py).
 
 * Two attention methods that exist only for benchmarks: the off-the-shelf dense baseline
   (``XlaDenseAttention``) and attention replaced by zeros (``NoAttention``: what the rest of a
@@ -8,11 +9,15 @@
   ~340 parameter and cache arrays) to every step: 1.2-1.9 ms on the 1.5B shape, as large as
   the step's kernels, and absent from real decoding.
 * ``median_seconds``: median wall time of a blocking call, after a warm-up call;
-  ``trace_kernels``: the GPU kernels calls launch, from a jax.profiler trace.
+  ``trace_kernels``: the GPU kernels calls launch, from a jax.profiler trace;
+  ``kernel_summary``: per step, their count, busy time, span and the top kernels;
+* ``TrainStepSetup``: the trainer's own jitted step and its state, built from a raw config
+  (train_step.py, pretrain_step.py).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import os
@@ -120,3 +125,78 @@ def trace_kernels(fn, calls: int) -> list[tuple[str, int, int]]:
         if line.name.startswith("Stream"):
           events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
   return events
+
+
+GEMM_MARKERS = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")
+
+
+def kernel_kind(name: str) -> str:
+  """gemm, xla fusion, copy or other (pallas / custom), from a GPU kernel's name."""
+  lower = name.lower()
+  if any(m in lower for m in GEMM_MARKERS):
+    return "gemm"
+  if "fusion" in lower or lower.startswith(("loop_", "input_", "wrapped_")):
+    return "xla fusion"
+  if "memcpy" in lower or "memset" in lower:
+    return "copy"
+  return "other (pallas / custom)"
+
+
+def kernel_summary(events, calls: int, steps_per_call: int = 1) -> dict:
+  """Per-step kernel count, busy time (sum of kernel durations) and span (first kernel start
+  to last kernel end: busy + gaps) from ``trace_kernels`` of ``calls`` calls; the top 12
+  kernels by time, each with its share of the busy time. No events (no GPU): NaN times."""
+  steps = calls * steps_per_call
+  if not events:
+    return dict(kernels_per_step=0.0, busy_ms=float("nan"), span_ms=float("nan"), top=[],
+                by_kind={})
+  events.sort(key=lambda e: e[1])
+  busy = sum(d for _, _, d in events)
+  # The span per call: from the first kernel's start to the last one's end, calls separated by
+  # the host's block_until_ready; split into calls at the largest gaps.
+  gaps = sorted(((events[i + 1][1] - (events[i][1] + events[i][2]), i)
+                 for i in range(len(events) - 1)), reverse=True)
+  cuts = sorted(i for _, i in gaps[:calls - 1])
+  span, start = 0, 0
+  for cut in cuts + [len(events) - 1]:
+    span += events[cut][1] + events[cut][2] - events[start][1]
+    start = cut + 1
+  per_name = collections.defaultdict(lambda: [0, 0])
+  by_kind = collections.Counter()
+  for name, _, duration in events:
+    per_name[name][0] += 1
+    per_name[name][1] += duration
+    by_kind[kernel_kind(name)] += duration
+  top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:12]
+  return dict(kernels_per_step=len(events) / steps, busy_ms=busy / steps / 1e6,
+              span_ms=span / steps / 1e6,
+              by_kind={k: v / steps / 1e6 for k, v in by_kind.items()},
+              top=[dict(name=n[:90], per_step=c / steps, ms_per_step=d / steps / 1e6,
+                        share=d / busy) for n, (c, d) in top])
+
+
+@dataclasses.dataclass
+class TrainStepSetup:
+  """What a training-step benchmark needs: the validated configs, the float32 master weights,
+  the optimizer state and the trainer's jitted step (train.trainer.make_train_step)."""
+  cfg: object
+  model_cfg: object
+  params: dict
+  state: object
+  step_fn: object
+
+  @classmethod
+  def build(cls, raw: dict, mode: str) -> "TrainStepSetup":
+    """A random-weight model as the trainer would start it from ``raw`` (a train config dict)."""
+    from train import config as config_lib  # pylint: disable=import-outside-toplevel
+    from train import trainer  # pylint: disable=import-outside-toplevel
+    cfg = config_lib.from_dict(raw)
+    init = trainer.initial_model(cfg)
+    model_cfg = init.config
+    cfg.validate(model_cfg, mode)
+    layout = trainer.ParamLayout(model_cfg)
+    params = layout.flatten(init)
+    del init
+    tx, schedule = trainer.make_optimizer(cfg.optim, cfg.steps)
+    return cls(cfg, model_cfg, params, trainer.initial_state(params, tx, cfg.seed),
+               trainer.make_train_step(cfg, mode, layout, tx, schedule))

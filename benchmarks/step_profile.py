@@ -25,7 +25,6 @@ Writes step_profile.json and step_profile.md under --out.
 
 from __future__ import annotations
 
-import collections
 import datetime
 import gzip
 import json
@@ -61,49 +60,6 @@ VARIANT_FLAGS = {
     "cublas_no_dot_merger": "--xla_gpu_enable_triton_gemm=false "
                             "--xla_disable_hlo_passes=dot-merger",
 }
-GEMM_MARKERS = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")
-
-
-def _kind(name: str) -> str:
-  lower = name.lower()
-  if any(m in lower for m in GEMM_MARKERS):
-    return "gemm"
-  if "fusion" in lower or lower.startswith(("loop_", "input_", "wrapped_")):
-    return "xla fusion"
-  if "memcpy" in lower or "memset" in lower:
-    return "copy"
-  return "other (pallas / custom)"
-
-
-def _device_summary(events, calls: int, steps_per_call: int) -> dict:
-  """Per-step kernel count, busy time and span (busy + gaps) from a loop's trace."""
-  steps = calls * steps_per_call
-  if not events:
-    return dict(kernels_per_step=0.0, busy_ms=float("nan"), span_ms=float("nan"), top=[],
-                by_kind={})
-  events.sort(key=lambda e: e[1])
-  busy = sum(d for _, _, d in events)
-  # The span per call: from the first kernel's start to the last one's end, calls separated by
-  # the host's block_until_ready; split into calls at the largest gaps.
-  gaps = sorted(((events[i + 1][1] - (events[i][1] + events[i][2]), i)
-                 for i in range(len(events) - 1)), reverse=True)
-  cuts = sorted(i for _, i in gaps[:calls - 1])
-  span, start = 0, 0
-  for cut in cuts + [len(events) - 1]:
-    span += events[cut][1] + events[cut][2] - events[start][1]
-    start = cut + 1
-  per_name = collections.defaultdict(lambda: [0, 0])
-  by_kind = collections.Counter()
-  for name, _, duration in events:
-    per_name[name][0] += 1
-    per_name[name][1] += duration
-    by_kind[_kind(name)] += duration
-  top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:12]
-  return dict(kernels_per_step=len(events) / steps, busy_ms=busy / steps / 1e6,
-              span_ms=span / steps / 1e6,
-              by_kind={k: v / steps / 1e6 for k, v in by_kind.items()},
-              top=[dict(name=n[:90], per_step=c / steps, ms_per_step=d / steps / 1e6)
-                   for n, (c, d) in top])
 
 
 def _run_variant(variant: str) -> list[dict]:
@@ -115,7 +71,8 @@ def _run_variant(variant: str) -> list[dict]:
   from mage_jax.methods.base import AttentionMethod
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from bench_common import NoAttention, denoise_loop, median_seconds, trace_kernels
+  from bench_common import (NoAttention, denoise_loop, kernel_summary, median_seconds,
+                            trace_kernels)
 
   cfg = ModelConfig.preset(FLAGS.preset, max_position_embeddings=1 << 20)
   graphdef, params = nnx.split(build_model(cfg, seed=0))
@@ -151,8 +108,8 @@ def _run_variant(variant: str) -> list[dict]:
       call_s = median_seconds(lambda: later_step(params, block, cache, state), FLAGS.repeats)
       loop_s = median_seconds(lambda: later_loop(params, block, cache, state), FLAGS.repeats)
       calls = 3
-      device = _device_summary(trace_kernels(lambda: later_loop(params, block, cache, state),
-                                              calls), calls, FLAGS.steps)
+      device = kernel_summary(trace_kernels(lambda: later_loop(params, block, cache, state),
+                                            calls), calls, FLAGS.steps)
       if FLAGS.dump_hlo and variant == "default":
         text = later_loop.lower(params, block, cache, state).compile().as_text()
         with gzip.open(os.path.join(FLAGS.out, f"hlo_{name}_b{batch}.txt.gz"), "wt") as f:

@@ -43,24 +43,15 @@ def _measure(seq_len: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from train import config as config_lib
-  from train import trainer
+  import bench_common
 
   raw = {"model": _MODEL.value, "workdir": tempfile.mkdtemp(), "steps": 1000,
          "seq_len": seq_len, "complementary": _COMPLEMENTARY.value,
          "loss_chunk": _LOSS_CHUNK.value, "optim": {"batch_size": 1, "grad_accum": 1},
          "mage": {"budget": _BUDGET.value, "dense_layers": _DENSE_LAYERS.value}}
-  cfg = config_lib.from_dict(raw)
-  init = trainer.initial_model(cfg)
-  model_cfg = init.config
-  cfg.validate(model_cfg, "selfdistill")
-  layout = trainer.ParamLayout(model_cfg)
-  params = layout.flatten(init)
-  del init
+  setup = bench_common.TrainStepSetup.build(raw, "selfdistill")
+  model_cfg, params, state, step_fn = setup.model_cfg, setup.params, setup.state, setup.step_fn
   teacher = {k: jnp.array(v, jnp.dtype(model_cfg.dtype), copy=True) for k, v in params.items()}
-  tx, schedule = trainer.make_optimizer(cfg.optim, cfg.steps)
-  state = trainer.initial_state(params, tx, cfg.seed)
-  step_fn = trainer.make_train_step(cfg, "selfdistill", layout, tx, schedule)
 
   def tokens(i):
     ids = jax.random.randint(jax.random.key(i), (1, 1, seq_len), 0, model_cfg.mask_token_id)

@@ -54,3 +54,17 @@ def test_gemm_layouts_times_both_layouts(tmp_path):
     rows = json.load(f)["rows"]
   assert {(r["group"], r["layout"]) for r in rows} == {
       (g, layout) for g in ("gate_up", "qkv") for layout in ("separate", "fused")}
+
+
+def test_pretrain_step_times_each_width_and_batch_in_its_own_process(tmp_path):
+  out = _run("pretrain_step.py",
+             "--config=configs/train/default_model/s6_diffusion2048_numbers.json",
+             "--batch_sizes=1", "--hidden_sizes=128,192", "--seq_len=64", "--steps=1",
+             f"--out={tmp_path}")
+  with open(tmp_path / "pretrain_step.json") as f:
+    rows = json.load(f)["results"]
+  assert [(r["batch"], r["hidden"], r["num_heads"], r["num_kv_heads"]) for r in rows] == [
+      (1, 128, 2, 2), (1, 192, 3, 1)]
+  assert all(r["step_s"] > 0 and r["flops"]["total"] > 0 and r["block_size"] == 32 for r in rows)
+  assert [r["profiled"] for r in rows] == [True, False]  # the first variant only
+  assert "| 1 | 192 | 3/1 |" in out
