@@ -9,6 +9,7 @@
   128K (batch 1); tuning variants at the 1.5B shape, 128K cache, batch 1.
 * sweep_exact: the exact kernel's tuning grid (exact_tunings) at the 1.5B shape over --batches x
   --caches, judged on device time over four K/V sets (past the L2).
+* sweep_mask: the same for the mask step's alpha pass (mask_tunings), with every kernel's share.
 * table: Fast-dLLM v2 1.5B (12 q / 2 KV heads) and 7B (28 / 4), hd 128, 32-token block, caches
   16K..128K, batch 1 and 8: exact split-KV, mask step (attention + alpha), sparse k=512, index
   selection (one layer's rows, and every sparse layer's rows in one call, as MAGE runs it),
@@ -323,30 +324,49 @@ def exact_tunings(batch: int, q_heads: int, kv_heads: int, capacity: int) -> lis
           dict(num_stages=4), dict(num_warps=8)]
 
 
-def run_sweep_exact(log, batches, caches) -> list[dict]:
-  """Device time of the exact split-KV attention (kernel + split merge) per call for each tuning
-  in ``exact_tunings``, 1.5B shape: four calls on four K/V sets in one program (as four layers
-  would read them, past the L2), profiled, divided by four."""
+def mask_tunings(batch: int, q_heads: int, kv_heads: int, capacity: int) -> list[dict]:
+  """The alpha pass's tuning grid around its defaults (splits halved and doubled, key tiles,
+  warps, pipeline depth); the attention pass keeps the exact kernel's defaults."""
+  splits = tu.default_num_splits(batch * kv_heads, capacity, 64) + 1
+  return [{}, dict(alpha_num_splits=max(1, splits // 2)), dict(alpha_num_splits=splits * 2),
+          dict(alpha_block_k=128), dict(alpha_block_k=32), dict(alpha_num_warps=8),
+          dict(alpha_num_stages=2), dict(alpha_num_stages=4)]
+
+
+SWEEPS = {  # mode: (entry point, tuning grid, name prefix of its main kernel)
+    "sweep_exact": (lambda *a, **t: decode_attention.exact_block_attention(*a, **t),
+                    exact_tunings, "block_split_kv"),
+    "sweep_mask": (lambda *a, **t: decode_attention.mask_step_attention(*a, **t),
+                   mask_tunings, "block_attention_alpha"),
+}
+
+
+def run_sweep_kernel(log, mode: str, batches, caches) -> list[dict]:
+  """Device time per call of one entry point (kernels + merge) for each tuning of its grid,
+  1.5B shape: four calls on four K/V sets in one program (as four layers would read them, past
+  the L2), profiled, divided by four; kernel_us is the named kernel's share, launches the
+  device us of every kernel the call launches."""
+  entry, tunings, kernel_prefix = SWEEPS[mode]
   rows = []
   for batch in batches:
     for capacity in caches:
       problem = Problem(batch, *MODELS["1.5B"], capacity)
       sets = (problem.kv_sets * 4)[:4]
       q = problem.queries[0]
-      for tuning in exact_tunings(batch, *MODELS["1.5B"], capacity):
+      for tuning in tunings(batch, *MODELS["1.5B"], capacity):
         def layers(q, sets, tuning=tuning):
-          return [decode_attention.exact_block_attention(
-              q, k, v, problem.lengths, problem.k_block, problem.v_block, impl="pallas",
-              **tuning) for k, v in sets]
-        launches = attempt(log, f"sweep_exact {batch} {capacity} {tuning}",
+          return [entry(q, k, v, problem.lengths, problem.k_block, problem.v_block,
+                        impl="pallas", **tuning) for k, v in sets]
+        launches = attempt(log, f"{mode} {batch} {capacity} {tuning}",
                            lambda: profile_launches(jax.jit(layers), (q, sets)))
         if launches is not None:
           bytes_s, _ = problem.floor_seconds()
           rows.append({"batch": batch, "cache": capacity, **tuning,
                        "device_us": sum(launches.values()) / 4,
                        "kernel_us": sum(v for k, v in launches.items()
-                                        if k.startswith("block_split_kv")) / 4,
-                       "floor_us": bytes_s * 1e6})
+                                        if k.startswith(kernel_prefix)) / 4,
+                       "floor_us": bytes_s * 1e6,
+                       "launches": {k: v / 4 for k, v in launches.items()}})
           log(json.dumps(rows[-1]))
       del problem
   return rows
@@ -439,10 +459,10 @@ def main() -> None:
     report["profile"] = run_profile(log)
   if "sweep" in modes:
     report["sweep"] = run_sweep(log)
-  if "sweep_exact" in modes:
-    report["sweep_exact"] = run_sweep_exact(
-        log, [int(b) for b in flags.batches.split(",")],
-        [int(c) for c in flags.caches.split(",")])
+  for mode in SWEEPS:
+    if mode in modes:
+      report[mode] = run_sweep_kernel(log, mode, [int(b) for b in flags.batches.split(",")],
+                                      [int(c) for c in flags.caches.split(",")])
   if "table" in modes:
     report["table"] = run_table(
         log, report["tuning"], [int(b) for b in flags.batches.split(",")],
