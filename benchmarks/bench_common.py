@@ -11,8 +11,9 @@ pretrain_step.py).
 * ``median_seconds``: median wall time of a blocking call, after a warm-up call;
   ``trace_kernels``: the GPU kernels calls launch, from a jax.profiler trace;
   ``kernel_summary``: per step, their count, busy time, span and the top kernels;
-* ``TrainStepSetup``: the trainer's own jitted step and its state, built from a raw config
-  (train_step.py, pretrain_step.py).
+* ``TrainStepSetup``: the trainer's own jitted step and its state, built from a raw config, and
+  ``run_child``: one variant in its own process, its JSON result or its error (train_step.py,
+  pretrain_step.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import ClassVar
@@ -200,3 +204,25 @@ class TrainStepSetup:
     tx, schedule = trainer.make_optimizer(cfg.optim, cfg.steps)
     return cls(cfg, model_cfg, params, trainer.initial_state(params, tx, cfg.seed),
                trainer.make_train_step(cfg, mode, layout, tx, schedule))
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_child(args: list[str], timeout: float | None = None) -> dict:
+  """Runs ``python *args`` from the repository root (on PYTHONPATH) and returns the JSON object
+  of the last stdout line that starts with "{", or {"error": "OOM" / "timeout after N s" / the
+  last line of stderr} when there is none, so one failed variant does not end a sweep."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT,
+                                                                  os.environ.get("PYTHONPATH")])))
+  try:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          cwd=REPO_ROOT, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timeout after {timeout} s"}
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith("{"):
+      return json.loads(line)
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:] or ["no output"]
+  oom = any("RESOURCE_EXHAUSTED" in l or "out of memory" in l.lower() for l in tail)
+  return {"error": "OOM" if oom else tail[-1].replace("|", "/")}

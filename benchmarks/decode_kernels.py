@@ -334,10 +334,8 @@ def mask_tunings(batch: int, q_heads: int, kv_heads: int, capacity: int) -> list
 
 
 SWEEPS = {  # mode: (entry point, tuning grid, name prefix of its main kernel)
-    "sweep_exact": (lambda *a, **t: decode_attention.exact_block_attention(*a, **t),
-                    exact_tunings, "block_split_kv"),
-    "sweep_mask": (lambda *a, **t: decode_attention.mask_step_attention(*a, **t),
-                   mask_tunings, "block_attention_alpha"),
+    "sweep_exact": (decode_attention.exact_block_attention, exact_tunings, "block_split_kv"),
+    "sweep_mask": (decode_attention.mask_step_attention, mask_tunings, "block_attention_alpha"),
 }
 
 

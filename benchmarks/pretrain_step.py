@@ -46,13 +46,17 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 from absl import app
 from absl import flags
+
+# The repository root (mage_jax, train) for bench_common and the children.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable-next=wrong-import-position
+from bench_common import REPO_ROOT, TrainStepSetup, kernel_summary, run_child, trace_kernels
 
 _CONFIG = flags.DEFINE_string("config", "configs/train/default_model/s3_ar2048.json",
                               "Stage config: training settings and model_overrides.")
@@ -74,11 +78,8 @@ _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "Where results are
 _VARIANT = flags.DEFINE_string("variant", None, "Internal: run one BATCH:HIDDEN variant "
                                "in-process and print its JSON result.")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _read_json(path: str) -> dict:
-  with open(path if os.path.isabs(path) else os.path.join(ROOT, path)) as f:
+  with open(path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)) as f:
     return json.load(f)
 
 
@@ -125,7 +126,6 @@ def _measure(batch: int, hidden: int) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from bench_common import TrainStepSetup, kernel_summary, trace_kernels
 
   seq_len = _SEQ_LEN.value
   setup = TrainStepSetup.build(_train_config_dict(batch, hidden, seq_len), "pretrain")
@@ -188,24 +188,14 @@ def _measure(batch: int, hidden: int) -> dict:
 
 
 def _run_variant(batch: int, hidden: int, seq_len: int, profile: bool) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), f"--variant={batch}:{hidden}",
-         f"--config={_CONFIG.value}", f"--base_config={_BASE_CONFIG.value}",
-         f"--seq_len={seq_len}", f"--steps={_STEPS.value}",
-         f"--profile_steps={_PROFILE_STEPS.value}", "--profile" if profile else "--noprofile"]
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT,
-                                                                  os.environ.get("PYTHONPATH")])))
-  failed = {"batch": batch, "hidden": hidden, "seq_len": seq_len}
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=_VARIANT_TIMEOUT.value)
-  except subprocess.TimeoutExpired:
-    return {**failed, "error": f"timeout after {_VARIANT_TIMEOUT.value} s"}
-  for line in reversed(proc.stdout.splitlines()):
-    if line.startswith("{"):
-      return json.loads(line)
-  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:] or ["no output"]
-  oom = any("RESOURCE_EXHAUSTED" in l or "out of memory" in l.lower() for l in tail)
-  return {**failed, "error": "OOM" if oom else tail[-1].replace("|", "/")}
+  result = run_child(
+      [os.path.abspath(__file__), f"--variant={batch}:{hidden}", f"--config={_CONFIG.value}",
+       f"--base_config={_BASE_CONFIG.value}", f"--seq_len={seq_len}", f"--steps={_STEPS.value}",
+       f"--profile_steps={_PROFILE_STEPS.value}", "--profile" if profile else "--noprofile"],
+      timeout=_VARIANT_TIMEOUT.value)
+  if "error" in result:
+    return {"batch": batch, "hidden": hidden, "seq_len": seq_len, **result}
+  return result
 
 
 def _header(results: list[dict], seq_len: int) -> str:

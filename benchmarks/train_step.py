@@ -18,13 +18,16 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 from absl import app
 from absl import flags
+
+# The repository root (mage_jax, train) for bench_common and the children.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_common  # pylint: disable=wrong-import-position
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["16384", "32768"], "Training lengths L.")
 _BUDGET = flags.DEFINE_integer("budget", 512, "MAGE budget k per noisy block and KV head.")
@@ -43,7 +46,6 @@ def _measure(seq_len: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  import bench_common
 
   raw = {"model": _MODEL.value, "workdir": tempfile.mkdtemp(), "steps": 1000,
          "seq_len": seq_len, "complementary": _COMPLEMENTARY.value,
@@ -81,20 +83,12 @@ def _measure(seq_len: int) -> dict:
 
 
 def _run_variant(seq_len: int) -> dict:
-  cmd = [sys.executable, __file__, f"--variant={seq_len}", f"--budget={_BUDGET.value}",
-         f"--dense_layers={_DENSE_LAYERS.value}", f"--steps={_STEPS.value}",
-         f"--loss_chunk={_LOSS_CHUNK.value}", f"--model={_MODEL.value}",
-         "--complementary" if _COMPLEMENTARY.value else "--nocomplementary"]
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root,
-                                                                  os.environ.get("PYTHONPATH")])))
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  for line in reversed(proc.stdout.splitlines()):
-    if line.startswith("{"):
-      return json.loads(line)
-  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-  oom = any("RESOURCE_EXHAUSTED" in l or "out of memory" in l.lower() for l in tail)
-  return {"seq_len": seq_len, "error": "OOM" if oom else " | ".join(tail)}
+  result = bench_common.run_child(
+      [os.path.abspath(__file__), f"--variant={seq_len}", f"--budget={_BUDGET.value}",
+       f"--dense_layers={_DENSE_LAYERS.value}", f"--steps={_STEPS.value}",
+       f"--loss_chunk={_LOSS_CHUNK.value}", f"--model={_MODEL.value}",
+       "--complementary" if _COMPLEMENTARY.value else "--nocomplementary"])
+  return result if "error" not in result else {"seq_len": seq_len, **result}
 
 
 def _table(results: list[dict]) -> str:
