@@ -27,6 +27,7 @@ OUT/NAME.md; the table is printed last.
 import argparse
 import collections
 import datetime
+import itertools
 import json
 import math
 import os
@@ -339,34 +340,33 @@ SWEEPS = {  # mode: (entry point, tuning grid, name prefix of its main kernel)
 }
 
 
-def run_sweep_kernel(log, mode: str, batches, caches) -> list[dict]:
-  """Device time per call of one entry point (kernels + merge) for each tuning of its grid,
-  1.5B shape: four calls on four K/V sets in one program (as four layers would read them, past
-  the L2), profiled, divided by four; kernel_us is the named kernel's share, launches the
-  device us of every kernel the call launches."""
+def run_sweep_kernel(log, mode: str, batches, caches, models) -> list[dict]:
+  """Device time per call of one entry point (kernels + merge) for each tuning of its grid and
+  each of ``models`` (names of MODELS): four calls on four K/V sets in one program (as four
+  layers would read them, past the L2), profiled, divided by four; kernel_us is the named
+  kernel's share, launches the device us of every kernel the call launches."""
   entry, tunings, kernel_prefix = SWEEPS[mode]
   rows = []
-  for batch in batches:
-    for capacity in caches:
-      problem = Problem(batch, *MODELS["1.5B"], capacity)
-      sets = (problem.kv_sets * 4)[:4]
-      q = problem.queries[0]
-      for tuning in tunings(batch, *MODELS["1.5B"], capacity):
-        def layers(q, sets, tuning=tuning):
-          return [entry(q, k, v, problem.lengths, problem.k_block, problem.v_block,
-                        impl="pallas", **tuning) for k, v in sets]
-        launches = attempt(log, f"{mode} {batch} {capacity} {tuning}",
-                           lambda: profile_launches(jax.jit(layers), (q, sets)))
-        if launches is not None:
-          bytes_s, _ = problem.floor_seconds()
-          rows.append({"batch": batch, "cache": capacity, **tuning,
-                       "device_us": sum(launches.values()) / 4,
-                       "kernel_us": sum(v for k, v in launches.items()
-                                        if k.startswith(kernel_prefix)) / 4,
-                       "floor_us": bytes_s * 1e6,
-                       "launches": {k: v / 4 for k, v in launches.items()}})
-          log(json.dumps(rows[-1]))
-      del problem
+  for model, batch, capacity in itertools.product(models, batches, caches):
+    problem = Problem(batch, *MODELS[model], capacity)
+    sets = (problem.kv_sets * 4)[:4]
+    q = problem.queries[0]
+    for tuning in tunings(batch, *MODELS[model], capacity):
+      def layers(q, sets, tuning=tuning):
+        return [entry(q, k, v, problem.lengths, problem.k_block, problem.v_block,
+                      impl="pallas", **tuning) for k, v in sets]
+      launches = attempt(log, f"{mode} {model} {batch} {capacity} {tuning}",
+                         lambda: profile_launches(jax.jit(layers), (q, sets)))
+      if launches is not None:
+        bytes_s, _ = problem.floor_seconds()
+        rows.append({"model": model, "batch": batch, "cache": capacity, **tuning,
+                     "device_us": sum(launches.values()) / 4,
+                     "kernel_us": sum(v for k, v in launches.items()
+                                      if k.startswith(kernel_prefix)) / 4,
+                     "floor_us": bytes_s * 1e6,
+                     "launches": {k: v / 4 for k, v in launches.items()}})
+        log(json.dumps(rows[-1]))
+    del problem
   return rows
 
 
@@ -433,6 +433,8 @@ def main() -> None:
   parser.add_argument("--tuning", default="{}", help="JSON: {kernel: {keyword: value}}")
   parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
   parser.add_argument("--caches", default=",".join(map(str, CACHES)))
+  parser.add_argument("--models", default="1.5B",
+                      help=f"comma list of {sorted(MODELS)}: the shapes the sweep modes tune")
   parser.add_argument("--name", default="decode_kernels", help="OUT/NAME.json, OUT/NAME.md")
   parser.add_argument("--baselines", default=True, action=argparse.BooleanOptionalAction,
                       help="also time lax.top_k and XLA attention in the table")
@@ -460,7 +462,8 @@ def main() -> None:
   for mode in SWEEPS:
     if mode in modes:
       report[mode] = run_sweep_kernel(log, mode, [int(b) for b in flags.batches.split(",")],
-                                      [int(c) for c in flags.caches.split(",")])
+                                      [int(c) for c in flags.caches.split(",")],
+                                      flags.models.split(","))
   if "table" in modes:
     report["table"] = run_table(
         log, report["tuning"], [int(b) for b in flags.batches.split(",")],

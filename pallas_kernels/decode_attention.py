@@ -9,9 +9,10 @@ programs whose partial softmax results are merged afterwards.
 
 `mask_step_attention` also returns MAGE's selection statistic alpha (the block-and-group-average
 attention probability of every cache row). alpha needs each query's final normaliser, which is
-known only after all rows were seen, so it takes a second pass: the attention pass stores every
-query's log-sum-exp, and a lighter pass re-reads only K to turn scores into probabilities and sum
-them over the queries. That pass is bound by its matmul and exp work, not by the K bytes
+known only after all rows were seen, so it takes a second pass: the split merge that combines the
+attention pass's partial results also writes every query's log-sum-exp (over the cache rows alone
+if the block's keys stay out of alpha), and a lighter pass re-reads only K to turn scores into
+probabilities, sum them over the queries and write alpha = 0 past the length. That pass is bound by its matmul and exp work, not by the K bytes
 (benchmarks/results/decode_kernels.md has the measured cost).
 """
 
@@ -107,6 +108,20 @@ def _alpha_kernel(lengths_ref, q_ref, k_ref, lse_ref, alpha_ref, *, kv_heads: in
   lax.fori_loop(0, full_tiles, full_tile, 0)
   lax.fori_loop(full_tiles, pl.cdiv(num_rows, block_k), last_tile, 0)
 
+  # Rows [length, rows of alpha) get alpha = 0, shared out over the splits like the cache rows,
+  # so that no XLA pass over the whole capacity has to mask them afterwards.
+  tail = alpha_ref.shape[0] - length
+  tail_start, tail_rows = tu.split_range(split, num_splits, tail, block_k)
+
+  def zero_tile(i, carry):
+    first = i * block_k
+    rows = pl.ds(length + tail_start + first, block_k)
+    valid = first + jnp.arange(block_k) < tail_rows
+    plt.store(alpha_ref.at[rows], jnp.zeros((block_k,), jnp.float32), mask=valid)
+    return carry
+
+  lax.fori_loop(0, pl.cdiv(tail_rows, block_k), zero_tile, 0)
+
 
 def _default_warps(tile_rows: int) -> int:
   return 8 if tile_rows >= 256 else 4
@@ -133,12 +148,17 @@ def _default_block_q(query_rows: int, pairs: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_k", "block_q",
-                                             "num_splits", "num_warps", "num_stages", "merge"))
+                                             "num_splits", "num_warps", "num_stages", "merge",
+                                             "lse_of"))
 def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
                         sm_scale: float, interpret: bool, block_k: int, block_q: int | None,
                         num_splits: int | None, num_warps: int | None, num_stages: int,
-                        merge: str):
-  """Runs the attention kernel; returns (out, per-split out and lse in the [B*Hq] row order)."""
+                        merge: str, lse_of: str | None = None):
+  """Runs the attention kernel and the merge.
+
+  Returns the output, and with ``lse_of`` ("all": the cache and the block's keys, "cache": the
+  cache rows only) the pair (out, float32 [batch, block * q_heads] base-2 log-sum-exp of every
+  query in the [B*Hq] row order, -inf where no key was seen), computed by the merge."""
   batch, block, q_heads, head_dim = q.shape
   kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
   group = q_heads // kv_heads
@@ -186,9 +206,15 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
     q.reshape(batch, block * q_heads, head_dim), k_cache, v_cache,
     k_block.reshape(batch, block * kv_heads, head_dim),
     v_block.reshape(batch, block * kv_heads, head_dim))
-  out = merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
-                           out_dtype=q.dtype)
-  return out.reshape(q.shape), partial_lse
+  if lse_of is None:
+    out = merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
+                             out_dtype=q.dtype)
+    return out.reshape(q.shape)
+  # The last split holds the block's keys: leaving it out gives the cache-only normaliser.
+  out, lse = merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
+                                out_dtype=q.dtype,
+                                lse_splits=splits if lse_of == "all" else num_splits)
+  return out.reshape(q.shape), lse
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "alpha_includes_block", "interpret",
@@ -204,16 +230,12 @@ def _mask_step(q, k_cache, v_cache, cache_lengths, k_block, v_block, *, sm_scale
   batch, block, q_heads, head_dim = q.shape
   kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
   group = q_heads // kv_heads
-  out, partial_lse = _split_kv_attention(
+  # lse is -inf only for a sequence with no cache row, for which the alpha pass computes nothing.
+  out, lse = _split_kv_attention(
       q, k_cache, v_cache, cache_lengths, k_block, v_block, sm_scale=sm_scale,
       interpret=interpret, block_k=block_k, block_q=block_q, num_splits=num_splits,
-      num_warps=num_warps, num_stages=num_stages, merge=merge)
-  if alpha_includes_block:
-    lse = tu.combine_lse(partial_lse)
-  else:
-    # The last split holds the block's keys: dropping it leaves the cache-only normaliser.
-    lse = tu.combine_lse(partial_lse[:, :-1])
-    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+      num_warps=num_warps, num_stages=num_stages, merge=merge,
+      lse_of="all" if alpha_includes_block else "cache")
   alpha_block_k = tu.fit_block_k(alpha_block_k, capacity)
   padded_capacity = max(capacity, 16)
   if alpha_num_splits is None:
@@ -237,9 +259,8 @@ def _mask_step(q, k_cache, v_cache, cache_lengths, k_block, v_block, *, sm_scale
       name="block_attention_alpha",
   )(cache_lengths.astype(jnp.int32).reshape(batch, 1),
     q.reshape(batch, block * q_heads, head_dim), tu.pad_rows(k_cache, 2), lse)
-  # Rows at or past the length were never written by the kernel.
-  valid = jnp.arange(capacity)[None, None, :] < cache_lengths[:, None, None]
-  return out, jnp.where(valid, alpha[:, :, :capacity], 0.0)
+  # The kernel wrote every row, zeros at and past the length; a cache of < 16 rows was padded.
+  return out, alpha[:, :, :capacity]
 
 
 def _resolve_scale(sm_scale: float | None, head_dim: int) -> float:
@@ -290,7 +311,7 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
       interpret=impl == "interpret", block_k=tuning.get("block_k", 64),
       block_q=tuning.get("block_q"), num_splits=tuning.get("num_splits"),
       num_warps=tuning.get("num_warps"), num_stages=tuning.get("num_stages", 3),
-      merge=tuning.get("merge", "auto"))[0]
+      merge=tuning.get("merge", "auto"))
 
 
 def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,

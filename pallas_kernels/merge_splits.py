@@ -27,12 +27,14 @@ from pallas_kernels import _triton_utils as tu
 MAX_CHUNK = 64
 
 
-def _merge_kernel(lse_ref, partial_ref, out_ref, *, num_splits: int, chunk: int):
-  """One (sequence, query row) program: lse_ref [splits], partial_ref [splits, D] -> [D]."""
+def _merge_kernel(lse_ref, partial_ref, out_ref, *lse_out_ref, num_splits: int, chunk: int,
+                  lse_splits: int | None):
+  """One (sequence, query row) program: lse_ref [splits], partial_ref [splits, D] -> [D], and
+  with ``lse_splits`` also the row's log-sum-exp over the first ``lse_splits`` splits."""
   head_dim = partial_ref.shape[1]
 
   def merge_chunk(i, carry):
-    acc, total, running_max = carry
+    acc, total, running_max, lse_total, lse_max = carry
     # Every tile lies inside the splits: the last one starts early and masks the splits the
     # previous tile already merged.
     start = jnp.minimum(i * chunk, num_splits - chunk)
@@ -46,16 +48,35 @@ def _merge_kernel(lse_ref, partial_ref, out_ref, *, num_splits: int, chunk: int)
     rescale = jnp.exp2(running_max - finite_max)
     weights = jnp.exp2(lse - finite_max)
     acc = acc * rescale + jnp.sum(weights[:, None] * partial.astype(jnp.float32), axis=0)
-    return acc, total * rescale + jnp.sum(weights), new_max
+    total = total * rescale + jnp.sum(weights)
+    if lse_splits is not None and lse_splits != num_splits:
+      # A second online log-sum-exp over the leading splits only, with its own maximum so that
+      # it stays exact however much larger the excluded splits' mass is.
+      lse = jnp.where(start + jnp.arange(chunk) < lse_splits, lse, -jnp.inf)
+      new_lse_max = jnp.maximum(lse_max, jnp.max(lse))
+      finite_lse_max = jnp.where(new_lse_max > -jnp.inf, new_lse_max, 0.0)
+      lse_total = (lse_total * jnp.exp2(lse_max - finite_lse_max)
+                   + jnp.sum(jnp.exp2(lse - finite_lse_max)))
+      lse_max = new_lse_max
+    else:
+      lse_total, lse_max = total, new_max
+    return acc, total, new_max, lse_total, lse_max
 
-  init = (jnp.zeros((head_dim,), jnp.float32), jnp.float32(0.0), jnp.float32(-jnp.inf))
-  acc, total, _ = lax.fori_loop(0, pl.cdiv(num_splits, chunk), merge_chunk, init)
+  zero, minus_inf = jnp.float32(0.0), jnp.float32(-jnp.inf)
+  init = (jnp.zeros((head_dim,), jnp.float32), zero, minus_inf, zero, minus_inf)
+  acc, total, _, lse_total, lse_max = lax.fori_loop(0, pl.cdiv(num_splits, chunk), merge_chunk,
+                                                    init)
   out_ref[...] = (acc / jnp.where(total > 0, total, 1.0)).astype(out_ref.dtype)
+  if lse_splits is not None:
+    seen = lse_total > 0
+    lse = jnp.where(seen, lse_max + jnp.log2(jnp.where(seen, lse_total, 1.0)), -jnp.inf)
+    lse_out_ref[0][...] = lse[None]  # a [1] block: one value per program
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "num_warps",
+                                             "lse_splits"))
 def merge_splits(partial_out: jax.Array, partial_lse: jax.Array, *, out_dtype=None,
-                 interpret: bool = False, num_warps: int = 4) -> jax.Array:
+                 interpret: bool = False, num_warps: int = 4, lse_splits: int | None = None):
   """Merges split-KV partials in one Pallas kernel.
 
   Args:
@@ -65,36 +86,61 @@ def merge_splits(partial_out: jax.Array, partial_lse: jax.Array, *, out_dtype=No
     out_dtype: dtype of the result (default partial_out's).
     interpret: run the Pallas interpreter (CPU tests).
     num_warps: warps per program.
+    lse_splits: if given (1..splits), also return each row's base-2 log-sum-exp over the first
+      ``lse_splits`` splits (all of them: the merged row's normaliser), computed in the same
+      programs, so that a caller needing it (the mask step's alpha pass) launches nothing more.
 
   Returns:
-    [batch, rows, D]: the merged output, 0 for rows that no split saw a key for.
+    [batch, rows, D]: the merged output, 0 for rows that no split saw a key for; with
+    ``lse_splits`` the pair (output, float32 [batch, rows] log-sum-exp, -inf where those splits
+    saw no key).
   """
   batch, num_splits, rows, head_dim = partial_out.shape
   if partial_lse.shape != (batch, num_splits, rows):
     raise ValueError(f"partial_lse must have shape {(batch, num_splits, rows)} to match "
                      f"partial_out {partial_out.shape}, got {partial_lse.shape}")
+  _check_lse_splits(lse_splits, num_splits)
   chunk = min(1 << (num_splits.bit_length() - 1), MAX_CHUNK)  # a power of two <= num_splits
-  kernel = functools.partial(_merge_kernel, num_splits=num_splits, chunk=chunk)
-  return pl.pallas_call(
+  kernel = functools.partial(_merge_kernel, num_splits=num_splits, chunk=chunk,
+                             lse_splits=lse_splits)
+  out_specs = [pl.BlockSpec((None, None, head_dim), lambda b, r: (b, r, 0))]
+  out_shape = [jax.ShapeDtypeStruct((batch, rows, head_dim), out_dtype or partial_out.dtype)]
+  if lse_splits is not None:
+    out_specs.append(pl.BlockSpec((None, None, 1), lambda b, r: (b, r, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((batch, rows, 1), jnp.float32))
+  results = pl.pallas_call(
       kernel,
       grid=(batch, rows),
       in_specs=[
           pl.BlockSpec((None, num_splits, None), lambda b, r: (b, 0, r)),
           pl.BlockSpec((None, num_splits, None, head_dim), lambda b, r: (b, 0, r, 0)),
       ],
-      out_specs=pl.BlockSpec((None, None, head_dim), lambda b, r: (b, r, 0)),
-      out_shape=jax.ShapeDtypeStruct((batch, rows, head_dim), out_dtype or partial_out.dtype),
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=tu.compiler_params(num_warps, 1),
       interpret=interpret,
       name="merge_splits",
   )(partial_lse.astype(jnp.float32), partial_out)
+  if lse_splits is None:
+    return results[0]
+  return results[0], results[1][..., 0]
+
+
+def _check_lse_splits(lse_splits: int | None, num_splits: int) -> None:
+  if lse_splits is not None and not 1 <= lse_splits <= num_splits:
+    raise ValueError(f"lse_splits must be in [1, {num_splits}] (the partials' splits), got "
+                     f"{lse_splits}")
 
 
 def merge_splits_reference(partial_out: jax.Array, partial_lse: jax.Array, *,
-                           out_dtype=None) -> jax.Array:
-  """The XLA merge (max, weighted sum, division), in float32, cast to ``out_dtype``."""
-  merged = tu.combine_partials(partial_out, partial_lse)
-  return merged.astype(out_dtype or partial_out.dtype)
+                           out_dtype=None, lse_splits: int | None = None):
+  """The XLA merge (max, weighted sum, division), in float32, cast to ``out_dtype``; with
+  ``lse_splits`` also the log-sum-exp over the first ``lse_splits`` splits."""
+  _check_lse_splits(lse_splits, partial_out.shape[1])
+  merged = tu.combine_partials(partial_out, partial_lse).astype(out_dtype or partial_out.dtype)
+  if lse_splits is None:
+    return merged
+  return merged, tu.combine_lse(partial_lse[:, :lse_splits])
 
 
 MERGES = ("auto", "pallas", "xla")
@@ -107,14 +153,17 @@ PALLAS_MAX_ROWS = 1024
 
 
 def merge(partial_out: jax.Array, partial_lse: jax.Array, *, how: str, interpret: bool,
-          out_dtype) -> jax.Array:
+          out_dtype, lse_splits: int | None = None):
   """The split-KV kernels' merge: ``how`` "pallas" (this module's kernel), "xla" (the three-op
-  merge) or "auto" (the kernel for at most PALLAS_MAX_ROWS query rows, else XLA)."""
+  merge) or "auto" (the kernel for at most PALLAS_MAX_ROWS query rows, else XLA). Returns the
+  merged output, and with ``lse_splits`` (out, lse) as `merge_splits` does."""
   if how not in MERGES:
     raise ValueError(f"merge must be one of {MERGES}, got {how!r}")
   if how == "auto":
     batch, _, rows, _ = partial_out.shape
     how = "pallas" if batch * rows <= PALLAS_MAX_ROWS else "xla"
   if how == "xla":
-    return merge_splits_reference(partial_out, partial_lse, out_dtype=out_dtype)
-  return merge_splits(partial_out, partial_lse, out_dtype=out_dtype, interpret=interpret)
+    return merge_splits_reference(partial_out, partial_lse, out_dtype=out_dtype,
+                                  lse_splits=lse_splits)
+  return merge_splits(partial_out, partial_lse, out_dtype=out_dtype, interpret=interpret,
+                      lse_splits=lse_splits)

@@ -43,6 +43,42 @@ def test_merge_matches_float64_and_the_xla_merge(batch, splits, rows, head_dim, 
   assert merge_splits.merge_splits(out, lse, interpret=True).dtype == dtype
 
 
+def _lse_float64(lse):
+  lse = np.asarray(lse, np.float64)
+  top = np.max(lse, axis=1)
+  finite_top = np.where(np.isfinite(top), top, 0.0)
+  total = np.exp2(lse - finite_top[:, None]).sum(axis=1)
+  with np.errstate(divide="ignore"):
+    return np.where(total > 0, finite_top + np.log2(total), -np.inf)
+
+
+@pytest.mark.parametrize("batch,splits,rows,head_dim", [
+    (2, 1, 5, 16), (1, 8, 3, 64), (2, 45, 7, 128), (1, 70, 4, 32), (3, 130, 2, 16)])
+def test_merge_returns_the_log_sum_exp_of_the_leading_splits(batch, splits, rows, head_dim):
+  rng = np.random.default_rng(splits + rows)
+  out, lse = _partials(rng, batch, splits, rows, head_dim, jnp.float32)
+  # The last split (the block's keys in the mask step) 400 above the rest in some rows: the
+  # leading splits' log-sum-exp must not underflow against it.
+  lse = np.asarray(lse).copy()
+  lse[:, -1, 1:] = 400.0
+  lse = jnp.asarray(lse)
+  for lse_splits in sorted({splits, max(splits - 1, 1)}):
+    got_out, got_lse = merge_splits.merge_splits(out, lse, interpret=True,
+                                                 lse_splits=lse_splits)
+    np.testing.assert_array_equal(got_out, merge_splits.merge_splits(out, lse, interpret=True))
+    assert got_lse.shape == (batch, rows) and got_lse.dtype == jnp.float32
+    want = _lse_float64(lse[:, :lse_splits])
+    np.testing.assert_array_equal(np.isfinite(got_lse), np.isfinite(want))
+    np.testing.assert_allclose(got_lse, want, rtol=1e-6, atol=1e-5)
+    for how in ("xla", "pallas"):
+      merged, xla_lse = merge_splits.merge(out, lse, how=how, interpret=True, out_dtype=None,
+                                           lse_splits=lse_splits)
+      np.testing.assert_allclose(xla_lse, want, rtol=1e-6, atol=1e-5)
+      np.testing.assert_allclose(merged, got_out, atol=1e-5)
+  with pytest.raises(ValueError, match="lse_splits must be in"):
+    merge_splits.merge_splits(out, lse, interpret=True, lse_splits=splits + 1)
+
+
 def test_auto_merge_uses_the_kernel_up_to_max_rows(monkeypatch):
   calls = []
   monkeypatch.setattr(merge_splits, "merge_splits",
