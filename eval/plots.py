@@ -1,8 +1,18 @@
 """Figures from result rows (`eval.results`): NIAH heatmaps, budget curves.
 
 Functions take the rows of a ResultStore and write PNGs, so a figure can be
-redrawn from a results.jsonl without rerunning anything.
+redrawn from a results.jsonl without rerunning anything:
+
+    python -m eval.plots runs/a/results.jsonl runs/b/results.jsonl \
+        --out_dir=docs/results --metric=recall,mass_recall [--heatmaps]
+
+merges the files (a case in several files: the last file's row) and draws
+``<metric>_vs_budget_<task>.png`` per metric (and the NIAH heatmaps).
 """
+
+import argparse
+import json
+import sys
 
 from collections.abc import Iterable, Mapping, Sequence
 import math
@@ -97,7 +107,7 @@ def plot_vs_budget(rows: Iterable[Mapping[str, Any]],
   Args:
     rows: Result rows.
     out_dir: Directory for ``<metric>_vs_budget_<task>.png``.
-    metric: Row field to average, "score" or "recall".
+    metric: Row field to average: "score", "recall" or "mass_recall".
 
   Returns:
     The written PNG paths, one per task that has ``metric`` values.
@@ -152,3 +162,63 @@ def plot_vs_budget(rows: Iterable[Mapping[str, Any]],
     plt.close(fig)
     paths.append(path)
   return paths
+
+
+def load_rows(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+  """The rows of several results.jsonl files, one per case id (the last file's).
+
+  Raises:
+    ValueError: naming the file and line of a row that is not a JSON object
+      with a case_id, or a file that does not exist.
+  """
+  rows: dict[str, dict[str, Any]] = {}
+  for path in paths:
+    try:
+      lines = pathlib.Path(path).read_text().splitlines()
+    except OSError as e:
+      raise ValueError(f"cannot read results file {path}: {e}") from e
+    for number, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from e
+      if not isinstance(row, dict) or "case_id" not in row:
+        raise ValueError(f"{path}:{number}: not a result row (no case_id)")
+      rows[row["case_id"]] = row
+  return list(rows.values())
+
+
+def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
+  """Command line: redraws figures from results files; returns the PNG paths."""
+  parser = argparse.ArgumentParser(prog="python -m eval.plots",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("results", nargs="+", help="results.jsonl files")
+  parser.add_argument("--out_dir", required=True, help="where the PNGs go")
+  parser.add_argument("--metric", default="score",
+                      help="comma list of score, recall, mass_recall")
+  parser.add_argument("--heatmaps", action="store_true",
+                      help="also the NIAH depth x length heatmaps")
+  args = parser.parse_args(argv)
+  metrics = [m for m in args.metric.split(",") if m]
+  unknown = sorted(set(metrics) - {"score", "recall", "mass_recall"})
+  if unknown or not metrics:
+    parser.error(f"--metric: unknown {unknown or metrics}; "
+                 "choose from score, recall, mass_recall")
+  try:
+    rows = load_rows(args.results)
+    paths = []
+    for metric in metrics:
+      paths += plot_vs_budget(rows, args.out_dir, metric=metric)
+    if args.heatmaps:
+      paths += plot_niah_heatmaps(rows, args.out_dir)
+  except ValueError as e:
+    parser.exit(2, f"python -m eval.plots: {e}\n")
+  for path in paths:
+    print(path)
+  return paths
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,5 +1,7 @@
 """Plots are written as non-empty PNG files from result rows."""
 
+import json
+
 import pytest
 
 from eval import plots
@@ -55,3 +57,44 @@ def test_nothing_to_plot_is_an_error(tmp_path):
     plots.plot_niah_heatmaps(rows, tmp_path)
   with pytest.raises(ValueError, match="no rows with a 'recall'"):
     plots.plot_vs_budget(rows, tmp_path, metric="recall")
+
+
+def _write_rows(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def test_command_line_merges_files_and_redraws(tmp_path, capsys):
+  rows = _rows()
+  for i, row in enumerate(rows):
+    row["case_id"] = f"case{i}"
+    row["mass_recall"] = row.get("recall")
+  first = _write_rows(tmp_path / "a.jsonl", rows[:10])
+  second = _write_rows(tmp_path / "b.jsonl", rows[5:])
+  merged = plots.load_rows([first, second])
+  assert [r["case_id"] for r in merged] == [r["case_id"] for r in rows]
+  changed = dict(rows[0], score=0.25)
+  _write_rows(tmp_path / "c.jsonl", [changed])
+  assert plots.load_rows([first, tmp_path / "c.jsonl"])[0]["score"] == 0.25
+  paths = plots.main([str(first), str(second), "--out_dir", str(tmp_path / "out"),
+                      "--metric=recall,mass_recall", "--heatmaps"])
+  names = sorted(p.name for p in paths)
+  assert "recall_vs_budget_niah.png" in names and "mass_recall_vs_budget_niah.png" in names
+  assert "niah_mage_k512.png" in names
+  _assert_pngs(paths)
+  assert "recall_vs_budget_niah.png" in capsys.readouterr().out
+
+
+def test_command_line_names_bad_input(tmp_path, capsys):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"case_id": "x", "task": "niah"}\nnot json\n')
+  with pytest.raises(SystemExit) as exit_info:
+    plots.main([str(bad), "--out_dir", str(tmp_path)])
+  assert exit_info.value.code == 2
+  assert f"{bad}:2: not JSON" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    plots.main([str(tmp_path / "missing.jsonl"), "--out_dir", str(tmp_path)])
+  assert "cannot read results file" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    plots.main([str(bad), "--out_dir", str(tmp_path), "--metric=accuracy"])
+  assert "--metric: unknown ['accuracy']" in capsys.readouterr().err
