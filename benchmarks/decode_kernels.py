@@ -313,16 +313,18 @@ def run_sweep(log) -> list[dict]:
 
 def exact_tunings(batch: int, q_heads: int, kv_heads: int, capacity: int) -> list[dict]:
   """The exact kernel's tuning grid around its defaults (splits halved and doubled, wider key
-  tiles, one full query tile, pipeline depth, warps)."""
+  tiles, query tiles of 32 / 64 rows or one full tile, pipeline depth, warps)."""
   group_rows = (q_heads // kv_heads) * BLOCK
   block_q = decode_attention._default_block_q(  # pylint: disable=protected-access
       group_rows, batch * kv_heads)
   q_tiles = math.ceil(group_rows / block_q)
-  splits = tu.default_num_splits(batch * kv_heads * q_tiles, capacity, 64)
+  splits = decode_attention.default_attention_splits(batch * kv_heads, q_tiles, block_q,
+                                                     capacity, 64)
   return [{}, dict(num_splits=max(1, splits // 2)), dict(num_splits=splits * 2),
-          dict(block_k=128), dict(block_k=32), dict(block_q=64), dict(block_q=256),
+          dict(block_k=128), dict(block_k=32), dict(block_q=32), dict(block_q=64),
+          dict(block_q=256),
           dict(num_stages=2),
-          dict(num_stages=4), dict(num_warps=8)]
+          dict(num_stages=4), dict(num_warps=4), dict(num_warps=8)]
 
 
 def mask_tunings(batch: int, q_heads: int, kv_heads: int, capacity: int) -> list[dict]:

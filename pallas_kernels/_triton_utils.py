@@ -33,8 +33,11 @@ LOG2_E = math.log2(math.e)
 # never computes inf - inf.
 _RUNNING_MAX_START = -1e30
 # Programs to aim for when choosing the number of splits on a 132-SM H100: one wave of 64-row
-# query tiles (4 warps, two programs per SM), or two short waves of 8-warp 256-row tiles.
+# query tiles (4 warps, two programs per SM).
 TARGET_PROGRAMS = 264
+# One wave of 8-warp programs over 256 query rows, of which one fits an SM: for short splits
+# (few sequences x KV heads; see decode_attention.default_attention_splits).
+TARGET_PROGRAMS_FULL_TILE = 132
 # Fewest key tiles per split: each split writes a [rows, D] partial, as many bytes as rows/2 keys
 # and values, so short splits would move more partial bytes than cache bytes.
 MIN_SPLIT_TILES = 4
@@ -61,10 +64,11 @@ def pad_rows(x: jax.Array, axis: int, minimum: int = 16) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-def default_num_splits(programs_per_split: int, rows: int, block_k: int) -> int:
+def default_num_splits(programs_per_split: int, rows: int, block_k: int,
+                       target: int = TARGET_PROGRAMS) -> int:
   """Splits so that the grid (one more program per ``programs_per_split`` for the block's own
-  keys) fills the GPU, with at least MIN_SPLIT_TILES tiles per split."""
-  wanted = max(1, TARGET_PROGRAMS // max(programs_per_split, 1) - 1)
+  keys) has about ``target`` programs, with at least MIN_SPLIT_TILES tiles per split."""
+  wanted = max(1, target // max(programs_per_split, 1) - 1)
   return max(1, min(wanted, rows // (MIN_SPLIT_TILES * block_k)))
 
 

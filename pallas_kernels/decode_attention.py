@@ -147,6 +147,23 @@ def _default_block_q(query_rows: int, pairs: int) -> int:
   return 64 if pl.cdiv(query_rows, 64) * 64 < tile_rows else tile_rows
 
 
+def default_attention_splits(pairs: int, q_tiles: int, block_q: int, capacity: int,
+                             block_k: int) -> int:
+  """Splits of the attention kernel for ``pairs`` = batch x KV heads.
+
+  A grid of about two programs per SM (TARGET_PROGRAMS), except for 256-row query tiles with
+  few pairs (the full tile chosen because 64-row tiles would not pad less, 7B at batch 1-3): one
+  wave (TARGET_PROGRAMS_FULL_TILE; an 8-warp 256-row program fills an SM), since each split is
+  then short and a second wave adds its tail. H100, device us of the exact call (kernel + merge;
+  benchmarks/results/decode_kernels.md, session 9): 7B b1 16K / 32K / 64K / 128K 32.0 / 49.5 /
+  85.3 / 158.3 with one wave (33 splits) against 43.6 / 61.2 / 96.9 / 167.5 (65 splits). From
+  FULL_TILE_MIN_PAIRS pairs on the splits are long and one wave was slower: 7B b8 198 / 380 /
+  768 / 1492 against 185 / 340 / 652 / 1261 us."""
+  one_wave = block_q >= 256 and pairs < FULL_TILE_MIN_PAIRS
+  target = tu.TARGET_PROGRAMS_FULL_TILE if one_wave else tu.TARGET_PROGRAMS
+  return tu.default_num_splits(pairs * q_tiles, capacity, block_k, target=target)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_k", "block_q",
                                              "num_splits", "num_warps", "num_stages", "merge",
                                              "lse_of"))
@@ -171,7 +188,7 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
   k_cache, v_cache = tu.pad_rows(k_cache, 2), tu.pad_rows(v_cache, 2)
   capacity = k_cache.shape[2]
   if num_splits is None:
-    num_splits = tu.default_num_splits(batch * kv_heads * q_tiles, capacity, block_k)
+    num_splits = default_attention_splits(batch * kv_heads, q_tiles, block_q, capacity, block_k)
   kernel = functools.partial(_attention_kernel, kv_heads=kv_heads, group=group,
                              block_tokens=block, block_q=block_q, num_splits=num_splits,
                              block_k=block_k, qk_scale=sm_scale * tu.LOG2_E)

@@ -7,6 +7,7 @@ import pytest
 import jax.numpy as jnp
 
 from pallas_kernels import decode_attention
+from pallas_kernels import _triton_utils as tu
 
 
 def make_inputs(rng, batch, block, q_heads, kv_heads, head_dim, capacity):
@@ -156,3 +157,16 @@ def test_default_query_tile_follows_batch():
   assert decode_attention._default_block_q(rows_15b, 16) == 256  # 1.5B, batch 8
   assert decode_attention._default_block_q(rows_7b, 4) == 256  # 7B: 4 x 64 saves nothing
   assert decode_attention._default_block_q(128, 2) == 128  # already a power of two
+
+
+def test_default_splits_fill_one_wave_of_full_tiles_for_few_pairs():
+  splits = decode_attention.default_attention_splits
+  full, part = 256, 64
+  # 7B at batch 1: 4 pairs, one 256-row tile: one program per SM (splits + the block's program).
+  assert 4 * (splits(4, 1, full, 32768, 64) + 1) == tu.TARGET_PROGRAMS_FULL_TILE
+  # Many pairs, or 64-row tiles: about two programs per SM.
+  assert splits(32, 1, full, 32768, 64) == tu.TARGET_PROGRAMS // 32 - 1
+  assert splits(2, 3, part, 32768, 64) == tu.TARGET_PROGRAMS // 6 - 1
+  # Short caches keep at least MIN_SPLIT_TILES key tiles per split.
+  assert splits(4, 1, full, 1000, 64) == 1000 // (tu.MIN_SPLIT_TILES * 64)
+  assert splits(4, 1, full, 100, 64) == 1
