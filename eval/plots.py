@@ -1,4 +1,4 @@
-"""Figures from result rows (`eval.results`): NIAH heatmaps, budget curves.
+r"""Figures from result rows (`eval.results`): NIAH heatmaps, budget curves.
 
 Functions take the rows of a ResultStore and write PNGs, so a figure can be
 redrawn from a results.jsonl without rerunning anything:
@@ -11,14 +11,13 @@ merges the files (a case in several files: the last file's row) and draws
 """
 
 import argparse
-import json
-import sys
-
 from collections.abc import Iterable, Mapping, Sequence
+import json
 import math
 import os
 import pathlib
 import re
+import sys
 from typing import Any
 
 import matplotlib

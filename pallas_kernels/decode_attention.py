@@ -12,8 +12,9 @@ attention probability of every cache row). alpha needs each query's final normal
 known only after all rows were seen, so it takes a second pass: the split merge that combines the
 attention pass's partial results also writes every query's log-sum-exp (over the cache rows alone
 if the block's keys stay out of alpha), and a lighter pass re-reads only K to turn scores into
-probabilities, sum them over the queries and write alpha = 0 past the length. That pass is bound by its matmul and exp work, not by the K bytes
-(benchmarks/results/decode_kernels.md has the measured cost).
+probabilities, sum them over the queries and write alpha = 0 past the length. At batch 1 that
+pass is bound by its matmul and exp work and per-program overhead; at batch 8 it reads K at the
+copy bandwidth (benchmarks/results/decode_kernels.md has the measured cost).
 """
 
 import functools
