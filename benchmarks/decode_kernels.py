@@ -43,7 +43,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
 from pallas_kernels import sparse_attention
 from pallas_kernels import topk
-from pallas_kernels import _triton_utils as tu  # pylint: disable=protected-access
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import median_seconds, trace_kernels  # noqa: E402
@@ -330,7 +329,7 @@ def exact_tunings(batch: int, q_heads: int, kv_heads: int, capacity: int) -> lis
 def mask_tunings(batch: int, q_heads: int, kv_heads: int, capacity: int) -> list[dict]:
   """The alpha pass's tuning grid around its defaults (splits halved and doubled, key tiles,
   warps, pipeline depth); the attention pass keeps the exact kernel's defaults."""
-  splits = tu.default_num_splits(batch * kv_heads, capacity, 64) + 1
+  splits = decode_attention.default_alpha_splits(batch * kv_heads, capacity, 64)
   return [{}, dict(alpha_num_splits=max(1, splits // 2)), dict(alpha_num_splits=splits * 2),
           dict(alpha_block_k=128), dict(alpha_block_k=32), dict(alpha_num_warps=8),
           dict(alpha_num_stages=2), dict(alpha_num_stages=4)]

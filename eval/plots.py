@@ -12,7 +12,6 @@ merges the files (a case in several files: the last file's row) and draws
 
 import argparse
 from collections.abc import Iterable, Mapping, Sequence
-import json
 import math
 import os
 import pathlib
@@ -24,6 +23,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from eval import results  # pylint: disable=g-import-not-at-top
 
 
 def _slug(*parts: Any) -> str:
@@ -163,32 +164,6 @@ def plot_vs_budget(rows: Iterable[Mapping[str, Any]],
   return paths
 
 
-def load_rows(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
-  """The rows of several results.jsonl files, one per case id (the last file's).
-
-  Raises:
-    ValueError: naming the file and line of a row that is not a JSON object
-      with a case_id, or a file that does not exist.
-  """
-  rows: dict[str, dict[str, Any]] = {}
-  for path in paths:
-    try:
-      lines = pathlib.Path(path).read_text().splitlines()
-    except OSError as e:
-      raise ValueError(f"cannot read results file {path}: {e}") from e
-    for number, line in enumerate(lines, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from e
-      if not isinstance(row, dict) or "case_id" not in row:
-        raise ValueError(f"{path}:{number}: not a result row (no case_id)")
-      rows[row["case_id"]] = row
-  return list(rows.values())
-
-
 def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
   """Command line: redraws figures from results files; returns the PNG paths."""
   parser = argparse.ArgumentParser(prog="python -m eval.plots",
@@ -206,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
     parser.error(f"--metric: unknown {unknown or metrics}; "
                  "choose from score, recall, mass_recall")
   try:
-    rows = load_rows(args.results)
+    rows = results.read_results(args.results)
     paths = []
     for metric in metrics:
       paths += plot_vs_budget(rows, args.out_dir, metric=metric)

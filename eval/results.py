@@ -65,6 +65,43 @@ class CaseKey:
 _KEY_FIELDS = tuple(field.name for field in dataclasses.fields(CaseKey))
 
 
+def parse_result_line(line: bytes, where: str) -> dict[str, Any]:
+  """One results.jsonl line as a row.
+
+  Raises:
+    ValueError: starting with ``where`` (file:line), if the line is not a
+      JSON record with a case_id.
+  """
+  try:
+    row = json.loads(line.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{where}: malformed result line: {e}") from e
+  if not isinstance(row, dict) or not isinstance(row.get("case_id"), str):
+    raise ValueError(f"{where}: result line has no case_id")
+  return row
+
+
+def read_results(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+  """The rows of several results.jsonl files, read only, one per case id: a
+  case in several files (or logged twice) keeps its last row, in the place of
+  its first.
+
+  Raises:
+    ValueError: naming the file (and line) that cannot be read or parsed.
+  """
+  rows: dict[str, dict[str, Any]] = {}
+  for path in paths:
+    try:
+      data = pathlib.Path(path).read_bytes()
+    except OSError as e:
+      raise ValueError(f"cannot read results file {path}: {e}") from e
+    for number, line in enumerate(data.split(b"\n"), start=1):
+      if line.strip():
+        row = parse_result_line(line, f"{path}:{number}")
+        rows[row["case_id"]] = row
+  return list(rows.values())
+
+
 class ResultStore:
   """Append-only JSONL log of finished cases under an output directory."""
 
@@ -106,14 +143,7 @@ class ResultStore:
       f.write(b"\n")
 
   def _parse(self, line: bytes, number: int) -> dict[str, Any]:
-    try:
-      row = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(
-          f"{self.path}:{number}: malformed result line: {e}") from e
-    if not isinstance(row, dict) or not isinstance(row.get("case_id"), str):
-      raise ValueError(f"{self.path}:{number}: result line has no case_id")
-    return row
+    return parse_result_line(line, f"{self.path}:{number}")
 
   def _add(self, row: dict[str, Any]) -> None:
     # A case rerun after its first result (e.g. forced) replaces it.

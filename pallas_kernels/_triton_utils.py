@@ -232,15 +232,20 @@ def split_range(split: jax.Array, num_splits: int, total: jax.Array, block_k: in
   return start, jnp.maximum(end - start, 0)
 
 
+def log_sum_exp2(maximum: jax.Array, total: jax.Array) -> jax.Array:
+  """maximum + log2(total): the base-2 log-sum-exp of an online (max, sum of 2^(x - max)) pair;
+  -inf where the sum is 0 (nothing seen)."""
+  seen = total > 0
+  return jnp.where(seen, maximum + jnp.log2(jnp.where(seen, total, 1.0)), -jnp.inf)
+
+
 def store_partial(state, out_ref, lse_ref, rows: jax.Array) -> None:
   """Writes the normalised partial output and its base-2 log-sum-exp (-inf if nothing seen) to
   ``rows`` of the [B*Hq] layout."""
   acc, running_max, running_sum = state
-  seen = running_sum > 0
-  out = acc / jnp.where(seen, running_sum, 1.0)[:, None]
+  out = acc / jnp.where(running_sum > 0, running_sum, 1.0)[:, None]
   out_ref[rows, :] = out.astype(out_ref.dtype)
-  lse_ref[rows] = jnp.where(seen, running_max + jnp.log2(jnp.where(seen, running_sum, 1.0)),
-                            -jnp.inf)
+  lse_ref[rows] = log_sum_exp2(running_max, running_sum)
 
 
 def _split_weights(partial_lse: jax.Array):
@@ -255,7 +260,7 @@ def combine_lse(partial_lse: jax.Array) -> jax.Array:
   """Base-2 log-sum-exp over the splits (axis 1) of [batch, splits, rows]; -inf where every
   split was empty."""
   _, total, finite_max = _split_weights(partial_lse)
-  return jnp.where(total > 0, finite_max + jnp.log2(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+  return log_sum_exp2(finite_max, total)
 
 
 def combine_partials(partial_out: jax.Array, partial_lse: jax.Array) -> jax.Array:

@@ -235,6 +235,12 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
   return out.reshape(q.shape), lse
 
 
+def default_alpha_splits(pairs: int, capacity: int, block_k: int) -> int:
+  """Splits of the alpha pass for ``pairs`` = batch x KV heads: the attention pass's grid of
+  about two programs per SM, all of them over cache rows (it has no block program)."""
+  return tu.default_num_splits(pairs, capacity, block_k) + 1
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "alpha_includes_block", "interpret",
                                              "block_k", "block_q", "num_splits", "num_warps",
                                              "num_stages", "merge", "alpha_block_k",
@@ -257,7 +263,7 @@ def _mask_step(q, k_cache, v_cache, cache_lengths, k_block, v_block, *, sm_scale
   alpha_block_k = tu.fit_block_k(alpha_block_k, capacity)
   padded_capacity = max(capacity, 16)
   if alpha_num_splits is None:
-    alpha_num_splits = tu.default_num_splits(batch * kv_heads, capacity, alpha_block_k) + 1
+    alpha_num_splits = default_alpha_splits(batch * kv_heads, capacity, alpha_block_k)
   kernel = functools.partial(_alpha_kernel, kv_heads=kv_heads, group=group, block_tokens=block,
                              num_splits=alpha_num_splits, block_k=alpha_block_k,
                              qk_scale=sm_scale * tu.LOG2_E)

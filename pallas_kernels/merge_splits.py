@@ -32,9 +32,12 @@ def _merge_kernel(lse_ref, partial_ref, out_ref, *lse_out_ref, num_splits: int, 
   """One (sequence, query row) program: lse_ref [splits], partial_ref [splits, D] -> [D], and
   with ``lse_splits`` also the row's log-sum-exp over the first ``lse_splits`` splits."""
   head_dim = partial_ref.shape[1]
+  # The log-sum-exp of fewer splits than the merge needs a sum of its own, with its own maximum
+  # so that it stays exact however much larger the excluded splits' mass is.
+  leading_only = lse_splits is not None and lse_splits != num_splits
 
   def merge_chunk(i, carry):
-    acc, total, running_max, lse_total, lse_max = carry
+    acc, total, running_max, lead_total, lead_max = carry
     # Every tile lies inside the splits: the last one starts early and masks the splits the
     # previous tile already merged.
     start = jnp.minimum(i * chunk, num_splits - chunk)
@@ -49,27 +52,23 @@ def _merge_kernel(lse_ref, partial_ref, out_ref, *lse_out_ref, num_splits: int, 
     weights = jnp.exp2(lse - finite_max)
     acc = acc * rescale + jnp.sum(weights[:, None] * partial.astype(jnp.float32), axis=0)
     total = total * rescale + jnp.sum(weights)
-    if lse_splits is not None and lse_splits != num_splits:
-      # A second online log-sum-exp over the leading splits only, with its own maximum so that
-      # it stays exact however much larger the excluded splits' mass is.
-      lse = jnp.where(start + jnp.arange(chunk) < lse_splits, lse, -jnp.inf)
-      new_lse_max = jnp.maximum(lse_max, jnp.max(lse))
-      finite_lse_max = jnp.where(new_lse_max > -jnp.inf, new_lse_max, 0.0)
-      lse_total = (lse_total * jnp.exp2(lse_max - finite_lse_max)
-                   + jnp.sum(jnp.exp2(lse - finite_lse_max)))
-      lse_max = new_lse_max
-    else:
-      lse_total, lse_max = total, new_max
-    return acc, total, new_max, lse_total, lse_max
+    if leading_only:
+      lead = jnp.where(start + jnp.arange(chunk) < lse_splits, lse, -jnp.inf)
+      new_lead_max = jnp.maximum(lead_max, jnp.max(lead))
+      finite_lead_max = jnp.where(new_lead_max > -jnp.inf, new_lead_max, 0.0)
+      lead_total = (lead_total * jnp.exp2(lead_max - finite_lead_max)
+                    + jnp.sum(jnp.exp2(lead - finite_lead_max)))
+      lead_max = new_lead_max
+    return acc, total, new_max, lead_total, lead_max
 
   zero, minus_inf = jnp.float32(0.0), jnp.float32(-jnp.inf)
   init = (jnp.zeros((head_dim,), jnp.float32), zero, minus_inf, zero, minus_inf)
-  acc, total, _, lse_total, lse_max = lax.fori_loop(0, pl.cdiv(num_splits, chunk), merge_chunk,
-                                                    init)
+  acc, total, running_max, lead_total, lead_max = lax.fori_loop(
+      0, pl.cdiv(num_splits, chunk), merge_chunk, init)
   out_ref[...] = (acc / jnp.where(total > 0, total, 1.0)).astype(out_ref.dtype)
   if lse_splits is not None:
-    seen = lse_total > 0
-    lse = jnp.where(seen, lse_max + jnp.log2(jnp.where(seen, lse_total, 1.0)), -jnp.inf)
+    lse = (tu.log_sum_exp2(lead_max, lead_total) if leading_only
+           else tu.log_sum_exp2(running_max, total))
     lse_out_ref[0][...] = lse[None]  # a [1] block: one value per program
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from eval import plots
+from eval import results
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -71,11 +72,11 @@ def test_command_line_merges_files_and_redraws(tmp_path, capsys):
     row["mass_recall"] = row.get("recall")
   first = _write_rows(tmp_path / "a.jsonl", rows[:10])
   second = _write_rows(tmp_path / "b.jsonl", rows[5:])
-  merged = plots.load_rows([first, second])
+  merged = results.read_results([first, second])
   assert [r["case_id"] for r in merged] == [r["case_id"] for r in rows]
   changed = dict(rows[0], score=0.25)
   _write_rows(tmp_path / "c.jsonl", [changed])
-  assert plots.load_rows([first, tmp_path / "c.jsonl"])[0]["score"] == 0.25
+  assert results.read_results([first, tmp_path / "c.jsonl"])[0]["score"] == 0.25
   paths = plots.main([str(first), str(second), "--out_dir", str(tmp_path / "out"),
                       "--metric=recall,mass_recall", "--heatmaps"])
   names = sorted(p.name for p in paths)
@@ -91,7 +92,7 @@ def test_command_line_names_bad_input(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     plots.main([str(bad), "--out_dir", str(tmp_path)])
   assert exit_info.value.code == 2
-  assert f"{bad}:2: not JSON" in capsys.readouterr().err
+  assert f"{bad}:2: malformed result line" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     plots.main([str(tmp_path / "missing.jsonl"), "--out_dir", str(tmp_path)])
   assert "cannot read results file" in capsys.readouterr().err
