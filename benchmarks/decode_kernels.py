@@ -321,7 +321,7 @@ def exact_tunings(batch: int, q_heads: int, kv_heads: int, capacity: int) -> lis
                                                      capacity, 64)
   return [{}, dict(num_splits=max(1, splits // 2)), dict(num_splits=splits * 2),
           dict(block_k=128), dict(block_k=32), dict(block_q=32), dict(block_q=64),
-          dict(block_q=256),
+          dict(block_q=128), dict(block_q=256),
           dict(num_stages=2),
           dict(num_stages=4), dict(num_warps=4), dict(num_warps=8)]
 
@@ -341,18 +341,33 @@ SWEEPS = {  # mode: (entry point, tuning grid, name prefix of its main kernel)
 }
 
 
-def run_sweep_kernel(log, mode: str, batches, caches, models) -> list[dict]:
-  """Device time per call of one entry point (kernels + merge) for each tuning of its grid and
-  each of ``models`` (names of MODELS): four calls on four K/V sets in one program (as four
-  layers would read them, past the L2), profiled, divided by four; kernel_us is the named
-  kernel's share, launches the device us of every kernel the call launches."""
+def sweep_grid(grid: str, tunings, batch: int, q_heads: int, kv_heads: int,
+               capacity: int) -> list[dict]:
+  """The tunings a sweep mode runs: "full" (its grid), "defaults" (only {}), or a JSON list of
+  tuning dicts."""
+  if grid == "full":
+    return tunings(batch, q_heads, kv_heads, capacity)
+  if grid == "defaults":
+    return [{}]
+  chosen = json.loads(grid)
+  if not isinstance(chosen, list) or not all(isinstance(t, dict) for t in chosen):
+    raise ValueError(f"--grid must be 'full', 'defaults' or a JSON list of dicts, got {grid!r}")
+  return chosen
+
+
+def run_sweep_kernel(log, mode: str, batches, caches, models, grid: str = "full") -> list[dict]:
+  """Device time per call of one entry point (kernels + merge) for each tuning of its grid
+  (``grid``, see `sweep_grid`) and each of ``models`` (names of MODELS): four calls on four
+  K/V sets in one program (as four layers would read them, past the L2), profiled, divided by
+  four; kernel_us is the named kernel's share, launches the device us of every kernel the call
+  launches."""
   entry, tunings, kernel_prefix = SWEEPS[mode]
   rows = []
   for model, batch, capacity in itertools.product(models, batches, caches):
     problem = Problem(batch, *MODELS[model], capacity)
     sets = (problem.kv_sets * 4)[:4]
     q = problem.queries[0]
-    for tuning in tunings(batch, *MODELS[model], capacity):
+    for tuning in sweep_grid(grid, tunings, batch, *MODELS[model], capacity):
       def layers(q, sets, tuning=tuning):
         return [entry(q, k, v, problem.lengths, problem.k_block, problem.v_block,
                       impl="pallas", **tuning) for k, v in sets]
@@ -436,6 +451,9 @@ def main() -> None:
   parser.add_argument("--caches", default=",".join(map(str, CACHES)))
   parser.add_argument("--models", default="1.5B",
                       help=f"comma list of {sorted(MODELS)}: the shapes the sweep modes tune")
+  parser.add_argument("--grid", default="full",
+                      help="sweep modes: 'full' (each mode's tuning grid), 'defaults', or a "
+                      "JSON list of tuning dicts")
   parser.add_argument("--name", default="decode_kernels", help="OUT/NAME.json, OUT/NAME.md")
   parser.add_argument("--baselines", default=True, action=argparse.BooleanOptionalAction,
                       help="also time lax.top_k and XLA attention in the table")
@@ -464,7 +482,7 @@ def main() -> None:
     if mode in modes:
       report[mode] = run_sweep_kernel(log, mode, [int(b) for b in flags.batches.split(",")],
                                       [int(c) for c in flags.caches.split(",")],
-                                      flags.models.split(","))
+                                      flags.models.split(","), flags.grid)
   if "table" in modes:
     report["table"] = run_table(
         log, report["tuning"], [int(b) for b in flags.batches.split(",")],

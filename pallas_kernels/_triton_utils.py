@@ -152,6 +152,29 @@ def block_key_rows(kv_head, kv_heads: int, block: int, block_rows: int) -> jax.A
   return jnp.minimum(jnp.arange(block_rows), block - 1) * kv_heads + kv_head
 
 
+def kernel_exp2(interpret: bool) -> Callable[[jax.Array], jax.Array]:
+  """2^x of a float32 array inside a kernel: on the GPU PTX ``ex2.approx.ftz.f32``, one MUFU
+  instruction per element; in interpret mode jnp.exp2.
+
+  jnp.exp2 lowers to libdevice's __nv_exp2f: the same approximation (2 ulp), compiled without
+  flush-to-zero, i.e. with extra instructions that keep results below 2^-126 subnormal. Here
+  those results are 0. Nothing these kernels compute can notice: every 2^x they take is a
+  probability or a rescale factor summed with a term of about 1 (the row's maximum, or the
+  query's whole mass) in float32. Measured with the scale folded into the exponent
+  (`attend_tile`): the attention kernel 3-8% faster on the H100 (benchmarks/results/
+  decode_kernels.md, session 10)."""
+  if interpret:
+    return jnp.exp2
+
+  def exp2(x: jax.Array) -> jax.Array:
+    [result] = plt.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;", args=[x.astype(jnp.float32)], constraints="=f,f",
+        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return result
+
+  return exp2
+
+
 def initial_state(tile_rows: int, head_dim: int):
   """(acc, running max, running sum) of the online softmax before any key."""
   return (jnp.zeros((tile_rows, head_dim), jnp.float32),
@@ -164,7 +187,7 @@ def scores_of(q: jax.Array, k: jax.Array) -> jax.Array:
   return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def attend_tile(state, q, k, v, valid: jax.Array | None, qk_scale: float):
+def attend_tile(state, q, k, v, valid: jax.Array | None, qk_scale: float, *, exp2):
   """One online-softmax step of the query tile over a tile of keys.
 
   Args:
@@ -173,17 +196,21 @@ def attend_tile(state, q, k, v, valid: jax.Array | None, qk_scale: float):
     k, v: [N, D] keys and values of the tile.
     valid: [N] bool, or None when every key of the tile is valid (the hot loop skips the mask).
     qk_scale: sm_scale * log2(e).
+    exp2: the kernel's 2^x (`kernel_exp2`).
 
   Returns:
     The updated state.
   """
   acc, running_max, running_sum = state
-  scores = scores_of(q, k) * qk_scale
+  raw_scores = scores_of(q, k)
   if valid is not None:
-    scores = jnp.where(valid[None, :], scores, -jnp.inf)
-  new_max = jnp.maximum(running_max, jnp.max(scores, axis=1))
-  correction = jnp.exp2(running_max - new_max)
-  probs = jnp.exp2(scores - new_max[:, None])
+    raw_scores = jnp.where(valid[None, :], raw_scores, -jnp.inf)
+  # The scale is positive, so the maximum of the raw scores, scaled, is the scaled maximum
+  # (rounding is monotonic); scaling inside the exponent then costs one fused multiply-add per
+  # score instead of a multiply and a subtraction.
+  new_max = jnp.maximum(running_max, jnp.max(raw_scores, axis=1) * qk_scale)
+  correction = exp2(running_max - new_max)
+  probs = exp2(raw_scores * qk_scale - new_max[:, None])
   running_sum = running_sum * correction + jnp.sum(probs, axis=1)
   acc = acc * correction[:, None] + jnp.dot(probs.astype(v.dtype), v,
                                             preferred_element_type=jnp.float32)
@@ -191,18 +218,19 @@ def attend_tile(state, q, k, v, valid: jax.Array | None, qk_scale: float):
 
 
 def attend_block_keys(state, q, k_block_ref, v_block_ref, kv_head, kv_heads: int,
-                      block_tokens: int, qk_scale: float):
+                      block_tokens: int, qk_scale: float, *, exp2):
   """Attends the block's own keys, gathered from the [B*kv_heads, D] layout (repeated rows
   past ``block_tokens`` are masked out)."""
   block_rows = next_power_of_two(block_tokens)
   rows = block_key_rows(kv_head, kv_heads, block_tokens, block_rows)
   valid = jnp.arange(block_rows) < block_tokens
-  return attend_tile(state, q, k_block_ref[rows, :], v_block_ref[rows, :], valid, qk_scale)
+  return attend_tile(state, q, k_block_ref[rows, :], v_block_ref[rows, :], valid, qk_scale,
+                     exp2=exp2)
 
 
 def attend_rows(state, q, num_rows: jax.Array, block_k: int,
                 load_tile: Callable[[jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]],
-                qk_scale: float):
+                qk_scale: float, *, exp2):
   """Attends ``num_rows`` keys in tiles of ``block_k``; only the last, partial tile is masked.
 
   ``load_tile(first, valid)`` returns the (k, v) tile whose first key is ``first`` (an offset
@@ -212,12 +240,12 @@ def attend_rows(state, q, num_rows: jax.Array, block_k: int,
 
   def full_tile(i, carry):
     k, v = load_tile(i * block_k, None)
-    return attend_tile(carry, q, k, v, None, qk_scale)
+    return attend_tile(carry, q, k, v, None, qk_scale, exp2=exp2)
 
   def last_tile(i, carry):
     valid = i * block_k + jnp.arange(block_k) < num_rows
     k, v = load_tile(i * block_k, valid)
-    return attend_tile(carry, q, k, v, valid, qk_scale)
+    return attend_tile(carry, q, k, v, valid, qk_scale, exp2=exp2)
 
   state = lax.fori_loop(0, full_tiles, full_tile, state)
   return lax.fori_loop(full_tiles, pl.cdiv(num_rows, block_k), last_tile, state)

@@ -12,9 +12,11 @@ attention probability of every cache row). alpha needs each query's final normal
 known only after all rows were seen, so it takes a second pass: the split merge that combines the
 attention pass's partial results also writes every query's log-sum-exp (over the cache rows alone
 if the block's keys stay out of alpha), and a lighter pass re-reads only K to turn scores into
-probabilities, sum them over the queries and write alpha = 0 past the length. At batch 1 that
-pass is bound by its matmul and exp work and per-program overhead; at batch 8 it reads K at the
-copy bandwidth (benchmarks/results/decode_kernels.md has the measured cost).
+probabilities, sum them over the queries and write alpha = 0 past the length. That pass does
+per key half the attention pass's matmul work and all of its exp work (one 2^x per query and
+key, on the multiprocessors' 16-per-clock MUFU units), which bounds it near the time of reading
+K once even at batch 8; at batch 1 its per-program set-up adds to that (benchmarks/results/
+decode_kernels.md has the measured costs and the bound).
 """
 
 import functools
@@ -36,7 +38,7 @@ _ALPHA_TUNING = ("alpha_block_k", "alpha_num_splits", "alpha_num_warps", "alpha_
 
 def _attention_kernel(lengths_ref, q_ref, k_ref, v_ref, k_block_ref, v_block_ref,
                       out_ref, lse_ref, *, kv_heads: int, group: int, block_tokens: int,
-                      block_q: int, num_splits: int, block_k: int, qk_scale: float):
+                      block_q: int, num_splits: int, block_k: int, qk_scale: float, exp2):
   """One (query tile, batch, KV head, split) program; split == num_splits attends the block's
   own keys."""
   kv_head, split = pl.program_id(2), pl.program_id(3)
@@ -48,7 +50,7 @@ def _attention_kernel(lengths_ref, q_ref, k_ref, v_ref, k_block_ref, v_block_ref
 
   def attend_block():
     return tu.attend_block_keys(state, q, k_block_ref, v_block_ref, kv_head, kv_heads,
-                                block_tokens, qk_scale)
+                                block_tokens, qk_scale, exp2=exp2)
 
   def attend_cache():
     length = jnp.minimum(lengths_ref[0], capacity)
@@ -62,25 +64,26 @@ def _attention_kernel(lengths_ref, q_ref, k_ref, v_ref, k_block_ref, v_block_ref
       return (plt.load(k_ref.at[rows, :], mask=mask, other=0.0),
               plt.load(v_ref.at[rows, :], mask=mask, other=0.0))
 
-    return tu.attend_rows(state, q, num_rows, block_k, load_tile, qk_scale)
+    return tu.attend_rows(state, q, num_rows, block_k, load_tile, qk_scale, exp2=exp2)
 
   state = lax.cond(split == num_splits, attend_block, attend_cache)
   tu.store_partial(state, out_ref, lse_ref, rows)
 
 
 def _alpha_kernel(lengths_ref, q_ref, k_ref, lse_ref, alpha_ref, *, kv_heads: int, group: int,
-                  block_tokens: int, num_splits: int, block_k: int, qk_scale: float):
+                  block_tokens: int, num_splits: int, block_k: int, qk_scale: float, exp2):
   """Column sums of the final probabilities over the real query rows, for this split's rows."""
   kv_head, split = pl.program_id(1), pl.program_id(2)
   capacity = k_ref.shape[0]
-  # Per piece of the query rows: the queries, their log-sum-exp, and their weight in the mean
-  # (1/(G*B) for real queries, 0 for repeats).
+  # Per piece of the query rows: the queries and their log-sum-exp, +inf for the repeats past
+  # G*B (whose probabilities 2^(s - inf) are then 0), so every real query has the same weight
+  # 1/(G*B), applied once per key instead of once per score.
   pieces = []
   for first, size in tu.query_parts(group * block_tokens):
     rows = tu.query_rows(kv_head, kv_heads, group, block_tokens, size, first)
-    weight = jnp.where(tu.real_query_mask(group, block_tokens, size, first),
-                       1.0 / (group * block_tokens), 0.0)
-    pieces.append((q_ref[rows, :], lse_ref[rows], weight))
+    lse = jnp.where(tu.real_query_mask(group, block_tokens, size, first), lse_ref[rows],
+                    jnp.inf)
+    pieces.append((q_ref[rows, :], lse))
   length = jnp.minimum(lengths_ref[0], capacity)
   start, num_rows = tu.split_range(split, num_splits, length, block_k)
 
@@ -88,10 +91,9 @@ def _alpha_kernel(lengths_ref, q_ref, k_ref, lse_ref, alpha_ref, *, kv_heads: in
     # Keys on the rows of the score tile: the sum over queries then stays inside each warp
     # (the rows of a dot's result are spread over warps, its columns over a warp's lanes).
     mass = jnp.zeros((k.shape[0],), jnp.float32)
-    for q, lse, weight in pieces:
-      probs = jnp.exp2(tu.scores_of(k, q) * qk_scale - lse[None, :])
-      mass += jnp.sum(probs * weight[None, :], axis=1)
-    return mass
+    for q, lse in pieces:
+      mass += jnp.sum(exp2(tu.scores_of(k, q) * qk_scale - lse[None, :]), axis=1)
+    return mass * (1.0 / (group * block_tokens))
 
   def full_tile(i, carry):
     rows = pl.ds(start + i * block_k, block_k)
@@ -192,7 +194,8 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
     num_splits = default_attention_splits(batch * kv_heads, q_tiles, block_q, capacity, block_k)
   kernel = functools.partial(_attention_kernel, kv_heads=kv_heads, group=group,
                              block_tokens=block, block_q=block_q, num_splits=num_splits,
-                             block_k=block_k, qk_scale=sm_scale * tu.LOG2_E)
+                             block_k=block_k, qk_scale=sm_scale * tu.LOG2_E,
+                             exp2=tu.kernel_exp2(interpret))
   per_batch = lambda t, b, h, s: (b, 0, 0)
   per_head = lambda t, b, h, s: (b, h, 0, 0)
   splits = num_splits + 1
@@ -266,7 +269,7 @@ def _mask_step(q, k_cache, v_cache, cache_lengths, k_block, v_block, *, sm_scale
     alpha_num_splits = default_alpha_splits(batch * kv_heads, capacity, alpha_block_k)
   kernel = functools.partial(_alpha_kernel, kv_heads=kv_heads, group=group, block_tokens=block,
                              num_splits=alpha_num_splits, block_k=alpha_block_k,
-                             qk_scale=sm_scale * tu.LOG2_E)
+                             qk_scale=sm_scale * tu.LOG2_E, exp2=tu.kernel_exp2(interpret))
   alpha = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, alpha_num_splits),

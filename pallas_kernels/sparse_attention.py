@@ -31,7 +31,7 @@ _TUNING = ("block_k", "block_q", "num_splits", "num_warps", "num_stages", "merge
 
 def _sparse_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, k_block_ref, v_block_ref,
                    out_ref, lse_ref, *, kv_heads: int, group: int, block_tokens: int,
-                   block_q: int, num_splits: int, block_k: int, qk_scale: float):
+                   block_q: int, num_splits: int, block_k: int, qk_scale: float, exp2):
   """One (query tile, batch, KV head, split) program; the last split also attends the block's
   own keys."""
   kv_head, split = pl.program_id(2), pl.program_id(3)
@@ -53,11 +53,11 @@ def _sparse_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, k_block_ref, v_
     return k_ref[ids, :], v_ref[ids, :]
 
   state = tu.attend_rows(tu.initial_state(block_q, head_dim), q, num_slots, block_k, load_tile,
-                         qk_scale)
+                         qk_scale, exp2=exp2)
   state = lax.cond(
       split == num_splits - 1,
       lambda: tu.attend_block_keys(state, q, k_block_ref, v_block_ref, kv_head, kv_heads,
-                                   block_tokens, qk_scale),
+                                   block_tokens, qk_scale, exp2=exp2),
       lambda: state)
   tu.store_partial(state, out_ref, lse_ref, rows)
 
@@ -83,7 +83,8 @@ def _sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block, *,
                             tu.TARGET_PROGRAMS // (batch * kv_heads * q_tiles)))
   kernel = functools.partial(_sparse_kernel, kv_heads=kv_heads, group=group,
                              block_tokens=block, block_q=block_q, num_splits=num_splits,
-                             block_k=block_k, qk_scale=sm_scale * tu.LOG2_E)
+                             block_k=block_k, qk_scale=sm_scale * tu.LOG2_E,
+                             exp2=tu.kernel_exp2(interpret))
   per_batch = lambda t, b, h, s: (b, 0, 0)
   per_head = lambda t, b, h, s: (b, h, 0, 0)
   partial_out, partial_lse = pl.pallas_call(

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -68,3 +70,19 @@ def test_pretrain_step_times_each_width_and_batch_in_its_own_process(tmp_path):
   assert all(r["step_s"] > 0 and r["flops"]["total"] > 0 and r["block_size"] == 32 for r in rows)
   assert [r["profiled"] for r in rows] == [True, False]  # the first variant only
   assert "| 1 | 192 | 3/1 |" in out
+
+
+def test_decode_kernels_sweep_grid_choices():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import decode_kernels  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  full = decode_kernels.sweep_grid("full", decode_kernels.exact_tunings, 1, 12, 2, 32768)
+  assert full[0] == {} and {"block_q": 128} in full and len(full) > 2
+  assert decode_kernels.sweep_grid("defaults", decode_kernels.exact_tunings, 1, 12, 2,
+                                   32768) == [{}]
+  chosen = decode_kernels.sweep_grid('[{"block_q": 128}, {"num_warps": 8}]', None, 1, 12, 2, 1)
+  assert chosen == [{"block_q": 128}, {"num_warps": 8}]
+  with pytest.raises(ValueError, match="--grid"):
+    decode_kernels.sweep_grid('{"block_q": 128}', None, 1, 12, 2, 1)
