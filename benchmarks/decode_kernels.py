@@ -341,33 +341,36 @@ SWEEPS = {  # mode: (entry point, tuning grid, name prefix of its main kernel)
 }
 
 
-def sweep_grid(grid: str, tunings, batch: int, q_heads: int, kv_heads: int,
-               capacity: int) -> list[dict]:
-  """The tunings a sweep mode runs: "full" (its grid), "defaults" (only {}), or a JSON list of
-  tuning dicts."""
+def parse_grid(grid: str) -> list[dict] | None:
+  """--grid as the tunings the sweep modes run: None for "full" (each mode's own grid), [{}]
+  for "defaults", else the JSON list of tuning dicts it holds. Checked before any GPU work."""
   if grid == "full":
-    return tunings(batch, q_heads, kv_heads, capacity)
+    return None
   if grid == "defaults":
     return [{}]
-  chosen = json.loads(grid)
+  try:
+    chosen = json.loads(grid)
+  except json.JSONDecodeError:
+    chosen = None
   if not isinstance(chosen, list) or not all(isinstance(t, dict) for t in chosen):
     raise ValueError(f"--grid must be 'full', 'defaults' or a JSON list of dicts, got {grid!r}")
   return chosen
 
 
-def run_sweep_kernel(log, mode: str, batches, caches, models, grid: str = "full") -> list[dict]:
-  """Device time per call of one entry point (kernels + merge) for each tuning of its grid
-  (``grid``, see `sweep_grid`) and each of ``models`` (names of MODELS): four calls on four
-  K/V sets in one program (as four layers would read them, past the L2), profiled, divided by
-  four; kernel_us is the named kernel's share, launches the device us of every kernel the call
-  launches."""
+def run_sweep_kernel(log, mode: str, batches, caches, models,
+                     grid: list[dict] | None = None) -> list[dict]:
+  """Device time per call of one entry point (kernels + merge) for each tuning of ``grid``
+  (`parse_grid`; None: the mode's own grid) and each of ``models`` (names of MODELS): four
+  calls on four K/V sets in one program (as four layers would read them, past the L2),
+  profiled, divided by four; kernel_us is the named kernel's share, launches the device us of
+  every kernel the call launches."""
   entry, tunings, kernel_prefix = SWEEPS[mode]
   rows = []
   for model, batch, capacity in itertools.product(models, batches, caches):
     problem = Problem(batch, *MODELS[model], capacity)
     sets = (problem.kv_sets * 4)[:4]
     q = problem.queries[0]
-    for tuning in sweep_grid(grid, tunings, batch, *MODELS[model], capacity):
+    for tuning in grid if grid is not None else tunings(batch, *MODELS[model], capacity):
       def layers(q, sets, tuning=tuning):
         return [entry(q, k, v, problem.lengths, problem.k_block, problem.v_block,
                       impl="pallas", **tuning) for k, v in sets]
@@ -459,6 +462,7 @@ def main() -> None:
                       help="also time lax.top_k and XLA attention in the table")
   flags = parser.parse_args()
   modes = flags.mode.split(",")
+  grid = parse_grid(flags.grid)
   log_file = open(os.path.join(flags.out, "decode_kernels.log"), "a")
 
   def log(message: str) -> None:
@@ -482,7 +486,7 @@ def main() -> None:
     if mode in modes:
       report[mode] = run_sweep_kernel(log, mode, [int(b) for b in flags.batches.split(",")],
                                       [int(c) for c in flags.caches.split(",")],
-                                      flags.models.split(","), flags.grid)
+                                      flags.models.split(","), grid)
   if "table" in modes:
     report["table"] = run_table(
         log, report["tuning"], [int(b) for b in flags.batches.split(",")],

@@ -26,6 +26,17 @@ from pallas_kernels import _triton_utils as tu
 MAX_CHUNK = 64
 
 
+def _add_exp2(total, maximum, values):
+  """Adds sum(2^values) to an online (sum of 2^(x - max), max) pair. Returns the new pair, the
+  factor that rescaled the old sum, and the values' own terms 2^(values - new max). While
+  everything seen is -inf the max stays -inf and 2^(-inf - 0) = 0 keeps the sum 0."""
+  new_max = jnp.maximum(maximum, jnp.max(values))
+  finite_max = jnp.where(new_max > -jnp.inf, new_max, 0.0)
+  rescale = jnp.exp2(maximum - finite_max)
+  terms = jnp.exp2(values - finite_max)
+  return total * rescale + jnp.sum(terms), new_max, rescale, terms
+
+
 def _merge_kernel(lse_ref, partial_ref, out_ref, *lse_out_ref, num_splits: int, chunk: int,
                   lse_splits: int | None):
   """One (sequence, query row) program: lse_ref [splits], partial_ref [splits, D] -> [D], and
@@ -44,21 +55,12 @@ def _merge_kernel(lse_ref, partial_ref, out_ref, *lse_out_ref, num_splits: int, 
     valid = start + jnp.arange(chunk) >= i * chunk
     lse = plt.load(lse_ref.at[splits], mask=valid, other=-jnp.inf)
     partial = plt.load(partial_ref.at[splits, :], mask=valid[:, None], other=0.0)
-    new_max = jnp.maximum(running_max, jnp.max(lse))
-    # All splits so far empty: the maximum is -inf and 2^(-inf - 0) = 0 keeps acc and total 0.
-    finite_max = jnp.where(new_max > -jnp.inf, new_max, 0.0)
-    rescale = jnp.exp2(running_max - finite_max)
-    weights = jnp.exp2(lse - finite_max)
+    total, running_max, rescale, weights = _add_exp2(total, running_max, lse)
     acc = acc * rescale + jnp.sum(weights[:, None] * partial.astype(jnp.float32), axis=0)
-    total = total * rescale + jnp.sum(weights)
     if leading_only:
       lead = jnp.where(start + jnp.arange(chunk) < lse_splits, lse, -jnp.inf)
-      new_lead_max = jnp.maximum(lead_max, jnp.max(lead))
-      finite_lead_max = jnp.where(new_lead_max > -jnp.inf, new_lead_max, 0.0)
-      lead_total = (lead_total * jnp.exp2(lead_max - finite_lead_max)
-                    + jnp.sum(jnp.exp2(lead - finite_lead_max)))
-      lead_max = new_lead_max
-    return acc, total, new_max, lead_total, lead_max
+      lead_total, lead_max, _, _ = _add_exp2(lead_total, lead_max, lead)
+    return acc, total, running_max, lead_total, lead_max
 
   zero, minus_inf = jnp.float32(0.0), jnp.float32(-jnp.inf)
   carry = (jnp.zeros((head_dim,), jnp.float32), zero, minus_inf, zero, minus_inf)

@@ -72,17 +72,18 @@ def test_pretrain_step_times_each_width_and_batch_in_its_own_process(tmp_path):
   assert "| 1 | 192 | 3/1 |" in out
 
 
-def test_decode_kernels_sweep_grid_choices():
+def test_decode_kernels_grid_choices():
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   try:
     import decode_kernels  # pylint: disable=import-outside-toplevel
   finally:
     sys.path.pop(0)
-  full = decode_kernels.sweep_grid("full", decode_kernels.exact_tunings, 1, 12, 2, 32768)
+  assert decode_kernels.parse_grid("full") is None
+  full = decode_kernels.exact_tunings(1, 12, 2, 32768)
   assert full[0] == {} and {"block_q": 128} in full and len(full) > 2
-  assert decode_kernels.sweep_grid("defaults", decode_kernels.exact_tunings, 1, 12, 2,
-                                   32768) == [{}]
-  chosen = decode_kernels.sweep_grid('[{"block_q": 128}, {"num_warps": 8}]', None, 1, 12, 2, 1)
+  assert decode_kernels.parse_grid("defaults") == [{}]
+  chosen = decode_kernels.parse_grid('[{"block_q": 128}, {"num_warps": 8}]')
   assert chosen == [{"block_q": 128}, {"num_warps": 8}]
-  with pytest.raises(ValueError, match="--grid"):
-    decode_kernels.sweep_grid('{"block_q": 128}', None, 1, 12, 2, 1)
+  for bad in ('{"block_q": 128}', "[{block_q: 128}]"):
+    with pytest.raises(ValueError, match="--grid"):
+      decode_kernels.parse_grid(bad)
