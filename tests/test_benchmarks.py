@@ -87,3 +87,55 @@ def test_decode_kernels_grid_choices():
   for bad in ('{"block_q": 128}', "[{block_q: 128}]"):
     with pytest.raises(ValueError, match="--grid"):
       decode_kernels.parse_grid(bad)
+
+
+_FAKE_NCU = '''#!/usr/bin/env python3
+"""Stands in for Nsight Compute: prints the arguments it got and one kernel's details page."""
+import sys
+print("ARGS " + " ".join(sys.argv[1:]))
+print("  block_attention_alpha (1, 2, 129)x(128, 1, 1), Context 1, Stream 14, Device 0, CC 9.0")
+print("    Duration                         us        15.23")
+print("    L2 Hit Rate                       %        19.34")
+print("    Registers Per Thread    register/thread         175")
+print("    Section: Launch Statistics")
+print("    Achieved Occupancy                %        11.41")
+'''
+
+
+def test_ncu_kernels_profiles_each_entry_and_shape_and_summarises(tmp_path):
+  fake = tmp_path / "ncu"
+  fake.write_text(_FAKE_NCU)
+  fake.chmod(0o755)
+  out = _run("ncu_kernels.py", f"--ncu={fake}", "--entries=exact,mask_step",
+             "--shapes=1.5B:1:32768,7B:8:16384", "--cache_control=none", f"--out={tmp_path}")
+  names = [f"ncu_{e}_{s}_l2warm" for e in ("exact", "mask_step")
+           for s in ("1.5B_b1_32768", "7B_b8_16384")]
+  for name in names:
+    text = (tmp_path / f"{name}.txt").read_text()
+    entry = name.split("_")[1] if "exact" in name else "mask_step"
+    # The second call of the entry point is profiled: skip and count its launches.
+    launches = {"exact": 2, "mask_step": 3}[entry]
+    assert f"--launch-skip {launches} --launch-count {launches}" in text
+    assert "--cache-control none" in text and f"--child={entry}@" in text
+    assert f"== {name} (rc 0)" in out
+  assert out.count("Duration  us  15.23") == 4 and "Achieved Occupancy  %  11.41" in out
+  assert "Section: Launch Statistics" not in out  # only the deciding lines
+
+
+def test_ncu_kernels_names_a_bad_shape():
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ncu_kernels.py"),
+                         "--shapes=1.5B:1"], capture_output=True, text=True, timeout=60)
+  assert done.returncode != 0 and "--shapes entries are MODEL:BATCH:CACHE" in done.stderr
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ncu_kernels.py"),
+                         "--shapes=13B:1:4096"], capture_output=True, text=True, timeout=60)
+  assert done.returncode != 0 and "'13B:1:4096' needs a model of" in done.stderr
+
+
+def test_ncu_kernels_knows_the_benchmark_models():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import decode_kernels  # pylint: disable=import-outside-toplevel
+    import ncu_kernels  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  assert set(ncu_kernels.MODELS) == set(decode_kernels.MODELS)
