@@ -463,6 +463,10 @@ def main() -> None:
   flags = parser.parse_args()
   modes = flags.mode.split(",")
   grid = parse_grid(flags.grid)
+  models = flags.models.split(",")
+  if not set(models) <= set(MODELS):
+    raise ValueError(f"--models: unknown {sorted(set(models) - set(MODELS))}, expected a "
+                     f"comma list of {sorted(MODELS)}")
   log_file = open(os.path.join(flags.out, "decode_kernels.log"), "a")
 
   def log(message: str) -> None:
@@ -486,7 +490,7 @@ def main() -> None:
     if mode in modes:
       report[mode] = run_sweep_kernel(log, mode, [int(b) for b in flags.batches.split(",")],
                                       [int(c) for c in flags.caches.split(",")],
-                                      flags.models.split(","), grid)
+                                      models, grid)
   if "table" in modes:
     report["table"] = run_table(
         log, report["tuning"], [int(b) for b in flags.batches.split(",")],

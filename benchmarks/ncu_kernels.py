@@ -22,11 +22,15 @@ import re
 import subprocess
 import sys
 
+import jax
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from decode_kernels import MODELS, Problem  # noqa: E402  pylint: disable=g-import-not-at-top
+
 # The kernels' pallas_call names; XLA's own kernels (input generation, reshapes) are left out.
 KERNELS = "regex:block_split_kv_attention|block_attention_alpha|merge_splits|block_sparse_attention"
 LAUNCHES = {"exact": 2, "mask_step": 3, "sparse": 2}
-MODELS = ("1.5B", "7B")  # decode_kernels.MODELS (not imported here: the parent needs no jax)
 SUMMARY_KEYS = ("Duration", "DRAM Throughput", "Memory Throughput", "L2 Hit Rate",
                 "L1/TEX Hit Rate", "Compute (SM) Throughput", "Registers Per Thread",
                 "Achieved Occupancy", "Theoretical Occupancy", "Block Limit Registers",
@@ -41,19 +45,15 @@ def parse_shape(text: str) -> tuple[str, int, int]:
   except ValueError:
     raise ValueError(f"--shapes entries are MODEL:BATCH:CACHE, got {text!r}") from None
   if model not in MODELS or batch < 1 or cache < 1:
-    raise ValueError(f"--shapes: {text!r} needs a model of {MODELS}, batch >= 1, cache >= 1")
+    raise ValueError(f"--shapes: {text!r} needs a model of {sorted(MODELS)}, batch >= 1, "
+                     "cache >= 1")
   return model, batch, cache
 
 
 def child(entry: str, shape: tuple[str, int, int]) -> None:
   """Two calls of one entry point (the first warms up); ncu profiles the second's kernels."""
-  import jax  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import decode_kernels  # pylint: disable=import-outside-toplevel
-
   model, batch, cache = shape
-  q_heads, kv_heads = decode_kernels.MODELS[model]
-  problem = decode_kernels.Problem(batch, q_heads, kv_heads, cache)
+  problem = Problem(batch, *MODELS[model], cache)
   fn, args = problem.entry_points()[entry]
   for _ in range(2):
     jax.block_until_ready(fn(*args))
@@ -63,8 +63,7 @@ def summarise(text: str) -> list[str]:
   lines = []
   for line in text.splitlines():
     stripped = line.strip()
-    if re.match(r"^\S.*\(\d+, \d+, \d+\)x\(\d+, \d+, \d+\)", stripped) or stripped.startswith(
-        ("block_", "merge_")):
+    if re.match(r"^\S.*\(\d+, \d+, \d+\)x\(\d+, \d+, \d+\)", stripped):  # a kernel's heading
       lines.append(stripped[:110])
     elif stripped.startswith(SUMMARY_KEYS):
       lines.append("    " + re.sub(r"\s{2,}", "  ", stripped))

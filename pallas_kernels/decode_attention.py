@@ -13,10 +13,10 @@ known only after all rows were seen, so it takes a second pass: the split merge 
 attention pass's partial results also writes every query's log-sum-exp (over the cache rows alone
 if the block's keys stay out of alpha), and a lighter pass re-reads only K to turn scores into
 probabilities, sum them over the queries and write alpha = 0 past the length. That pass does
-per key half the attention pass's matmul work and all of its exp work (one 2^x per query and
-key, on the multiprocessors' 16-per-clock MUFU units), which bounds it near the time of reading
-K once even at batch 8; at batch 1 its per-program set-up adds to that (benchmarks/results/
-decode_kernels.md has the measured costs and the bound).
+exactly half the attention pass's useful matmul work (one score per query and key) and one 2^x
+per score, so the mask step takes 1 + 0.5 x (attention's matmul rate / alpha's) of the exact
+step: 1.55x at batch 1 and 1.39x at batch 8 on the H100, where both kernels are latency-bound
+(benchmarks/results/decode_kernels.md, sessions 10-11, has the measured rates and counters).
 """
 
 import functools
@@ -227,14 +227,13 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
     q.reshape(batch, block * q_heads, head_dim), k_cache, v_cache,
     k_block.reshape(batch, block * kv_heads, head_dim),
     v_block.reshape(batch, block * kv_heads, head_dim))
-  if lse_of is None:
-    out = merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
-                             out_dtype=q.dtype)
-    return out.reshape(q.shape)
   # The last split holds the block's keys: leaving it out gives the cache-only normaliser.
-  out, lse = merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
-                                out_dtype=q.dtype,
-                                lse_splits=splits if lse_of == "all" else num_splits)
+  lse_splits = {None: None, "all": splits, "cache": num_splits}[lse_of]
+  merged = merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
+                              out_dtype=q.dtype, lse_splits=lse_splits)
+  if lse_of is None:
+    return merged.reshape(q.shape)
+  out, lse = merged
   return out.reshape(q.shape), lse
 
 
