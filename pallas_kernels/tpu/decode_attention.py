@@ -44,12 +44,15 @@ _ALPHA_TUNING = ("alpha_block_k",)
 
 def _attention_kernel(lengths_ref, q_ref, k_block_ref, v_block_ref, k_hbm, v_hbm, out_ref, *refs,
                       kv_heads: int, num_splits: int, block_k: int, block_tokens: int,
-                      qk_scale: float, with_lse: bool):
-  """One (pair, split) program. Outputs: the normalised output of its rows [rows, D] and, with
-  ``with_lse``, the base-2 log-sum-exp over everything it attended and over its cache rows alone
-  ([rows, 128] each, replicated over the lanes)."""
-  if with_lse:
-    lse_all_ref, lse_cache_ref, *refs = refs
+                      qk_scale: float, lse_all: bool, lse_cache: bool):
+  """One (pair, split) program. Outputs: the normalised output of its rows [rows, D] and, if
+  asked, the base-2 log-sum-exp over everything it attended (``lse_all``: the merge of several
+  splits needs it) and over its cache rows alone (``lse_cache``), [rows, 128] each, replicated
+  over the lanes."""
+  if lse_all:
+    lse_all_ref, *refs = refs
+  if lse_cache:
+    lse_cache_ref, *refs = refs
   k_buf, v_buf, sems, acc_ref, max_ref, sum_ref = refs
   pair, split = pl.program_id(0), pl.program_id(1)
   batch_index, kv_head = mu.pair_coordinates(pair, kv_heads)
@@ -75,7 +78,7 @@ def _attention_kernel(lengths_ref, q_ref, k_block_ref, v_block_ref, k_hbm, v_hbm
 
   mu.pipelined_tiles(num_tiles, lambda t, slot: [c.start() for c in copies(t, slot)],
                      lambda t, slot: [c.wait() for c in copies(t, slot)], compute)
-  if with_lse:
+  if lse_cache:
     lse_cache_ref[...] = mu.log_sum_exp2(max_ref, sum_ref)
 
   @pl.when(split == num_splits - 1)
@@ -85,17 +88,17 @@ def _attention_kernel(lengths_ref, q_ref, k_block_ref, v_block_ref, k_hbm, v_hbm
                    qk_scale, block_valid)
 
   out_ref[...] = mu.normalised_output(acc_ref, sum_ref).astype(out_ref.dtype)
-  if with_lse:
+  if lse_all:
     lse_all_ref[...] = mu.log_sum_exp2(max_ref, sum_ref)
 
 
 def _attention_vmem_bytes(rows: int, head_dim: int, block_k: int, block_rows: int,
-                          q_dtype, kv_dtype, out_dtype, with_lse: bool) -> int:
+                          q_dtype, kv_dtype, out_dtype, lse_outputs: int) -> int:
   kv_item, q_item = jnp.dtype(kv_dtype).itemsize, jnp.dtype(q_dtype).itemsize
   buffers = 2 * 2 * block_k * head_dim * kv_item  # K and V tiles, two slots each
   blocks = 2 * (rows * head_dim * q_item + 2 * block_rows * head_dim * kv_item
                 + rows * head_dim * jnp.dtype(out_dtype).itemsize
-                + (2 * rows * mu.LANES * 4 if with_lse else 0))  # double-buffered blocks
+                + lse_outputs * rows * mu.LANES * 4)  # double-buffered blocks
   scratch = rows * (head_dim + 2 * mu.LANES) * 4
   temporaries = 3 * rows * max(block_k, block_rows) * 4  # scores, probabilities, their cast
   return buffers + blocks + scratch + temporaries
@@ -117,18 +120,20 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
   block_rows = k_rows.shape[1]
   block_k = mu.fit_row_tile(block_k, capacity, "block_k")
   out_dtype = q.dtype if num_splits == 1 else jnp.float32
+  lse_all = with_lse or num_splits > 1
+  lse_outputs = int(lse_all) + int(with_lse)
   per_pair = lambda p, s, lengths: (p, 0, 0)
   per_program = lambda p, s, lengths: (p, s, 0, 0)
   out_specs = [pl.BlockSpec((None, None, rows, head_dim), per_program)]
   out_shape = [jax.ShapeDtypeStruct((pairs, num_splits, rows, head_dim), out_dtype)]
-  if with_lse:
-    out_specs += [pl.BlockSpec((None, None, rows, mu.LANES), per_program)] * 2
-    out_shape += [jax.ShapeDtypeStruct((pairs, num_splits, rows, mu.LANES), jnp.float32)] * 2
+  out_specs += [pl.BlockSpec((None, None, rows, mu.LANES), per_program)] * lse_outputs
+  out_shape += [jax.ShapeDtypeStruct((pairs, num_splits, rows, mu.LANES),
+                                     jnp.float32)] * lse_outputs
   kernel = functools.partial(_attention_kernel, kv_heads=kv_heads, num_splits=num_splits,
                              block_k=block_k, block_tokens=block,
-                             qk_scale=sm_scale * mu.LOG2_E, with_lse=with_lse)
+                             qk_scale=sm_scale * mu.LOG2_E, lse_all=lse_all, lse_cache=with_lse)
   vmem = _attention_vmem_bytes(rows, head_dim, block_k, block_rows, q.dtype, k_cache.dtype,
-                               out_dtype, with_lse)
+                               out_dtype, lse_outputs)
   results = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -155,14 +160,15 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
       interpret=mu.interpret_params(interpret),
       name="tpu_block_split_kv_attention",
   )(cache_lengths.astype(jnp.int32), q_tile, k_rows, v_rows, k_cache, v_cache)
-  partial_out = results[0]
+  partial_out, *partial_lse = results
   if num_splits == 1:
     out = partial_out[:, 0]
-    lse = [x[:, 0] for x in results[1:]]
+    lse = [x[:, 0] for x in partial_lse]
   else:
-    out = merge_splits.merge_splits_reference(partial_out, results[1][..., 0], out_dtype=q.dtype)
+    out = merge_splits.merge_splits_reference(partial_out, partial_lse[0][..., 0],
+                                              out_dtype=q.dtype)
     lse = [jnp.broadcast_to(tu.combine_lse(x[..., 0])[..., None], x.shape[:1] + x.shape[2:])
-           for x in results[1:]]
+           for x in partial_lse]
   out = mu.ungroup_query_tile(out, batch, block, q_heads)
   return (out, *lse) if with_lse else out
 
