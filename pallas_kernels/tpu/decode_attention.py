@@ -224,8 +224,9 @@ def _mask_step(q, k_cache, v_cache, cache_lengths, k_block, v_block, *, sm_scale
   q_tile = mu.group_query_tile(q, kv_heads)
   rows = q_tile.shape[1]
   alpha_block_k = mu.fit_row_tile(alpha_block_k, capacity, "alpha_block_k")
-  kernel = functools.partial(_alpha_kernel, kv_heads=kv_heads, real_rows=block * q_heads // kv_heads,
-                             block_k=alpha_block_k, qk_scale=sm_scale * mu.LOG2_E)
+  kernel = functools.partial(_alpha_kernel, kv_heads=kv_heads,
+                             real_rows=block * (q_heads // kv_heads), block_k=alpha_block_k,
+                             qk_scale=sm_scale * mu.LOG2_E)
   per_pair = lambda p, lengths: (p, 0, 0)
   k_item = jnp.dtype(k_cache.dtype).itemsize
   # The alpha row is counted at 8 sublanes per row, in case Mosaic tiles [1, capacity] as (8, 128).
