@@ -12,6 +12,7 @@ import pytest
 import jax.numpy as jnp
 
 from pallas_kernels import decode_attention as reference
+from pallas_kernels.tpu import _mosaic_utils
 from pallas_kernels.tpu import decode_attention
 
 
@@ -35,8 +36,9 @@ CASES = [
      dict(block_k=16, num_splits=3, alpha_block_k=32)),
     # G = 8, bf16 (16-row sublane tiles), a 48-row cache in 16-row tiles.
     (2, 4, 8, 1, 128, 48, [48, 21], jnp.bfloat16, False, dict(block_k=16, alpha_block_k=16)),
-    # G = 1 (5 query rows padded to 8), default tiles (one tile of the whole cache).
-    (2, 5, 4, 4, 64, 40, [9, 40], jnp.float32, True, {}),
+    # G = 1 (5 query rows padded to 8); 36 rows have no multiple-of-8 divisor <= 16: tiles of
+    # 12, and one alpha tile of the whole cache (default alpha_block_k).
+    (2, 5, 4, 4, 64, 36, [9, 36], jnp.float32, True, dict(block_k=16)),
 ]
 
 
@@ -91,3 +93,11 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="num_splits"):
     decode_attention.mask_step_attention(q, k_cache, v_cache, lengths, k_block, v_block,
                                          num_splits=0)
+
+
+def test_row_tiles_divide_the_capacity():
+  fit = lambda block_k, rows: _mosaic_utils.fit_row_tile(block_k, rows, "block_k")
+  assert fit(1024, 131072) == 1024 and fit(1024, 33024) == 768  # 33024 = 2^8 * 3 * 43
+  assert fit(1024, 700) == 700  # one tile
+  assert fit(16, 36) == 12 and fit(16, 64) == 16
+  assert fit(8, 13) == 1  # a prime capacity: correct, but single-row tiles
