@@ -33,6 +33,10 @@ NOT_NOISY_KV = -3
 # Fields of one run in ``tile_runs``.
 RUN_START, RUN_LENGTH, RUN_MASKED = 0, 1, 2
 RUN_FIELDS = 3
+# Runs per row of tiles that the kernels' schedule holds: prefill rows need 2 (full tiles, then
+# the diagonal), rows of noisy training queries 3 (their noisy block, full clean tiles, the
+# clean diagonal), 4 where a tile straddles the noisy / clean boundary.
+MAX_RUNS = 4
 
 _EMPTY_MIN = 2**31 - 1
 _EMPTY_MAX = -(2**31 - 1)

@@ -49,9 +49,6 @@ from pallas_kernels.flash_attention import TokenBlocks, _validate
 from pallas_kernels.tpu import block_mask as bm
 
 _LANES = 128
-# Runs per row of tiles in the schedule: prefill rows need 2 (full, then the diagonal), rows
-# of noisy queries in training 3 (their noisy block, full clean tiles, the clean diagonal).
-_MAX_RUNS = 4
 # Scoped VMEM asked of Mosaic. The default tiles (512 x 512) need ~6 MiB (estimate below); 32
 # MiB leaves room for larger tiles and is within every TPU's VMEM (v5e / v6e: 128 MiB, v5p: 95
 # MiB), above v5e's 16 MiB default scope.
@@ -127,10 +124,10 @@ def _interpret_params(interpret: bool):
 
 def _locate(runs_ref, row, step):
   """(tile, masked, active) of a grid step from the scalar-prefetched runs (1-D, rows of
-  _MAX_RUNS x RUN_FIELDS). Steps past the last run keep that run's last tile (no new DMA)."""
-  base = row * (_MAX_RUNS * bm.RUN_FIELDS)
+  bm.MAX_RUNS x RUN_FIELDS). Steps past the last run keep that run's last tile (no new DMA)."""
+  base = row * (bm.MAX_RUNS * bm.RUN_FIELDS)
   tile, masked, offset = 0, 0, step
-  for run in range(_MAX_RUNS):
+  for run in range(bm.MAX_RUNS):
     field = lambda f: runs_ref[base + run * bm.RUN_FIELDS + f]
     start, length = field(bm.RUN_START), field(bm.RUN_LENGTH)
     inside = (offset >= 0) & (offset < length)
@@ -215,7 +212,7 @@ def _forward_call(static: _Static, q, k, v, q_keys, kv_keys):
   kv_len = k.shape[2]
   bq, bkv = static.config.block_q, static.config.block_kv
   q_tiles, kv_tiles = q_len // bq, kv_len // bkv
-  runs = bm.tile_runs(*bm.tile_visibility(q_keys, kv_keys, bq, bkv), _MAX_RUNS).reshape(-1)
+  runs = bm.tile_runs(*bm.tile_visibility(q_keys, kv_keys, bq, bkv), bm.MAX_RUNS).reshape(-1)
   groups = static.groups
 
   def kv_tile(b, i, step, runs_ref):
@@ -224,7 +221,7 @@ def _forward_call(static: _Static, q, k, v, q_keys, kv_keys):
   kernel = functools.partial(_forward_kernel, sm_scale=static.sm_scale, q_tiles=q_tiles)
   row_block = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, s, runs: (b, h, i, 0))
   kv_block = pl.BlockSpec((None, None, bkv, head_dim),
-                          lambda b, h, i, s, runs: (b, h // groups, kv_tile(b, i, s, runs), 0))
+                          lambda b, h, i, s, runs: (b, jax.lax.div(h, groups), kv_tile(b, i, s, runs), 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
       grid=(batch, q_heads, q_tiles, kv_tiles),
@@ -302,7 +299,7 @@ def _dq_call(static: _Static, q, k, v, q_keys, kv_keys, d_out, lse, delta):
   kv_len = k.shape[2]
   bq, bkv = static.config.dq_block_q, static.config.dq_block_kv
   q_tiles, kv_tiles = q_len // bq, kv_len // bkv
-  runs = bm.tile_runs(*bm.tile_visibility(q_keys, kv_keys, bq, bkv), _MAX_RUNS).reshape(-1)
+  runs = bm.tile_runs(*bm.tile_visibility(q_keys, kv_keys, bq, bkv), bm.MAX_RUNS).reshape(-1)
   groups = static.groups
 
   def kv_tile(b, i, step, runs_ref):
@@ -310,7 +307,7 @@ def _dq_call(static: _Static, q, k, v, q_keys, kv_keys, d_out, lse, delta):
 
   row_block = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, s, runs: (b, h, i, 0))
   kv_block = pl.BlockSpec((None, None, bkv, head_dim),
-                          lambda b, h, i, s, runs: (b, h // groups, kv_tile(b, i, s, runs), 0))
+                          lambda b, h, i, s, runs: (b, jax.lax.div(h, groups), kv_tile(b, i, s, runs), 0))
   stat_block = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, s, runs: (b, h, 0, i))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
@@ -391,7 +388,7 @@ def _dkv_call(static: _Static, q, k, v, q_keys, kv_keys, d_out, lse, delta):
   q_tiles, kv_tiles = q_len // bq, kv_len // bkv
   visible, full = bm.tile_visibility(q_keys, kv_keys, bq, bkv)
   runs = bm.tile_runs(jnp.swapaxes(visible, 1, 2), jnp.swapaxes(full, 1, 2),
-                      _MAX_RUNS).reshape(-1)
+                      bm.MAX_RUNS).reshape(-1)
   groups = static.groups
 
   def q_tile(b, t, step, runs_ref):
