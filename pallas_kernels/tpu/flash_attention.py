@@ -49,10 +49,13 @@ from pallas_kernels.flash_attention import TokenBlocks, _validate
 from pallas_kernels.tpu import block_mask as bm
 
 _LANES = 128
-# Scoped VMEM asked of Mosaic. The default tiles (512 x 512) need ~6 MiB (estimate below); 32
-# MiB leaves room for larger tiles and is within every TPU's VMEM (v5e / v6e: 128 MiB, v5p: 95
-# MiB), above v5e's 16 MiB default scope.
+# Scoped VMEM asked of Mosaic. The default tiles (512 x 512) need ~9 MiB at head_dim 128
+# (vmem_bytes_estimate); 32 MiB leaves room for larger tiles, is above v5e's 16 MiB default
+# scope and well within every TPU's VMEM (v5e / v6e 128 MiB, v5p 95 MiB).
 _VMEM_LIMIT_BYTES = 32 * 2**20
+# The scalar-prefetched schedules live in scalar memory (1 MiB on v4-v6e, shared with Mosaic's
+# own use): a quarter of it at most. 8 x 64K tokens in 512-row tiles take 48 KiB.
+_SMEM_LIMIT_BYTES = 256 * 2**10
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -138,14 +141,23 @@ def _locate(runs_ref, row, step):
   return tile, masked != 0, offset < 0
 
 
+# Per-row values (softmax statistics, a query's mask keys) are held lane-replicated, as (n, 128)
+# arrays, and widened by tiling, as jax's TPU flash and splash attention kernels do.
+
+
 def _as_column(row):
-  """A (1, n) row as an (n, 1) column, by one lane-aligned transpose."""
-  return jnp.broadcast_to(row, (_LANES, row.shape[1])).T[:, :1]
+  """A (1, n) row as an (n, 128) lane-replicated column, by one aligned transpose."""
+  return jnp.broadcast_to(row, (_LANES, row.shape[1])).T
 
 
 def _as_row(column):
-  """An (n, 1) column as a (1, n) row, by one lane-aligned transpose."""
-  return jnp.broadcast_to(column, (column.shape[0], _LANES)).T[:1, :]
+  """An (n, 128) lane-replicated column as a (1, n) row, by one aligned transpose."""
+  return column.T[:1, :]
+
+
+def _widen(column, width):
+  """An (n, 128) lane-replicated column as (n, width), width a multiple of 128."""
+  return column if width == _LANES else jnp.tile(column, (1, width // _LANES))
 
 
 def _dot_nt(a, b):
@@ -178,8 +190,9 @@ def _forward_kernel(runs_ref, q_keys_ref, kv_keys_ref, q_ref, k_ref, v_ref, out_
 
   def accumulate(apply_mask: bool):
     logits = _dot_nt(q_ref[...], k_ref[...]) * sm_scale
+    block_kv = logits.shape[1]
     if apply_mask:
-      sees = bm.sees(threshold_ref[...], noisy_id_ref[...],
+      sees = bm.sees(_widen(threshold_ref[...], block_kv), _widen(noisy_id_ref[...], block_kv),
                      kv_keys_ref[bm.KV_CLEAN_ID:bm.KV_CLEAN_ID + 1, :],
                      kv_keys_ref[bm.KV_NOISY_ID:bm.KV_NOISY_ID + 1, :])
       logits = jnp.where(sees, logits, -jnp.inf)
@@ -188,11 +201,12 @@ def _forward_kernel(runs_ref, q_keys_ref, kv_keys_ref, q_ref, k_ref, v_ref, out_
     # A row that has seen nothing keeps max -inf; shift it by 0 so exp gives zeros, not NaN.
     shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
     rescale = jnp.exp(old_max - shift)
-    p = jnp.exp(logits - shift)
+    p = jnp.exp(logits - _widen(shift, block_kv))
     max_ref[...] = new_max
     sum_ref[...] = rescale * sum_ref[...] + jnp.sum(p, axis=1, keepdims=True)
     v = v_ref[...]
-    acc_ref[...] = rescale * acc_ref[...] + _dot(p.astype(v.dtype), v)
+    acc_ref[...] = (_widen(rescale, acc_ref.shape[1]) * acc_ref[...]
+                    + _dot(p.astype(v.dtype), v))
 
   pl.when(active & ~masked)(lambda: accumulate(False))
   pl.when(active & masked)(lambda: accumulate(True))
@@ -202,7 +216,7 @@ def _forward_kernel(runs_ref, q_keys_ref, kv_keys_ref, q_ref, k_ref, v_ref, out_
     total = sum_ref[...]
     seen = total > 0
     safe_total = jnp.where(seen, total, 1.0)
-    out_ref[...] = (acc_ref[...] / safe_total).astype(out_ref.dtype)
+    out_ref[...] = (acc_ref[...] / _widen(safe_total, acc_ref.shape[1])).astype(out_ref.dtype)
     lse_ref[...] = _as_row(jnp.where(seen, max_ref[...] + jnp.log(safe_total), -jnp.inf))
 
 
@@ -235,11 +249,11 @@ def _forward_call(static: _Static, q, k, v, q_keys, kv_keys):
           pl.BlockSpec((None, None, 1, bq), lambda b, h, i, s, runs: (b, h, 0, i)),
       ],
       scratch_shapes=[
-          pltpu.VMEM((bq, 1), jnp.float32),
-          pltpu.VMEM((bq, 1), jnp.float32),
+          pltpu.VMEM((bq, _LANES), jnp.float32),
+          pltpu.VMEM((bq, _LANES), jnp.float32),
           pltpu.VMEM((bq, head_dim), jnp.float32),
-          pltpu.VMEM((bq, 1), jnp.int32),
-          pltpu.VMEM((bq, 1), jnp.int32),
+          pltpu.VMEM((bq, _LANES), jnp.int32),
+          pltpu.VMEM((bq, _LANES), jnp.int32),
       ],
   )
   return pl.pallas_call(
@@ -277,13 +291,14 @@ def _dq_kernel(runs_ref, q_keys_ref, kv_keys_ref, q_ref, k_ref, v_ref, d_out_ref
   def accumulate(apply_mask: bool):
     k = k_ref[...]
     logits = _dot_nt(q_ref[...], k) * sm_scale
+    block_kv = logits.shape[1]
     if apply_mask:
-      sees = bm.sees(threshold_ref[...], noisy_id_ref[...],
+      sees = bm.sees(_widen(threshold_ref[...], block_kv), _widen(noisy_id_ref[...], block_kv),
                      kv_keys_ref[bm.KV_CLEAN_ID:bm.KV_CLEAN_ID + 1, :],
                      kv_keys_ref[bm.KV_NOISY_ID:bm.KV_NOISY_ID + 1, :])
       logits = jnp.where(sees, logits, -jnp.inf)
-    p = jnp.exp(logits - lse_col_ref[...])
-    ds = p * (_dot_nt(d_out_ref[...], v_ref[...]) - delta_col_ref[...])
+    p = jnp.exp(logits - _widen(lse_col_ref[...], block_kv))
+    ds = p * (_dot_nt(d_out_ref[...], v_ref[...]) - _widen(delta_col_ref[...], block_kv))
     acc_ref[...] += _dot(ds.astype(k.dtype), k)
 
   pl.when(active & ~masked)(lambda: accumulate(False))
@@ -320,10 +335,10 @@ def _dq_call(static: _Static, q, k, v, q_keys, kv_keys, d_out, lse, delta):
       out_specs=row_block,
       scratch_shapes=[
           pltpu.VMEM((bq, head_dim), jnp.float32),
-          pltpu.VMEM((bq, 1), jnp.float32),
-          pltpu.VMEM((bq, 1), jnp.float32),
-          pltpu.VMEM((bq, 1), jnp.int32),
-          pltpu.VMEM((bq, 1), jnp.int32),
+          pltpu.VMEM((bq, _LANES), jnp.float32),
+          pltpu.VMEM((bq, _LANES), jnp.float32),
+          pltpu.VMEM((bq, _LANES), jnp.int32),
+          pltpu.VMEM((bq, _LANES), jnp.int32),
       ],
   )
   kernel = functools.partial(_dq_kernel, sm_scale=static.sm_scale, q_tiles=q_tiles)
@@ -362,10 +377,11 @@ def _dkv_kernel(runs_ref, q_keys_ref, kv_keys_ref, q_ref, k_ref, v_ref, d_out_re
     q = q_ref[...]
     d_out = d_out_ref[...]
     logits_t = _dot_nt(k_ref[...], q) * sm_scale
+    block_q = logits_t.shape[1]
     if apply_mask:
       sees = bm.sees(q_keys_ref[bm.Q_THRESHOLD:bm.Q_THRESHOLD + 1, :],
                      q_keys_ref[bm.Q_NOISY_ID:bm.Q_NOISY_ID + 1, :],
-                     clean_id_ref[...], noisy_id_ref[...])
+                     _widen(clean_id_ref[...], block_q), _widen(noisy_id_ref[...], block_q))
       logits_t = jnp.where(sees, logits_t, -jnp.inf)
     p_t = jnp.exp(logits_t - lse_ref[...])
     dv_acc_ref[...] += _dot(p_t.astype(d_out.dtype), d_out)
@@ -415,8 +431,8 @@ def _dkv_call(static: _Static, q, k, v, q_keys, kv_keys, d_out, lse, delta):
       scratch_shapes=[
           pltpu.VMEM((bkv, head_dim), jnp.float32),
           pltpu.VMEM((bkv, head_dim), jnp.float32),
-          pltpu.VMEM((bkv, 1), jnp.int32),
-          pltpu.VMEM((bkv, 1), jnp.int32),
+          pltpu.VMEM((bkv, _LANES), jnp.int32),
+          pltpu.VMEM((bkv, _LANES), jnp.int32),
       ],
   )
   kernel = functools.partial(_dkv_kernel, sm_scale=static.sm_scale, kv_tiles=kv_tiles)
@@ -463,7 +479,6 @@ def _kernel_attention(q, k, v, q_segments, kv_segments, kv_lengths, *, sm_scale,
   """Pads to the tile grid and head_dim to a multiple of 128, swaps to head-major, runs."""
   _, q_len, q_heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
-  config = config.fit(q_len, kv_len)
   q_pad = _round_up(q_len, max(config.block_q, config.dq_block_q, config.dkv_block_q))
   kv_pad = _round_up(kv_len, max(config.block_kv, config.dq_block_kv, config.dkv_block_kv))
   dim_pad = _round_up(head_dim, _LANES)
@@ -476,6 +491,26 @@ def _kernel_attention(q, k, v, q_segments, kv_segments, kv_lengths, *, sm_scale,
                     head_major(v, kv_pad), q_keys, kv_keys)
   out = jnp.swapaxes(out, 1, 2)[:, :q_len, :, :head_dim]
   return (out, lse[:, :, 0, :q_len]) if return_lse else out
+
+
+def _check_memory(config: TileConfig, batch, q_len, kv_len, head_dim, itemsize) -> None:
+  """Raises ValueError if a kernel's tiles or schedule exceed the VMEM / SMEM budgets."""
+  q_pad = _round_up(q_len, max(config.block_q, config.dq_block_q, config.dkv_block_q))
+  kv_pad = _round_up(kv_len, max(config.block_kv, config.dq_block_kv, config.dkv_block_kv))
+  for rows, cols, rows_len in ((config.block_q, config.block_kv, q_pad),
+                               (config.dq_block_q, config.dq_block_kv, q_pad),
+                               (config.dkv_block_kv, config.dkv_block_q, kv_pad)):
+    vmem = vmem_bytes_estimate(rows, cols, head_dim, itemsize)
+    if vmem > _VMEM_LIMIT_BYTES:
+      raise ValueError(
+          f"tiles {rows} x {cols} at head_dim {head_dim} need ~{vmem >> 20} MiB of VMEM, over "
+          f"the {_VMEM_LIMIT_BYTES >> 20} MiB limit; use smaller tuning block_* values")
+    smem = batch * (rows_len // rows) * bm.MAX_RUNS * bm.RUN_FIELDS * 4
+    if smem > _SMEM_LIMIT_BYTES:
+      raise ValueError(
+          f"the tile schedule of batch {batch} x {rows_len} rows in tiles of {rows} takes "
+          f"{smem >> 10} KiB of scalar memory, over the {_SMEM_LIMIT_BYTES >> 10} KiB limit; "
+          f"use larger tuning block_* values or split the batch")
 
 
 def block_diffusion_attention(
@@ -514,17 +549,12 @@ def block_diffusion_attention(
   unknown = set(tuning) - {f.name for f in dataclasses.fields(TileConfig)}
   if unknown:
     raise ValueError(f"unknown tuning arguments {sorted(unknown)}")
-  config = TileConfig(**tuning)
+  batch, q_len, _, head_dim = q.shape
+  kv_len = k.shape[1]
+  config = TileConfig(**tuning).fit(q_len, kv_len)
   if sm_scale is None:
-    sm_scale = 1.0 / math.sqrt(q.shape[-1])
-  head_dim = _round_up(q.shape[-1], _LANES)
-  for rows, cols in ((config.block_q, config.block_kv), (config.dq_block_q, config.dq_block_kv),
-                     (config.dkv_block_kv, config.dkv_block_q)):
-    need = vmem_bytes_estimate(rows, cols, head_dim, q.dtype.itemsize)
-    if need > _VMEM_LIMIT_BYTES:
-      raise ValueError(
-          f"tiles {rows} x {cols} at head_dim {head_dim} need ~{need >> 20} MiB of VMEM, over "
-          f"the {_VMEM_LIMIT_BYTES >> 20} MiB limit; use smaller tuning block_* values")
+    sm_scale = 1.0 / math.sqrt(head_dim)
+  _check_memory(config, batch, q_len, kv_len, _round_up(head_dim, _LANES), q.dtype.itemsize)
   return _kernel_attention(
       q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=float(sm_scale),
       return_lse=return_lse, interpret=bool(interpret), config=config)
