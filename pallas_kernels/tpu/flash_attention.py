@@ -11,10 +11,10 @@ Our prefill mask is a function of runtime, per-sequence positions (a ragged batc
 sequence at its own cache length, inside a lax.while_loop over chunks) and of runtime
 kv_lengths, so it cannot be a static table; a dynamic splash mask is a dense [q_len, kv_len]
 array shared by the batch (4 GiB of bools at 64K). Splash could express the static training
-layout (the doubled [x_t | x_0] sequence), but a query that sees no key gets a finite
-average of the values there instead of 0 / lse = -inf (the first noisy block against the clean
-half, in MAGE-FT), and one kernel for both keeps one contract. So this module has its own
-kernels, built on splash's and jax's TPU flash attention's structure:
+layout (the doubled [x_t | x_0] sequence), but not our contract for a query that sees no key
+(0 and lse = -inf: the first noisy block against the clean half, in MAGE-FT), and one kernel
+for both keeps one contract. So this module has its own kernels, built on the structure of
+splash's and of jax's TPU flash attention:
 
 * Forward: grid (batch, q head, query tile, step); the step axis is "arbitrary" and walks the
   query tile's visible key tiles, the online softmax state (max, sum, accumulator) living in
