@@ -20,8 +20,9 @@ splash's and of jax's TPU flash attention:
   query tile's visible key tiles, the online softmax state (max, sum, accumulator) living in
   VMEM scratch. Which key tile a step reads comes from a scalar-prefetched schedule of a few
   runs of consecutive tiles per query tile (block_mask.tile_runs): fully visible runs skip the
-  mask, invisible tiles are never fetched nor computed (steps past the last run re-read the
-  same tile, so no DMA, and do nothing). The lse is saved for the backward.
+  mask, invisible tiles are never fetched nor computed. The step count is a runtime grid bound,
+  the most tiles any query tile sees; a query tile that sees fewer idles through the rest (its
+  last tile is re-read, so no DMA, and nothing computed). The lse is saved for the backward.
 * Backward: a dq kernel on the forward's grid, and a dk/dv kernel with grid (batch, kv head,
   key tile, group head, step) that walks the query tiles of every query head of its group,
   in the transposed [keys, queries] orientation so that the per-query statistics (lse, delta)
@@ -170,6 +171,15 @@ def _dot(a, b):
                              preferred_element_type=jnp.float32)
 
 
+def _schedule(q_keys, kv_keys, block_q, block_kv):
+  """The runs of key tiles per query tile (flattened for scalar memory) and the grid's step
+  count: the most key tiles any query tile sees, a runtime value (a dynamic grid bound), so a
+  prefill chunk near the start of a long cache walks its few visible tiles, not the cache."""
+  runs = bm.tile_runs(*bm.tile_visibility(q_keys, kv_keys, block_q, block_kv), bm.MAX_RUNS)
+  steps = jnp.maximum(1, jnp.max(jnp.sum(runs[..., bm.RUN_LENGTH], axis=-1)))
+  return runs.reshape(-1), steps
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 
@@ -223,22 +233,24 @@ def _forward_kernel(runs_ref, q_keys_ref, kv_keys_ref, q_ref, k_ref, v_ref, out_
 def _forward_call(static: _Static, q, k, v, q_keys, kv_keys):
   """q [b, H, Lq, d], k / v [b, Hkv, Lkv, d] (padded) -> out [b, H, Lq, d], lse [b, H, 1, Lq]."""
   batch, q_heads, q_len, head_dim = q.shape
-  kv_len = k.shape[2]
   bq, bkv = static.config.block_q, static.config.block_kv
-  q_tiles, kv_tiles = q_len // bq, kv_len // bkv
-  runs = bm.tile_runs(*bm.tile_visibility(q_keys, kv_keys, bq, bkv), bm.MAX_RUNS).reshape(-1)
+  q_tiles = q_len // bq
+  runs, steps = _schedule(q_keys, kv_keys, bq, bkv)
   groups = static.groups
 
   def kv_tile(b, i, step, runs_ref):
     return _locate(runs_ref, b * q_tiles + i, step)[0]
 
+  def kv_head(h):
+    return jax.lax.div(h, groups)
+
   kernel = functools.partial(_forward_kernel, sm_scale=static.sm_scale, q_tiles=q_tiles)
   row_block = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, s, runs: (b, h, i, 0))
   kv_block = pl.BlockSpec((None, None, bkv, head_dim),
-                          lambda b, h, i, s, runs: (b, jax.lax.div(h, groups), kv_tile(b, i, s, runs), 0))
+                          lambda b, h, i, s, runs: (b, kv_head(h), kv_tile(b, i, s, runs), 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
-      grid=(batch, q_heads, q_tiles, kv_tiles),
+      grid=(batch, q_heads, q_tiles, steps),
       in_specs=[
           pl.BlockSpec((None, 2, bq), lambda b, h, i, s, runs: (b, 0, i)),
           pl.BlockSpec((None, 2, bkv), lambda b, h, i, s, runs: (b, 0, kv_tile(b, i, s, runs))),
@@ -311,22 +323,24 @@ def _dq_kernel(runs_ref, q_keys_ref, kv_keys_ref, q_ref, k_ref, v_ref, d_out_ref
 
 def _dq_call(static: _Static, q, k, v, q_keys, kv_keys, d_out, lse, delta):
   batch, q_heads, q_len, head_dim = q.shape
-  kv_len = k.shape[2]
   bq, bkv = static.config.dq_block_q, static.config.dq_block_kv
-  q_tiles, kv_tiles = q_len // bq, kv_len // bkv
-  runs = bm.tile_runs(*bm.tile_visibility(q_keys, kv_keys, bq, bkv), bm.MAX_RUNS).reshape(-1)
+  q_tiles = q_len // bq
+  runs, steps = _schedule(q_keys, kv_keys, bq, bkv)
   groups = static.groups
 
   def kv_tile(b, i, step, runs_ref):
     return _locate(runs_ref, b * q_tiles + i, step)[0]
 
+  def kv_head(h):
+    return jax.lax.div(h, groups)
+
   row_block = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, s, runs: (b, h, i, 0))
   kv_block = pl.BlockSpec((None, None, bkv, head_dim),
-                          lambda b, h, i, s, runs: (b, jax.lax.div(h, groups), kv_tile(b, i, s, runs), 0))
+                          lambda b, h, i, s, runs: (b, kv_head(h), kv_tile(b, i, s, runs), 0))
   stat_block = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, s, runs: (b, h, 0, i))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
-      grid=(batch, q_heads, q_tiles, kv_tiles),
+      grid=(batch, q_heads, q_tiles, steps),
       in_specs=[
           pl.BlockSpec((None, 2, bq), lambda b, h, i, s, runs: (b, 0, i)),
           pl.BlockSpec((None, 2, bkv), lambda b, h, i, s, runs: (b, 0, kv_tile(b, i, s, runs))),

@@ -124,13 +124,18 @@ def test_noisy_half_against_clean_half_has_rows_without_keys():
 
 def test_prefill_chunks_at_ragged_offsets():
   # Each sequence writes 100 queries at its own cache length (0 and 77, not tile- or block-
-  # aligned; block sizes 4 and 32) into a 250-slot cache; the second chunk's last 30 rows are
-  # padding past its kv_length. 8 query heads share one KV head.
-  q, k, v = _inputs(10, 2, 100, 250, 8, 1, 128)
+  # aligned; block sizes 4 and 32) into a 300-slot cache; the second chunk's last 30 rows are
+  # padding past its kv_length. 8 query heads share one KV head. No query sees the cache's
+  # third tile, so the forward and dq grids walk 2 steps per query tile, not 3.
+  q, k, v = _inputs(10, 2, 100, 300, 8, 1, 128)
   positions = jnp.array([[0], [77]], jnp.int32) + jnp.arange(100, dtype=jnp.int32)
   q_seg = fa.TokenBlocks(positions // jnp.array([[4], [32]]), jnp.zeros((2, 100), bool))
-  kv_seg = _per_sequence(fa.prefill_token_blocks(1, 250, 4), fa.prefill_token_blocks(1, 250, 32))
-  _check(q, k, v, q_seg, kv_seg, jnp.array([100, 147], jnp.int32), atol=2e-5)
+  kv_seg = _per_sequence(fa.prefill_token_blocks(1, 300, 4), fa.prefill_token_blocks(1, 300, 32))
+  kv_lengths = jnp.array([100, 147], jnp.int32)
+  keys = bm.encode_tokens(q_seg, kv_seg, kv_lengths, 128, 384)
+  _, steps = tfa._schedule(*keys, 128, 128)
+  assert int(steps) == 2
+  _check(q, k, v, q_seg, kv_seg, kv_lengths, atol=2e-5)
 
 
 def test_bfloat16_one_query_head_per_kv_head():
