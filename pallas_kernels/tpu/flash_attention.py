@@ -40,6 +40,7 @@ on a TPU, and nothing here has been timed on one.
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 from jax.experimental import pallas as pl
@@ -180,6 +181,33 @@ def _schedule(q_keys, kv_keys, block_q, block_kv):
   return runs.reshape(-1), steps
 
 
+class _QueryTileSpecs(NamedTuple):
+  """Block specs of the kernels whose grid is (batch, q head, query tile, step): the forward
+  and dq kernels. A step's key tile comes from the scalar-prefetched runs."""
+
+  q_keys: pl.BlockSpec  # The query tile's mask keys, (2, bq).
+  kv_keys: pl.BlockSpec  # The step's key tile's mask keys, (2, bkv).
+  rows: pl.BlockSpec  # A (bq, head_dim) tile of q / out / d_out / dq.
+  kv: pl.BlockSpec  # The step's (bkv, head_dim) tile of k / v, of the head's KV head.
+  stats: pl.BlockSpec  # A (1, bq) row of lse / delta.
+
+
+def _query_tile_specs(bq, bkv, head_dim, groups, q_tiles) -> _QueryTileSpecs:
+  def kv_tile(b, i, step, runs_ref):
+    return _locate(runs_ref, b * q_tiles + i, step)[0]
+
+  return _QueryTileSpecs(
+      q_keys=pl.BlockSpec((None, 2, bq), lambda b, h, i, s, runs: (b, 0, i)),
+      kv_keys=pl.BlockSpec((None, 2, bkv),
+                           lambda b, h, i, s, runs: (b, 0, kv_tile(b, i, s, runs))),
+      rows=pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, s, runs: (b, h, i, 0)),
+      kv=pl.BlockSpec(
+          (None, None, bkv, head_dim),
+          lambda b, h, i, s, runs: (b, jax.lax.div(h, groups), kv_tile(b, i, s, runs), 0)),
+      stats=pl.BlockSpec((None, None, 1, bq), lambda b, h, i, s, runs: (b, h, 0, i)),
+  )
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 
@@ -187,6 +215,7 @@ def _schedule(q_keys, kv_keys, block_q, block_kv):
 def _forward_kernel(runs_ref, q_keys_ref, kv_keys_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
                     max_ref, sum_ref, acc_ref, threshold_ref, noisy_id_ref,
                     *, sm_scale, q_tiles):
+  """One query tile of one head: online softmax over its visible key tiles."""
   b, i, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   _, masked, active = _locate(runs_ref, b * q_tiles + i, step)
 
@@ -236,30 +265,13 @@ def _forward_call(static: _Static, q, k, v, q_keys, kv_keys):
   bq, bkv = static.config.block_q, static.config.block_kv
   q_tiles = q_len // bq
   runs, steps = _schedule(q_keys, kv_keys, bq, bkv)
-  groups = static.groups
-
-  def kv_tile(b, i, step, runs_ref):
-    return _locate(runs_ref, b * q_tiles + i, step)[0]
-
-  def kv_head(h):
-    return jax.lax.div(h, groups)
-
+  specs = _query_tile_specs(bq, bkv, head_dim, static.groups, q_tiles)
   kernel = functools.partial(_forward_kernel, sm_scale=static.sm_scale, q_tiles=q_tiles)
-  row_block = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, s, runs: (b, h, i, 0))
-  kv_block = pl.BlockSpec((None, None, bkv, head_dim),
-                          lambda b, h, i, s, runs: (b, kv_head(h), kv_tile(b, i, s, runs), 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
       grid=(batch, q_heads, q_tiles, steps),
-      in_specs=[
-          pl.BlockSpec((None, 2, bq), lambda b, h, i, s, runs: (b, 0, i)),
-          pl.BlockSpec((None, 2, bkv), lambda b, h, i, s, runs: (b, 0, kv_tile(b, i, s, runs))),
-          row_block, kv_block, kv_block,
-      ],
-      out_specs=[
-          row_block,
-          pl.BlockSpec((None, None, 1, bq), lambda b, h, i, s, runs: (b, h, 0, i)),
-      ],
+      in_specs=[specs.q_keys, specs.kv_keys, specs.rows, specs.kv, specs.kv],
+      out_specs=[specs.rows, specs.stats],
       scratch_shapes=[
           pltpu.VMEM((bq, _LANES), jnp.float32),
           pltpu.VMEM((bq, _LANES), jnp.float32),
@@ -326,27 +338,13 @@ def _dq_call(static: _Static, q, k, v, q_keys, kv_keys, d_out, lse, delta):
   bq, bkv = static.config.dq_block_q, static.config.dq_block_kv
   q_tiles = q_len // bq
   runs, steps = _schedule(q_keys, kv_keys, bq, bkv)
-  groups = static.groups
-
-  def kv_tile(b, i, step, runs_ref):
-    return _locate(runs_ref, b * q_tiles + i, step)[0]
-
-  def kv_head(h):
-    return jax.lax.div(h, groups)
-
-  row_block = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, s, runs: (b, h, i, 0))
-  kv_block = pl.BlockSpec((None, None, bkv, head_dim),
-                          lambda b, h, i, s, runs: (b, kv_head(h), kv_tile(b, i, s, runs), 0))
-  stat_block = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, s, runs: (b, h, 0, i))
+  specs = _query_tile_specs(bq, bkv, head_dim, static.groups, q_tiles)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
       grid=(batch, q_heads, q_tiles, steps),
-      in_specs=[
-          pl.BlockSpec((None, 2, bq), lambda b, h, i, s, runs: (b, 0, i)),
-          pl.BlockSpec((None, 2, bkv), lambda b, h, i, s, runs: (b, 0, kv_tile(b, i, s, runs))),
-          row_block, kv_block, kv_block, row_block, stat_block, stat_block,
-      ],
-      out_specs=row_block,
+      in_specs=[specs.q_keys, specs.kv_keys, specs.rows, specs.kv, specs.kv, specs.rows,
+                specs.stats, specs.stats],
+      out_specs=specs.rows,
       scratch_shapes=[
           pltpu.VMEM((bq, head_dim), jnp.float32),
           pltpu.VMEM((bq, _LANES), jnp.float32),
