@@ -64,7 +64,10 @@ def test_stage_config_validates_with_mixed_lengths_up_to_the_stage(name):
 
 
 def test_the_8k_stage_packs_full_sequences_with_the_shipped_tokenizer(tmp_path):
-  cfg = config_lib.load_config(os.path.join(RECIPE, "l1_8k.json"), {"data.workers": 0})
+  cfg = config_lib.load_config(os.path.join(RECIPE, "l1_8k.json"), {
+      "data.workers": 0, "data.tokenizer": os.path.join(SHIPPED, "tokenizer.json")})
+  assert config_lib.load_config(os.path.join(RECIPE, "l1_8k.json")).data.tokenizer == (
+      "models/default/tokenizer.json")
   model_cfg = ModelConfig.from_json_file(os.path.join(SHIPPED, "config.json"),
                                          **dict(cfg.model_overrides))
   tokenizer = data_lib.load_tokenizer(cfg.data, model_cfg, cfg.seq_len, str(tmp_path))
