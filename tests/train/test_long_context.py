@@ -124,19 +124,25 @@ def test_segment_plan_continues_the_stages_schedule():
   assert stage_lib.segment_overrides(raw, 0) == {}
   total, optim = raw["steps"], config_lib.OptimConfig(**raw["optim"])
   _, stage_schedule = trainer.make_optimizer(optim, total)
-  for done in (10, 600, total - 1):
+  assert optim.warmup_steps == 50
+  for done in (10, 45, 600, total - 1):
     plan = stage_lib.segment_overrides(raw, done, warmup=20)
     assert plan["steps"] == total - done
     assert plan["data.seed"] == raw["data"]["seed"] + done
-    assert plan["optim.warmup_steps"] == min(20, total - done - 1)
     segment = config_lib.OptimConfig(**{**raw["optim"],
                                         "learning_rate": plan["optim.learning_rate"],
                                         "min_lr_ratio": plan["optim.min_lr_ratio"],
                                         "warmup_steps": plan["optim.warmup_steps"]})
     _, schedule = trainer.make_optimizer(segment, plan["steps"])
-    # After its own warmup the segment runs at the stage's rate, and ends at the stage's end.
-    np.testing.assert_allclose(float(schedule(plan["optim.warmup_steps"])),
-                               float(stage_schedule(done)), rtol=1e-5)
+    if done < 50:  # inside the stage's warmup: reach the peak where the stage's warmup ends
+      assert plan["optim.warmup_steps"] == max(20, 50 - done)
+      np.testing.assert_allclose(float(schedule(max(20, 50 - done))), optim.learning_rate,
+                                 rtol=1e-5)
+    else:  # after its own warmup the segment runs at the rate the stage had reached
+      assert plan["optim.warmup_steps"] == min(20, total - done - 1)
+      np.testing.assert_allclose(float(schedule(plan["optim.warmup_steps"])),
+                                 float(stage_schedule(done)), rtol=1e-5)
+    # Every segment ends at the stage's final rate.
     np.testing.assert_allclose(float(schedule(plan["steps"])),
                                optim.learning_rate * optim.min_lr_ratio, rtol=1e-5)
   for done in (-1, total, total + 5):

@@ -11,7 +11,8 @@ calls therefore runs as segments, each a fresh AdamW from the previous segment's
 - segment 1 (``--steps_done=0``) is the stage's config as written;
 - a later segment continues the stage's learning-rate schedule: it starts at the rate the
   stage's warmup + cosine had reached after ``steps_done`` steps (after a short warmup of its
-  own, ``--segment_warmup``, since Adam's moments restart at zero) and decays to the stage's
+  own, ``--segment_warmup``, since Adam's moments restart at zero; or, if the stage's warmup
+  was not over, warms up to the peak where the stage's warmup ends) and decays to the stage's
   final rate over the stage's remaining steps;
 - each segment draws other training documents (``data.seed`` + ``steps_done``): the data
   position of the earlier segments is lost with their workdir.
@@ -60,14 +61,19 @@ def segment_overrides(stage: Mapping[str, Any], steps_done: int,
     return {}
   optim = OptimConfig(**stage.get("optim", {}))
   _, schedule = make_optimizer(optim, total)
-  start_lr = float(schedule(steps_done))
-  end_lr = optim.learning_rate * optim.min_lr_ratio
   remaining = total - steps_done
+  warmup = min(warmup, remaining - 1)
+  if steps_done < min(optim.warmup_steps, total - 1):  # the stage's warmup is not over: finish it
+    start_lr = optim.learning_rate
+    warmup = max(warmup, optim.warmup_steps - steps_done)
+  else:
+    start_lr = float(schedule(steps_done))
+  end_lr = optim.learning_rate * optim.min_lr_ratio
   return {
       "steps": remaining,
       "optim.learning_rate": start_lr,
       "optim.min_lr_ratio": min(1.0, end_lr / start_lr),
-      "optim.warmup_steps": min(warmup, remaining - 1),
+      "optim.warmup_steps": warmup,
       "data.seed": int(stage.get("data", {}).get("seed", 0)) + steps_done,
   }
 
