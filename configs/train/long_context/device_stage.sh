@@ -7,6 +7,7 @@
 #       N_PROMPTS [STEPS_DONE]
 #
 #   STAGE           l1_8k, l2_16k, l3_32k (configs/train/long_context/STAGE.json) or a config path
+#                   (paths are relative to the repository root, where the script runs)
 #   INIT_MODEL_DIR  Hugging Face directory the segment starts from (models/default for l1's
 #                   first segment; else the previous segment's or stage's returned model)
 #   MINUTES         training time box, compilation included (leave ~1.5 min for start-up and
