@@ -79,6 +79,7 @@ def main(argv):
     samples = runner.build_samples(FLAGS.task, lengths, num_samples=FLAGS.num_samples,
                                    seed=FLAGS.seed, depths=depths, tokenizer=tokenizer,
                                    haystack_file=FLAGS.haystack_file)
+    runner.check_positions(cfg, tokenizer, samples)
     store = ResultStore(FLAGS.output_dir)
   except (ValueError, OSError) as e:
     raise _Fail(str(e)) from e

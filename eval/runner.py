@@ -158,8 +158,7 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
   for (spec, _), indices in groups.items():
     method = spec.build()
     max_new = max(samples[i].max_new_tokens for i in indices)
-    capacity = max(len(prompts[i]) for i in indices) + max_new + cfg.block_size
-    capacity = math.ceil(capacity / cfg.block_size) * cfg.block_size
+    capacity = cache_capacity(max(len(prompts[i]) for i in indices), max_new, cfg.block_size)
     warm = False
     for batch in _batches(indices, batch_size):
       batch_prompts = [prompts[i] for i in batch]
@@ -195,6 +194,25 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
         bar.update(1)
   bar.close()
   return written
+
+
+def cache_capacity(prompt_length: int, max_new_tokens: int, block_size: int) -> int:
+  """KV cache rows of a case: the prompt, its answer and one block of slack, in whole blocks."""
+  return math.ceil((prompt_length + max_new_tokens + block_size) / block_size) * block_size
+
+
+def check_positions(cfg, tokenizer: Tokenizer, samples: Sequence[Sample]) -> None:
+  """Raises ValueError, before any case runs, if a prompt needs more positions than the model's
+  ``max_position_embeddings`` (contexts up to it are fine, whatever the training length)."""
+  for s in samples:
+    need = cache_capacity(len(tokenizer.prompt_ids(s.prompt())), s.max_new_tokens,
+                          cfg.block_size)
+    if need > cfg.max_position_embeddings:
+      length = s.meta.get("length", s.meta.get("context_length"))
+      raise ValueError(
+          f"--context_lengths: a {length}-token {s.task} prompt needs {need} positions (with "
+          f"{s.max_new_tokens} new tokens, in blocks of {cfg.block_size}), beyond the "
+          f"checkpoint's max_position_embeddings={cfg.max_position_embeddings}")
 
 
 def check_mesh(mesh: Mesh, batch_size: int, measure: Sequence[str]) -> None:

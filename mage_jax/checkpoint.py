@@ -35,6 +35,8 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_METADATA = {"format": "pt"}  # safetensors metadata of exported files (transformers expects it)
+_SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 # Buffers some exporters write next to the weights; they are recomputed, never loaded.
 _IGNORABLE = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
@@ -292,9 +294,11 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *,
   """Writes ``model`` as a Hugging Face checkpoint that transformers' Qwen2 / Qwen3 code loads.
 
   Tensors are written in the Hugging Face layout and in the config's dtype, to model.safetensors
-  or, when they exceed ``max_shard_bytes``, to model-0000i-of-0000n.safetensors shards plus
-  model.safetensors.index.json. Weight files of an earlier export in ``path`` that this one does
-  not rewrite are removed, so a stale index can never shadow the new weights.
+  or, when that file would exceed ``max_shard_bytes``, to model-0000i-of-0000n.safetensors shards
+  plus model.safetensors.index.json: every shard file, header included, stays within
+  ``max_shard_bytes`` unless a single tensor is larger (that tensor then gets a shard alone).
+  Weight files of an earlier export in ``path`` that this one does not rewrite are removed, so a
+  stale index can never shadow the new weights.
   """
   if max_shard_bytes is not None and max_shard_bytes < 1:
     raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
@@ -305,15 +309,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *,
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   _check_name_map(specs, flat)
 
-  shards: list[list[str]] = [[]]
-  shard_bytes = 0
-  for name, spec in specs.items():
-    nbytes = math.prod(spec.hf_shape) * dtype.itemsize
-    if max_shard_bytes and shards[-1] and shard_bytes + nbytes > max_shard_bytes:
-      shards.append([])
-      shard_bytes = 0
-    shards[-1].append(name)
-    shard_bytes += nbytes
+  shards = _plan_shards({n: s.hf_shape for n, s in specs.items()}, dtype, max_shard_bytes)
   if len(shards) == 1:
     files = [SINGLE_FILE]
   else:
@@ -325,7 +321,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *,
       os.remove(os.path.join(path, stale))
   for file, names in zip(files, shards):
     tensors = {n: specs[n].to_hf(_our_tensor(flat, specs[n], dtype)) for n in names}
-    safetensors.numpy.save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+    safetensors.numpy.save_file(tensors, os.path.join(path, file), metadata=_METADATA)
   if len(files) > 1:
     index = {
         "metadata": {"total_size": sum(math.prod(s.hf_shape) * dtype.itemsize
@@ -336,6 +332,34 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *,
       json.dump(index, f, indent=2)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(cfg.to_hf_config(), f, indent=2)
+
+
+def safetensors_file_bytes(shapes: Mapping[str, tuple[int, ...]], dtype) -> int:
+  """An upper bound on the size of a safetensors file holding tensors of these names and shapes
+  in ``dtype`` (as save_pretrained writes it): the 8-byte header length, the JSON header padded
+  to 8 bytes, and the data. The bound gives every tensor the largest offsets of the file."""
+  dtype = jnp.dtype(dtype)
+  data = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
+  header = {"__metadata__": _METADATA}
+  for name, shape in shapes.items():
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
+                    "data_offsets": [data, data]}
+  header_bytes = len(json.dumps(header, separators=(",", ":")).encode())
+  return 8 + -(-header_bytes // 8) * 8 + data
+
+
+def _plan_shards(shapes: Mapping[str, tuple[int, ...]], dtype,
+                 max_shard_bytes: int | None) -> list[list[str]]:
+  """Tensor names in order, cut into consecutive shards whose files (header included) stay
+  within ``max_shard_bytes``; a tensor whose file alone would exceed it gets a shard of its own.
+  None: one shard."""
+  shards: list[list[str]] = [[]]
+  for name in shapes:
+    grown = {n: shapes[n] for n in shards[-1] + [name]}
+    if max_shard_bytes and shards[-1] and safetensors_file_bytes(grown, dtype) > max_shard_bytes:
+      shards.append([])
+    shards[-1].append(name)
+  return shards
 
 
 def _our_tensor(flat, spec: _Spec, dtype) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -166,6 +167,8 @@ class TrainConfig:
     probe_every: steps between runs of the retrieval probes (train.probe: copy and needle-digit
       accuracy on fresh documents of ``probe_context`` tokens), logged to metrics.jsonl; 0: off.
     export_dir: Hugging Face export of the final weights ("" for none).
+    export_max_shard_bytes: the export's weights in shard files of at most this many bytes each
+      (mage_jax.checkpoint.save_pretrained); None: one model.safetensors.
   """
 
   model: str
@@ -186,6 +189,7 @@ class TrainConfig:
   probe_context: int = 512
   progress_bar: bool = True
   export_dir: str = ""
+  export_max_shard_bytes: int | None = None
   optim: OptimConfig = OptimConfig()
   mage: MageConfig = MageConfig()
   data: DataConfig = DataConfig()
@@ -229,6 +233,8 @@ class TrainConfig:
         (0 <= self.data.seed < TRAIN_SEED_OFFSET, "data.seed",
          f"must be in [0, {TRAIN_SEED_OFFSET}) (synthetic seeds are data.seed + "
          f"{TRAIN_SEED_OFFSET})"),
+        (self.export_max_shard_bytes is None or self.export_max_shard_bytes >= 1,
+         "export_max_shard_bytes", f"must be >= 1, got {self.export_max_shard_bytes}"),
         (self.checkpoint.every >= 1, "checkpoint.every", "must be >= 1"),
         (self.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1"),
     ]
@@ -357,7 +363,30 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] = ()) -> T
 
 
 def from_dict(raw: Mapping[str, Any]) -> TrainConfig:
-  return _build(TrainConfig, raw)
+  cfg = _build(TrainConfig, raw)
+  check_model_overrides(cfg.model_overrides)
+  return cfg
+
+
+def check_model_overrides(overrides: Mapping[str, Any]) -> None:
+  """Raises ConfigError naming an unknown ``model_overrides`` key or a bad RoPE / position value.
+
+  These two change a loaded checkpoint's positions when a run extends its context (the
+  long-context stages raise rope_theta and max_position_embeddings); the exported config.json
+  carries the new values.
+  """
+  fields = [f.name for f in dataclasses.fields(ModelConfig)]
+  for key, value in overrides.items():
+    if key not in fields:
+      raise ConfigError(f"model_overrides: unknown field {key!r}; known: {', '.join(fields)}")
+  theta = overrides.get("rope_theta", 1.0)
+  if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (
+      math.isfinite(theta) and theta > 0):
+    raise ConfigError(f"model_overrides.rope_theta: must be a finite number > 0, got {theta!r}")
+  positions = overrides.get("max_position_embeddings", 1)
+  if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1:
+    raise ConfigError(f"model_overrides.max_position_embeddings: must be an integer >= 1, got "
+                      f"{positions!r}")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -288,10 +288,11 @@ class MetricsLog:
 
 
 def export(layout: ParamLayout, params: dict[str, jax.Array], directory: str,
-           tokenizer_file: str) -> None:
+           tokenizer_file: str, max_shard_bytes: int | None = None) -> None:
   """Writes the weights (in the model's dtype) as a Hugging Face checkpoint, with the run's
-  tokenizer, loadable by mage_jax.checkpoint.load_pretrained and transformers."""
-  hf_checkpoint.save_pretrained(layout.model(params), directory)
+  tokenizer, loadable by mage_jax.checkpoint.load_pretrained and transformers; with
+  ``max_shard_bytes``, in shard files of at most that size."""
+  hf_checkpoint.save_pretrained(layout.model(params), directory, max_shard_bytes=max_shard_bytes)
   shutil.copy(tokenizer_file, os.path.join(directory, data_lib.TOKENIZER_FILE))
 
 
@@ -418,5 +419,5 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
     ckpt.close()
   if cfg.export_dir and end == cfg.steps:
     export(layout, state.params, cfg.export_dir,
-           os.path.join(cfg.workdir, data_lib.TOKENIZER_FILE))
+           os.path.join(cfg.workdir, data_lib.TOKENIZER_FILE), cfg.export_max_shard_bytes)
   return history
