@@ -270,3 +270,33 @@ def test_lora_options_without_lora_and_on_the_command_line(tmp_path):
   assert result.stderr.strip().splitlines() == [
       "mage-train: error: lora.targets: unknown module 'gate_proj'; known: q_proj, k_proj, "
       "v_proj, o_proj, down_proj"]
+
+
+def test_memory_plan_of_the_7b_shape_comes_from_abstract_shapes():
+  from train import memory
+
+  model_cfg = ModelConfig.preset("fast_dllm_v2_7b")
+  total_params = 7_615_616_512  # 2 x 152064 x 3584 + 28 x 233_057_792 + 3584
+  attention_params = 28 * (2 * (3584 * 3584) + 3584 + 2 * (3584 * 512 + 512))
+  lora_params = 28 * 64 * (2 * (3584 + 3584) + 2 * (3584 + 512))  # r (in + out) per target
+  plans = {t: memory.plan(memory.benchmark_config("fast_dllm_v2_7b", t, 32768), model_cfg,
+                          "selfdistill") for t in ("attention", "lora")}
+  for trainable, params in (("attention", attention_params), ("lora", lora_params)):
+    p = plans[trainable]
+    assert p["trainable_params"] == params
+    assert p["master_f32"] == p["gradients_f32"] == 4 * params
+    assert 0 <= p["optimizer"] - 8 * params < 64  # m and v, plus optax's step counts
+    base_trained = 0 if trainable == "lora" else params  # adapters are no base weights
+    assert p["frozen"] == 2 * (total_params - base_trained)  # bf16, shared with the teacher
+    assert p["teacher"] == 2 * base_trained
+  # docs/training.md's plan: A (attention) and B (LoRA r = 64) in GB.
+  gb = lambda x: round(x / 1e9, 1)
+  a, b = plans["attention"], plans["lora"]
+  assert (attention_params, lora_params) == (822_212_608, 40_370_176)
+  assert gb(a["master_f32"] + a["optimizer"] + a["gradients_f32"]) == 13.2
+  assert (gb(a["frozen"]), gb(a["teacher"]), gb(a["forward_copy"])) == (13.6, 1.6, 1.6)
+  assert gb(b["master_f32"] + b["optimizer"] + b["gradients_f32"]) == 0.6
+  assert (gb(b["frozen"]), b["teacher"]) == (15.2, 0)  # the teacher is the frozen base
+  # Activations at 32K, 2 views: residuals 131K x 3584 x 2 B x 28 layers.
+  assert b["residuals"] == 2 * 2 * 32768 * 3584 * 2 * 28
+  assert b["total"] < memory.H100_BYTES < a["total"]
