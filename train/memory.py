@@ -90,15 +90,16 @@ def plan(cfg: TrainConfig, model_cfg: ModelConfig, mode: str) -> dict[str, int]:
 
 
 def benchmark_config(model: str, trainable: str, seq_len: int, *, lora_rank: int = 64,
-                     budget: int = 512, complementary: bool = True, loss_chunk: int = 1024,
-                     workdir: str = "/tmp/unused") -> TrainConfig:
+                     budget: int = 512, dense_layers: int = 2, complementary: bool = True,
+                     loss_chunk: int = 1024, workdir: str = "/tmp/unused") -> TrainConfig:
   """The training config benchmarks/train_step.py measures: batch 1, one micro-batch, remat,
-  MAGE-FT with two dense layers; LoRA adapters of ``lora_rank`` (alpha 2 x rank) on q/k/v/o."""
+  MAGE-FT; LoRA adapters of ``lora_rank`` (alpha 2 x rank) on q/k/v/o. Lengths past the
+  preset's max_position_embeddings raise it (random weights: nothing was trained on it)."""
   from train import config as config_lib  # pylint: disable=import-outside-toplevel
   raw = {"model": model, "workdir": workdir, "steps": 1000, "seq_len": seq_len,
          "complementary": complementary, "loss_chunk": loss_chunk, "trainable": trainable,
          "optim": {"batch_size": 1, "grad_accum": 1},
-         "mage": {"budget": budget, "dense_layers": 2}}
+         "mage": {"budget": budget, "dense_layers": dense_layers}}
   if trainable == "lora":
     raw["lora"] = {"rank": lora_rank, "alpha": 2 * lora_rank}
   if seq_len > ModelConfig.preset(model).max_position_embeddings:
