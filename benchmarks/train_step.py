@@ -66,15 +66,27 @@ def _config(model: str, trainable: str, seq_len: int):
                                  dense_layers=_DENSE_LAYERS.value)
 
 
+def _model_config(cfg):
+  """The ModelConfig a run of ``cfg`` builds (a preset with its overrides), without weights."""
+  from mage_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  return ModelConfig.preset(cfg.model, **dict(cfg.model_overrides))
+
+
 def _measure(model: str, trainable: str, seq_len: int) -> dict:
   import jax
   import jax.numpy as jnp
   from train import memory  # pylint: disable=import-outside-toplevel
 
   cfg = _config(model, trainable, seq_len)
+  estimate = memory.plan(cfg, _model_config(cfg), "selfdistill")
+  limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+  state_bytes = sum(estimate[k] for k in ("master_f32", "optimizer", "gradients_f32", "frozen",
+                                          "teacher"))
+  if limit and state_bytes > limit:  # e.g. full AdamW at 7B: no need to allocate to know
+    return {"model": model, "trainable": trainable, "seq_len": seq_len,
+            "error": f"OOM (state alone {state_bytes / 2**30:.0f} GiB > {limit / 2**30:.0f})"}
   setup = bench_common.TrainStepSetup.from_config(cfg, "selfdistill")
   model_cfg, state, step_fn, frozen = setup.model_cfg, setup.state, setup.step_fn, setup.frozen
-  estimate = memory.plan(cfg, model_cfg, "selfdistill")
 
   def tokens(i):
     ids = jax.random.randint(jax.random.key(i), (1, 1, seq_len), 0, model_cfg.mask_token_id)

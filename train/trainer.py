@@ -40,7 +40,7 @@ from mage_jax.model import Transformer, build_model
 from train import data as data_lib
 from train import objective
 from train import probe as probe_lib
-from train.config import ConfigError, OptimConfig, TrainConfig, to_dict
+from train.config import TRAINABLE, ConfigError, OptimConfig, TrainConfig, to_dict
 
 
 class TrainingDiverged(RuntimeError):
@@ -97,9 +97,11 @@ class ParamLayout:
   """
 
   def __init__(self, cfg: ModelConfig, trainable: str = "all", lora: LoraConfig | None = None):
+    if trainable not in TRAINABLE:
+      raise ValueError(f"trainable: must be one of {TRAINABLE}, got {trainable!r}")
     self.config = cfg
     self.trainable = trainable
-    self.lora = lora if trainable == "lora" else None
+    self.lora = (lora or LoraConfig()) if trainable == "lora" else None
     plain = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     self.plain_graphdef, state = nnx.split(plain)
     self.plain_variables = list(nnx.to_flat_state(state))
