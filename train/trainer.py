@@ -3,7 +3,9 @@
 Precision: the trainable weights live in float32 (``TrainState.params``, the master copy the
 optimizer updates and its float32 moments); each forward casts them to the model's dtype
 (bfloat16 for the real models), so matmuls run in bf16 and gradients come back in float32
-through the cast. Softmax, norms, logits and losses are float32 inside the model.
+through the cast. Softmax, norms, logits and losses are float32 inside the model. Weights
+outside the trainable subset (``trainable`` = attention or lora) stay in the model's dtype,
+with no gradient and no optimizer state (``FrozenWeights``).
 
 One step = ``grad_accum`` micro-batches scanned inside one jit (their float32 gradients
 averaged) then one AdamW update, so the step counter, the LR schedule, the data position and
@@ -52,7 +54,8 @@ class TrainState(NamedTuple):
 
   Attributes:
     step: int32 scalar, optimizer steps completed.
-    params: float32 master weights by dotted name (``layers.0.mlp.gate_up_proj.kernel``).
+    params: float32 master weights of the trainable subset by dotted name
+      (``layers.0.mlp.gate_up_proj.kernel``; LoRA: ``layers.0.self_attn.q_proj.lora.lora_a``).
     opt_state: the optax state of ``params``.
     rng: uint32 key data of the run's PRNG key; step s uses fold_in(key, s).
     data_position: int32 scalar, packed sequences consumed (step * global batch).
@@ -433,8 +436,8 @@ def trainable_mismatch(meta: dict[str, Any], cfg: TrainConfig) -> str | None:
   Another subset has other master weights and optimizer moments: resuming would drop or
   invent state. Checkpoints from before the subsets trained everything."""
   saved = meta.get("config", {})
-  before = (saved.get("trainable", "all"), saved.get("lora") if saved.get("trainable") == "lora"
-            else None)
+  saved_trainable = saved.get("trainable", "all")
+  before = (saved_trainable, saved.get("lora") if saved_trainable == "lora" else None)
   now = (cfg.trainable, to_dict(cfg)["lora"] if cfg.trainable == "lora" else None)
   if before == now:
     return None
