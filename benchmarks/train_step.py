@@ -49,6 +49,8 @@ _BUDGET = flags.DEFINE_integer("budget", 512, "MAGE budget k per noisy block and
 _DENSE_LAYERS = flags.DEFINE_integer("dense_layers", 2, "Leading dense layers.")
 _COMPLEMENTARY = flags.DEFINE_bool("complementary", True, "Both complementary views per "
                                    "sequence (each step then runs 2 x 2L tokens).")
+_SPLIT_VIEWS = flags.DEFINE_bool("split_views", False, "Run the two views as two passes, one "
+                                  "after the other (half the activations, same gradient).")
 _LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 1024, "Tokens per LM-head chunk.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after one warm-up step.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 1800, "Seconds per variant before it is a timeout.")
@@ -62,6 +64,7 @@ def _config(model: str, trainable: str, seq_len: int):
   import tempfile  # pylint: disable=import-outside-toplevel
   return memory.benchmark_config(model, trainable, seq_len, lora_rank=_LORA_RANK.value,
                                  budget=_BUDGET.value, complementary=_COMPLEMENTARY.value,
+                                 split_views=_SPLIT_VIEWS.value,
                                  loss_chunk=_LOSS_CHUNK.value, workdir=tempfile.mkdtemp(),
                                  dense_layers=_DENSE_LAYERS.value)
 
@@ -108,7 +111,8 @@ def _measure(model: str, trainable: str, seq_len: int) -> dict:
   step_s = statistics.median(times)
   return {
       "model": model, "trainable": trainable, "seq_len": seq_len, "budget": _BUDGET.value,
-      "complementary": _COMPLEMENTARY.value, "lora_rank": _LORA_RANK.value,
+      "complementary": _COMPLEMENTARY.value, "split_views": _SPLIT_VIEWS.value,
+      "lora_rank": _LORA_RANK.value,
       "trainable_params": estimate["trainable_params"],
       "step_s": step_s, "first_step_s": first, "tokens_per_s": seq_len / step_s,
       "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
@@ -124,7 +128,8 @@ def _run_variant(model: str, trainable: str, seq_len: int) -> dict:
        f"--lora_rank={_LORA_RANK.value}", f"--budget={_BUDGET.value}",
        f"--dense_layers={_DENSE_LAYERS.value}", f"--steps={_STEPS.value}",
        f"--loss_chunk={_LOSS_CHUNK.value}",
-       "--complementary" if _COMPLEMENTARY.value else "--nocomplementary"],
+       "--complementary" if _COMPLEMENTARY.value else "--nocomplementary",
+       "--split_views" if _SPLIT_VIEWS.value else "--nosplit_views"],
       timeout=_TIMEOUT.value)
   if "error" in result:
     return {"model": model, "trainable": trainable, "seq_len": seq_len, **result}
@@ -219,7 +224,8 @@ def main(argv):
             f"{_DENSE_LAYERS.value} dense layers, LoRA rank {_LORA_RANK.value} (alpha "
             f"{2 * _LORA_RANK.value}) on q/k/v/o; {device}, jax {jax_version}, "
             f"{datetime.date.today()}. tokens/s counts training tokens (L per sequence); each "
-            f"step runs {2 if _COMPLEMENTARY.value else 1} view(s) of 2L tokens. estimate: "
+            f"step runs {2 if _COMPLEMENTARY.value else 1} view(s) of 2L tokens"
+            f"{' as two passes' if _SPLIT_VIEWS.value else ''}. estimate: "
             f"train.memory's plan from abstract shapes.")
   text = header + "\n\n" + _table(results)
   if fits:

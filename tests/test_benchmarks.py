@@ -143,7 +143,7 @@ def test_ncu_kernels_names_a_bad_shape():
 def test_train_step_times_each_subset_and_searches_the_largest_fitting_length(tmp_path):
   out = _run("train_step.py", "--models=tiny_qwen2", "--trainable=lora", "--seq_lens=64",
              "--fit_lens=128", "--steps=1", "--budget=16", "--dense_layers=1", "--lora_rank=4",
-             f"--out={tmp_path}")
+             "--split_views", f"--out={tmp_path}")
   with open(tmp_path / "train_step.json") as f:
     saved = json.load(f)
   rows = saved["results"]
@@ -151,7 +151,8 @@ def test_train_step_times_each_subset_and_searches_the_largest_fitting_length(tm
       ("tiny_qwen2", "lora", 64), ("tiny_qwen2", "lora", 128)]
   # rank 4 on q/k/v/o of 2 layers: 4 x (in + out) per target
   assert all(r["trainable_params"] == 2 * 4 * (2 * (64 + 64) + 2 * (64 + 32)) for r in rows)
-  assert all(r["step_s"] > 0 and r["estimate_gib"] > 0 and r["lora_rank"] == 4 for r in rows)
+  assert all(r["step_s"] > 0 and r["estimate_gib"] > 0 and r["lora_rank"] == 4
+             and r["split_views"] for r in rows)
   assert saved["fits"] == [{"model": "tiny_qwen2", "trainable": "lora", "largest_fitting": 128,
                             "smallest_failing": None}]
   assert "| tiny_qwen2 | lora | 128 | not reached |" in out

@@ -162,6 +162,9 @@ class TrainConfig:
       complementary view's 1 / (1 - t) weight stays bounded too).
     complementary: also train each sequence with the complementary mask (Fast-dLLM v2).
     remat: recompute each layer's activations in the backward pass.
+    split_views: run the two complementary views as two passes, one after the other, instead
+      of one pass over both (half the activations, the same loss and gradient; needs
+      ``complementary``).
     loss_chunk: tokens per chunk of the LM head + loss (never [tokens, vocab] at once).
     attention_impl: kernel dispatch (auto: Pallas on GPU, reference elsewhere).
     log_every: steps between log lines.
@@ -187,6 +190,7 @@ class TrainConfig:
   noise_eps: float = 1e-3
   complementary: bool = True
   remat: bool = True
+  split_views: bool = False
   loss_chunk: int = 1024
   attention_impl: str = "auto"
   log_every: int = 10
@@ -242,6 +246,8 @@ class TrainConfig:
          f"{TRAIN_SEED_OFFSET})"),
         (self.checkpoint.every >= 1, "checkpoint.every", "must be >= 1"),
         (self.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1"),
+        (not self.split_views or self.complementary, "split_views",
+         "needs complementary = true (one view has nothing to split)"),
         (self.trainable in TRAINABLE, "trainable",
          f"must be one of {TRAINABLE}, got {self.trainable!r}"),
         (self.trainable == "lora" or self.lora == LoraConfig(), "lora",

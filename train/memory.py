@@ -6,7 +6,7 @@ MAGE-FT's teacher weights, all from the ParamLayout built over ``nnx.eval_shape`
 activation part is a model of what a remat step keeps live (docs/training.md, "Memory plan"),
 an estimate to check against benchmarks/train_step.py's measured peaks:
 
-* residuals: each layer's input, [views x batch x 2L, hidden] in the model dtype (remat keeps
+* residuals: each layer's input, [views x batch x 2L, hidden] (views: those in one pass) in the model dtype (remat keeps
   only these; without remat every layer's projections and MLP activations stay too);
 * one layer's recompute: the MLP's [rows, intermediate] tensors, ~4 live (gate, up, their
   product, its gradient);
@@ -61,7 +61,7 @@ def activation_bytes(cfg: TrainConfig, model_cfg: ModelConfig, mode: str) -> dic
   """Bytes of the activations a step keeps live at its peak (the model in the docstring)."""
   m = model_cfg
   itemsize = jnp.dtype(m.dtype).itemsize
-  views = 2 if cfg.complementary else 1
+  views = 2 if cfg.complementary and not cfg.split_views else 1  # views in one pass
   rows = views * cfg.optim.batch_size * 2 * cfg.seq_len  # the doubled [x_t | x_0] sequence
   per_layer = m.hidden_size
   if not cfg.remat:  # what a layer's backward reads: norms, q/k/v/o, the MLP's activations
@@ -91,13 +91,15 @@ def plan(cfg: TrainConfig, model_cfg: ModelConfig, mode: str) -> dict[str, int]:
 
 def benchmark_config(model: str, trainable: str, seq_len: int, *, lora_rank: int = 64,
                      budget: int = 512, dense_layers: int = 2, complementary: bool = True,
-                     loss_chunk: int = 1024, workdir: str = "/tmp/unused") -> TrainConfig:
+                     split_views: bool = False, loss_chunk: int = 1024,
+                     workdir: str = "/tmp/unused") -> TrainConfig:
   """The training config benchmarks/train_step.py measures: batch 1, one micro-batch, remat,
   MAGE-FT; LoRA adapters of ``lora_rank`` (alpha 2 x rank) on q/k/v/o. Lengths past the
   preset's max_position_embeddings raise it (random weights: nothing was trained on it)."""
   from train import config as config_lib  # pylint: disable=import-outside-toplevel
   raw = {"model": model, "workdir": workdir, "steps": 1000, "seq_len": seq_len,
-         "complementary": complementary, "loss_chunk": loss_chunk, "trainable": trainable,
+         "complementary": complementary, "split_views": split_views, "loss_chunk": loss_chunk,
+         "trainable": trainable,
          "optim": {"batch_size": 1, "grad_accum": 1},
          "mage": {"budget": budget, "dense_layers": dense_layers}}
   if trainable == "lora":
@@ -132,6 +134,8 @@ def main(argv=None) -> None:
   parser.add_argument("--seq_lens", default="16384,32768")
   parser.add_argument("--lora_rank", type=int, default=64)
   parser.add_argument("--budget", type=int, default=512)
+  parser.add_argument("--split_views", action="store_true",
+                      help="the complementary views as two passes")
   args = parser.parse_args(argv)
   rows = []
   for model in args.models.split(","):
@@ -139,7 +143,7 @@ def main(argv=None) -> None:
     for trainable in args.trainable.split(","):
       for seq_len in map(int, args.seq_lens.split(",")):
         cfg = benchmark_config(model, trainable, seq_len, lora_rank=args.lora_rank,
-                               budget=args.budget)
+                               budget=args.budget, split_views=args.split_views)
         rows.append((model, trainable, seq_len, plan(cfg, model_cfg, "selfdistill")))
   print(table(rows))
 

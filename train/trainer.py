@@ -282,14 +282,39 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
         mesh, "training micro-batch", (cfg.optim.grad_accum, cfg.optim.batch_size, cfg.seq_len),
         (None, "batch", "seq"))
 
-  def micro_loss(params, frozen_shared, views, selections, teacher_states, teacher):
+  def micro_loss(params, frozen_shared, views, selections, teacher_states, teacher,
+                 kl_weight=mage.kl_weight):
     model = layout.model(params, frozen_shared)
     if mode == "pretrain":
       return objective.pretrain_loss(model, views, chunk=cfg.loss_chunk, remat=cfg.remat,
                                      impl=impl)
     return objective.selfdistill_loss(model, teacher, views, selections, teacher_states,
-                                      kl_weight=mage.kl_weight, chunk=cfg.loss_chunk,
+                                      kl_weight=kl_weight, chunk=cfg.loss_chunk,
                                       remat=cfg.remat, impl=impl)
+
+  def view_by_view(params, frozen_shared, views, selections, teacher_states, teacher):
+    """micro_loss's value and gradient with the complementary views run one after the other
+    (a scan: one view's activations live at a time). Every view scores the same number of
+    tokens, so the CE is the views' mean; the KL averages over all views' masked tokens, so each
+    view's KL is weighted by its share of them (masked and scored: position 0 is not scored
+    under token shift, see objective.predicting_hidden)."""
+    per_view = lambda x: x.reshape((num_views, x.shape[0] // num_views) + x.shape[1:])
+    masked = views.masked[:, 1:] if model_cfg.token_shift else views.masked
+    kl_tokens = jnp.maximum(jnp.sum(per_view(masked), axis=(1, 2)), 1).astype(jnp.float32)
+    kl_share = kl_tokens / jnp.maximum(jnp.sum(per_view(masked)), 1)
+    xs = jax.tree.map(per_view, (views, selections, teacher_states))
+
+    def one_view(grad_sum, x):
+      (view, view_selections, view_teacher_states), share = x
+      (_, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+          params, frozen_shared, view, view_selections, view_teacher_states,
+          teacher, mage.kl_weight * share * num_views)
+      metrics["kl"] = metrics["kl"] * share * num_views
+      return jax.tree.map(lambda a, g: a + g / num_views, grad_sum, grads), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, metrics = jax.lax.scan(one_view, zeros, (xs, kl_share))
+    return jax.tree.map(jnp.mean, metrics), grads
 
   def step(state: TrainState, tokens: jax.Array, frozen: FrozenWeights):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -308,8 +333,12 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
             alpha_includes_block=mage.alpha_includes_block, score_chunk=mage.score_chunk,
             num_views=num_views, impl=impl)
         teacher_states = objective.teacher_hidden(teacher, views, impl)
-      (_, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
-          state.params, frozen.shared, views, selections, teacher_states, teacher)
+      if cfg.split_views:
+        metrics, grads = view_by_view(state.params, frozen.shared, views, selections,
+                                      teacher_states, teacher)
+      else:
+        (_, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+            state.params, frozen.shared, views, selections, teacher_states, teacher)
       return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
     accum = tokens.shape[0]
