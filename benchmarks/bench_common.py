@@ -181,11 +181,13 @@ def kernel_summary(events, calls: int, steps_per_call: int = 1) -> dict:
 
 @dataclasses.dataclass
 class TrainStepSetup:
-  """What a training-step benchmark needs: the validated configs, the float32 master weights,
-  the optimizer state and the trainer's jitted step (train.trainer.make_train_step)."""
+  """What a training-step benchmark needs: the validated configs, the float32 trainable weights,
+  the frozen ones (train.trainer.FrozenWeights, the step's third argument), the optimizer
+  state and the trainer's jitted step (train.trainer.make_train_step)."""
   cfg: object
   model_cfg: object
   params: dict
+  frozen: object
   state: object
   step_fn: object
 
@@ -193,16 +195,22 @@ class TrainStepSetup:
   def build(cls, raw: dict, mode: str) -> "TrainStepSetup":
     """A random-weight model as the trainer would start it from ``raw`` (a train config dict)."""
     from train import config as config_lib  # pylint: disable=import-outside-toplevel
+    return cls.from_config(config_lib.from_dict(raw), mode)
+
+  @classmethod
+  def from_config(cls, cfg, mode: str) -> "TrainStepSetup":
+    """The same from a train.config.TrainConfig."""
     from train import trainer  # pylint: disable=import-outside-toplevel
-    cfg = config_lib.from_dict(raw)
     init = trainer.initial_model(cfg)
     model_cfg = init.config
     cfg.validate(model_cfg, mode)
-    layout = trainer.ParamLayout(model_cfg)
-    params = layout.flatten(init)
+    layout = trainer.ParamLayout(model_cfg, cfg.trainable, cfg.lora)
+    params, shared = layout.split(init, cfg.init_seed)
     del init
+    frozen = trainer.FrozenWeights(
+        shared, layout.teacher_weights(params) if mode == "selfdistill" else {})
     tx, schedule = trainer.make_optimizer(cfg.optim, cfg.steps)
-    return cls(cfg, model_cfg, params, trainer.initial_state(params, tx, cfg.seed),
+    return cls(cfg, model_cfg, params, frozen, trainer.initial_state(params, tx, cfg.seed),
                trainer.make_train_step(cfg, mode, layout, tx, schedule))
 
 

@@ -147,7 +147,7 @@ def _measure(batch: int, hidden: int) -> dict:
 
   def run(tokens):  # one step as the trainer runs it: host batch -> device, state donated
     nonlocal state
-    state, metrics = step_fn(state, jnp.asarray(tokens), None)
+    state, metrics = step_fn(state, jnp.asarray(tokens), setup.frozen)
     return metrics
 
   start = time.perf_counter()

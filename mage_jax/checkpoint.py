@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
@@ -28,7 +29,9 @@ import safetensors.numpy
 import tokenizers
 from flax import nnx
 
+from mage_jax import lora as lora_lib
 from mage_jax.config import ModelConfig
+from mage_jax.lora import LoraConfig
 from mage_jax.model import Transformer
 
 CONFIG_FILE = "config.json"
@@ -154,6 +157,14 @@ class _SafetensorsFile:
       return self._handle.get_tensor(name)
     except Exception as e:
       raise ValueError(f"cannot read tensor {name!r} from {self.file}: {e}") from e
+
+  def dtype_and_shape(self, name: str) -> tuple[str, tuple[int, ...]]:
+    """A tensor's safetensors dtype name ("BF16") and shape, from the header alone."""
+    header = self._handle.get_slice(name)
+    return header.get_dtype(), tuple(header.get_shape())
+
+  def metadata(self) -> dict[str, str] | None:
+    return self._handle.metadata()
 
 
 def _iter_tensors(weights: _WeightFiles) -> Iterator[tuple[str, _SafetensorsFile]]:
@@ -366,6 +377,201 @@ def _our_tensor(flat, spec: _Spec, dtype) -> np.ndarray:
   """The parameter (or the part of it) that ``spec`` exports, in ``dtype``."""
   value = np.asarray(flat[spec.path].get_value().astype(dtype))
   return value if spec.part is None else value[spec.part]
+
+
+# Safetensors dtype names -> numpy dtypes, for writing a tensor in its source file's dtype.
+_DTYPES_OF_SAFETENSORS = {"BF16": jnp.bfloat16, "F16": np.float16, "F32": np.float32,
+                       "F64": np.float64}
+# A source checkpoint's files that describe the source model itself, not copied to an export.
+_NOT_COPIED = ("README.md",)
+
+
+def save_pretrained_like(model: Transformer, path: str | os.PathLike,
+                         source: str | os.PathLike) -> None:
+  """Writes ``model``'s weights in the Hugging Face checkpoint ``source``'s own layout.
+
+  Every weight file of ``source`` (model.safetensors, or its shards and index) is written again
+  under the same file name, with the same tensor names in the same dtypes, holding ``model``'s
+  values; tensors the model recomputes (rotary inv_freq) are copied. ``source``'s other files
+  (config.json with its architectures / auto_map, tokenizer files, custom modelling code) are
+  copied as they are, except its model card: the result loads wherever ``source`` loads
+  (transformers, with or without trust_remote_code; load_pretrained). Weight files of an
+  earlier export in ``path`` that ``source`` does not have are removed.
+
+  Raises:
+    ValueError: ``path`` is ``source``; a tensor of ``source`` has no parameter of the model
+      or another shape; a parameter is not in ``source``.
+  """
+  path, source = os.fspath(path), os.fspath(source)
+  if os.path.exists(path) and os.path.samefile(path, source):
+    raise ValueError(f"export directory {path} is the source checkpoint itself")
+  cfg = model.config
+  specs = _tensor_specs(cfg)
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  _check_name_map(specs, flat)
+  weights = _weight_files(source)
+  os.makedirs(path, exist_ok=True)
+  for stale in os.listdir(path):
+    if (stale in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.match(stale)) and (
+        stale not in weights.files and stale != os.path.basename(weights.index or "")):
+      os.remove(os.path.join(path, stale))
+
+  written: set[str] = set()
+  for short, file in weights.files.items():
+    handle = _SafetensorsFile(file)
+    tensors = {}
+    for name in handle.keys():
+      if any(p.search(name) for p in _IGNORABLE):
+        tensors[name] = handle.get(name)
+        continue
+      spec = specs.get("model.embed_tokens.weight" if name == "lm_head.weight"
+                       and cfg.tie_word_embeddings else name)
+      if spec is None:
+        raise ValueError(f"tensor {name!r} of {file} has no parameter in the model")
+      dtype_name, shape = handle.dtype_and_shape(name)
+      dtype = _DTYPES_OF_SAFETENSORS.get(dtype_name, cfg.dtype)
+      tensor = spec.to_hf(_our_tensor(flat, spec, dtype))
+      if tensor.shape != shape:
+        raise ValueError(f"tensor {name!r} of {file} has shape {shape}, the model's "
+                         f"{tensor.shape}")
+      tensors[name] = tensor
+      written.add(name)
+    safetensors.numpy.save_file(tensors, os.path.join(path, short),
+                                metadata=handle.metadata() or {"format": "pt"})
+  missing = [n for n in specs if n not in written]
+  if missing:
+    raise ValueError(f"parameter {missing[0]!r} is not in the source checkpoint {source}")
+  for name in sorted(os.listdir(source)):
+    origin = os.path.join(source, name)
+    if (os.path.isfile(origin) and name not in weights.files and name not in _NOT_COPIED
+        and not _SHARD_NAME.match(name) and name != SINGLE_FILE):
+      shutil.copyfile(origin, os.path.join(path, name))
+  _update_config_json(os.path.join(path, CONFIG_FILE), cfg)
+
+
+def _update_config_json(config_file: str, cfg: ModelConfig) -> None:
+  """Writes into a copied config.json the fields in which ``cfg`` differs from it (a run that
+  changed rope_theta or max_position_embeddings), in the file's own spelling; the rest of the
+  file (architectures, auto_map, keys the model does not read) stays as it is."""
+  with open(config_file) as f:
+    hf = json.load(f)
+  ours = cfg.to_hf_config()
+  theirs = ModelConfig.from_hf_config(hf, dtype=cfg.dtype).to_hf_config()
+  changed = {k: v for k, v in ours.items() if theirs.get(k) != v}
+  if not changed:
+    return
+  for key, value in changed.items():
+    if key == "rope_theta" and isinstance(hf.get("rope_parameters"), dict):
+      hf["rope_parameters"]["rope_theta"] = value
+    else:
+      hf[key] = value
+  with open(config_file, "w") as f:
+    json.dump(hf, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters alone, PEFT-style.
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# PEFT's names: the PeftModel's base_model.model is the CausalLM, whose .model is the decoder.
+_PEFT_PREFIX = "base_model.model.model."
+_PEFT_MATRIX = {"lora_a": "lora_A", "lora_b": "lora_B"}
+
+
+def _peft_name(name: str) -> str:
+  """``layers.3.self_attn.q_proj.lora.lora_a`` -> PEFT's ``...q_proj.lora_A.weight``."""
+  module, matrix = name.rsplit(".lora.", 1)
+  return f"{_PEFT_PREFIX}{module}.{_PEFT_MATRIX[matrix]}.weight"
+
+
+def save_adapter(path: str | os.PathLike, adapters: Mapping[str, Any], lora: LoraConfig, *,
+                 base_model: str = "") -> None:
+  """Writes LoRA adapters (by mage_jax.lora.param_name, e.g. lora.adapter_values(model) or the
+  trainer's master copy) as PEFT does: adapter_model.safetensors, float32, Hugging Face's
+  [out, in] orientation (lora_A [rank, in], lora_B [out, rank]) and adapter_config.json
+  (r, lora_alpha, target_modules; scale alpha / r)."""
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  tensors = {_peft_name(n): np.ascontiguousarray(np.asarray(v, np.float32).T)
+             for n, v in adapters.items()}
+  safetensors.numpy.save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_FILE),
+                              metadata={"format": "pt"})
+  alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": lora.rank, "lora_alpha": alpha, "target_modules": list(lora.targets),
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+            "modules_to_save": None, "layers_to_transform": None}
+  with open(os.path.join(path, ADAPTER_CONFIG_FILE), "w") as f:
+    json.dump(config, f, indent=2)
+
+
+def load_adapter(path: str | os.PathLike,
+                 cfg: ModelConfig) -> tuple[LoraConfig, dict[str, np.ndarray]]:
+  """Reads a PEFT LoRA adapter directory for a model of ``cfg``.
+
+  Returns:
+    (its LoraConfig, float32 adapters by mage_jax.lora.param_name); attach them with
+    ``lora.attach(model, lora_config, adapters=adapters)``.
+
+  Raises:
+    FileNotFoundError: a file is missing.
+    ValueError: an adapter this code does not run (not LORA, rsLoRA, DoRA, trained biases,
+      fan_in_fan_out, a layer subset, modules_to_save), a bad rank or target, or a tensor
+      missing, unexpected or mis-shaped; the message names the file and the field or tensor.
+  """
+  path = os.fspath(path)
+  config_file = os.path.join(path, ADAPTER_CONFIG_FILE)
+  if not os.path.exists(config_file):
+    raise FileNotFoundError(f"adapter {path} has no {ADAPTER_CONFIG_FILE}")
+  try:
+    with open(config_file) as f:
+      config = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"cannot read {config_file}: {e}") from e
+  unsupported = [(k, config.get(k)) for k, ok in (
+      ("peft_type", "LORA"), ("use_rslora", False), ("use_dora", False), ("bias", "none"),
+      ("fan_in_fan_out", False), ("layers_to_transform", None), ("modules_to_save", None))
+                 if config.get(k, ok) != ok]
+  if unsupported:
+    raise ValueError(f"{config_file}: {unsupported[0][0]} = {unsupported[0][1]!r} is not "
+                     f"supported")
+  targets = config.get("target_modules")
+  if isinstance(targets, str):
+    raise ValueError(f"{config_file}: target_modules must list module names, got a pattern "
+                     f"{targets!r}")
+  lora = LoraConfig(rank=int(config.get("r", 0)), alpha=float(config.get("lora_alpha", 0)),
+                    targets=tuple(targets or ()))
+  try:
+    lora.check(cfg)
+  except ValueError as e:
+    raise ValueError(f"{config_file}: {e}") from e
+  expected = {}
+  for i in range(cfg.num_layers):
+    for target in lora.targets:
+      parent = lora_lib.TARGETS[target][0]
+      fan_in, fan_out = lora_lib.target_features(cfg, target)
+      module = f"layers.{i}.{parent}.{target}.lora"
+      expected[f"{module}.lora_a"] = (fan_in, lora.rank)
+      expected[f"{module}.lora_b"] = (lora.rank, fan_out)
+  by_peft_name = {_peft_name(n): n for n in expected}
+  handle = _SafetensorsFile(os.path.join(path, ADAPTER_WEIGHTS_FILE))
+  adapters = {}
+  for peft_name in handle.keys():
+    name = by_peft_name.get(peft_name)
+    if name is None:
+      raise ValueError(f"unexpected tensor {peft_name!r} in {handle.file}: not an adapter of "
+                       f"{config_file}'s target_modules")
+    x = handle.get(peft_name).T
+    if x.shape != expected[name]:
+      raise ValueError(f"tensor {peft_name!r} in {handle.file} has shape {x.shape[::-1]}, "
+                       f"expected {expected[name][::-1]}")
+    adapters[name] = np.asarray(x, np.float32)
+  missing = [n for n in expected if n not in adapters]
+  if missing:
+    raise ValueError(f"missing tensor {_peft_name(missing[0])!r} in {handle.file}")
+  return lora, adapters
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,3 +138,51 @@ def test_ncu_kernels_names_a_bad_shape():
                          "--shapes=13B:1:4096"], capture_output=True, text=True, timeout=60)
   assert done.returncode != 0 and "'13B:1:4096' needs a model of" in done.stderr
 
+
+
+def test_train_step_times_each_subset_and_searches_the_largest_fitting_length(tmp_path):
+  out = _run("train_step.py", "--models=tiny_qwen2", "--trainable=lora", "--seq_lens=64",
+             "--fit_lens=128", "--steps=1", "--budget=16", "--dense_layers=1", "--lora_rank=4",
+             "--split_views", f"--out={tmp_path}")
+  with open(tmp_path / "train_step.json") as f:
+    saved = json.load(f)
+  rows = saved["results"]
+  assert [(r["model"], r["trainable"], r["seq_len"]) for r in rows] == [
+      ("tiny_qwen2", "lora", 64), ("tiny_qwen2", "lora", 128)]
+  # rank 4 on q/k/v/o of 2 layers: 4 x (in + out) per target
+  assert all(r["trainable_params"] == 2 * 4 * (2 * (64 + 64) + 2 * (64 + 32)) for r in rows)
+  assert all(r["step_s"] > 0 and r["estimate_gib"] > 0 and r["lora_rank"] == 4
+             and r["split_views"] for r in rows)
+  assert saved["fits"] == [{"model": "tiny_qwen2", "trainable": "lora", "largest_fitting": 128,
+                            "smallest_failing": None}]
+  assert "| tiny_qwen2 | lora | 128 | not reached |" in out
+
+
+def test_train_step_largest_fitting_length_tries_only_what_can_change_it():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import train_step  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  tried = []
+
+  def fits_below(limit):
+    return lambda n: tried.append(n) or n < limit
+
+  candidates = [24, 48, 64, 96, 128]
+  assert train_step.largest_fitting({16: True, 32: True}, candidates, fits_below(80)) == (64, 96)
+  assert tried == [48, 64, 96]  # not 24 (below a fitting length), not 128 (above a failure)
+  tried.clear()
+  assert train_step.largest_fitting({16: True, 32: False}, candidates, fits_below(30)) == (24, 32)
+  assert tried == [24]
+  tried.clear()
+  assert train_step.largest_fitting({16: False}, candidates, fits_below(0)) == (None, 16)
+  assert tried == []
+
+
+def test_train_step_names_a_bad_flag_before_any_work(tmp_path):
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"),
+                         "--trainable=lora,mlp", f"--out={tmp_path}"],
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode != 0 and "--trainable: unknown ['mlp']" in done.stderr
+  assert not (tmp_path / "train_step.json").exists()

@@ -16,9 +16,13 @@ import typing
 from typing import Any, Mapping
 
 from mage_jax.config import ModelConfig
+from mage_jax.lora import LoraConfig
 from mage_jax.tasks import haystack, niah
 
 MODES = ("pretrain", "selfdistill")
+# What the optimizer updates (train.trainer.ParamLayout): every weight, the attention layers'
+# weights (q/k/v/o projections, their biases, Qwen3's q/k norms), or LoRA adapters only.
+TRAINABLE = ("all", "attention", "lora")
 # Synthetic training samples draw seeds from [TRAIN_SEED_OFFSET, ...): eval uses seeds below it,
 # so no training sequence is ever an eval sample.
 TRAIN_SEED_OFFSET = 10**6
@@ -159,6 +163,9 @@ class TrainConfig:
       complementary view's 1 / (1 - t) weight stays bounded too).
     complementary: also train each sequence with the complementary mask (Fast-dLLM v2).
     remat: recompute each layer's activations in the backward pass.
+    split_views: run the two complementary views as two passes, one after the other, instead
+      of one pass over both (half the activations, the same loss and gradient; needs
+      ``complementary``).
     loss_chunk: tokens per chunk of the LM head + loss (never [tokens, vocab] at once).
     attention_impl: kernel dispatch (auto: Pallas on GPU, reference elsewhere).
     log_every: steps between log lines.
@@ -166,7 +173,12 @@ class TrainConfig:
       starts its o_proj / down_proj at 0.02 / sqrt(2 * layers) (GPT-2; see build_model).
     probe_every: steps between runs of the retrieval probes (train.probe: copy and needle-digit
       accuracy on fresh documents of ``probe_context`` tokens), logged to metrics.jsonl; 0: off.
-    export_dir: Hugging Face export of the final weights ("" for none).
+    export_dir: Hugging Face export of the final weights ("" for none): merged weights in the
+      source checkpoint's own files and names when ``model`` is a checkpoint directory; under
+      LoRA also the adapters alone, PEFT-style, in its ``adapter`` subdirectory.
+    trainable: which weights train (``TRAINABLE``); the others stay in the model's dtype, one
+      copy shared by the student and MAGE-FT's teacher, with no optimizer state.
+    lora: the adapters' rank, alpha and target projections (trainable = "lora" only).
     export_max_shard_bytes: the export's weights in shard files of at most this many bytes each
       (mage_jax.checkpoint.save_pretrained); None: one model.safetensors.
   """
@@ -181,6 +193,7 @@ class TrainConfig:
   noise_eps: float = 1e-3
   complementary: bool = True
   remat: bool = True
+  split_views: bool = False
   loss_chunk: int = 1024
   attention_impl: str = "auto"
   log_every: int = 10
@@ -189,6 +202,8 @@ class TrainConfig:
   probe_context: int = 512
   progress_bar: bool = True
   export_dir: str = ""
+  trainable: str = "all"
+  lora: LoraConfig = LoraConfig()
   export_max_shard_bytes: int | None = None
   optim: OptimConfig = OptimConfig()
   mage: MageConfig = MageConfig()
@@ -237,6 +252,12 @@ class TrainConfig:
          "export_max_shard_bytes", f"must be >= 1, got {self.export_max_shard_bytes}"),
         (self.checkpoint.every >= 1, "checkpoint.every", "must be >= 1"),
         (self.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1"),
+        (not self.split_views or self.complementary, "split_views",
+         "needs complementary = true (one view has nothing to split)"),
+        (self.trainable in TRAINABLE, "trainable",
+         f"must be one of {TRAINABLE}, got {self.trainable!r}"),
+        (self.trainable == "lora" or self.lora == LoraConfig(), "lora",
+         f"applies to trainable = \"lora\" only, got trainable = {self.trainable!r}"),
     ]
     for source in self.data.sources + self.data.vocab_sources:
       checks += [
@@ -274,6 +295,11 @@ class TrainConfig:
     for ok, field, why in checks:
       if not ok:
         raise ConfigError(f"{field}: {why}")
+    if self.trainable == "lora":
+      try:
+        self.lora.check(model_cfg)
+      except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _valid_value_digits(value_digits) -> bool:

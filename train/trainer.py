@@ -3,7 +3,9 @@
 Precision: the trainable weights live in float32 (``TrainState.params``, the master copy the
 optimizer updates and its float32 moments); each forward casts them to the model's dtype
 (bfloat16 for the real models), so matmuls run in bf16 and gradients come back in float32
-through the cast. Softmax, norms, logits and losses are float32 inside the model.
+through the cast. Softmax, norms, logits and losses are float32 inside the model. Weights
+outside the trainable subset (``trainable`` = attention or lora) stay in the model's dtype,
+with no gradient and no optimizer state (``FrozenWeights``).
 
 One step = ``grad_accum`` micro-batches scanned inside one jit (their float32 gradients
 averaged) then one AdamW update, so the step counter, the LR schedule, the data position and
@@ -32,13 +34,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mage_jax import checkpoint as hf_checkpoint
+from mage_jax import lora as lora_lib
 from mage_jax import sharding
 from mage_jax.config import ModelConfig
+from mage_jax.lora import LoraConfig
 from mage_jax.model import Transformer, build_model
 from train import data as data_lib
 from train import objective
 from train import probe as probe_lib
-from train.config import ConfigError, OptimConfig, TrainConfig, to_dict
+from train.config import TRAINABLE, ConfigError, OptimConfig, TrainConfig, to_dict
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,7 +54,8 @@ class TrainState(NamedTuple):
 
   Attributes:
     step: int32 scalar, optimizer steps completed.
-    params: float32 master weights by dotted name (``layers.0.mlp.gate_up_proj.kernel``).
+    params: float32 master weights of the trainable subset by dotted name
+      (``layers.0.mlp.gate_up_proj.kernel``; LoRA: ``layers.0.self_attn.q_proj.lora.lora_a``).
     opt_state: the optax state of ``params``.
     rng: uint32 key data of the run's PRNG key; step s uses fold_in(key, s).
     data_position: int32 scalar, packed sequences consumed (step * global batch).
@@ -63,37 +68,129 @@ class TrainState(NamedTuple):
   data_position: jax.Array
 
 
-class ParamLayout:
-  """Flat float32 weights <-> a Transformer in the model's dtype.
+class FrozenWeights(NamedTuple):
+  """The weights a step reads and never updates, in the model's dtype (the step's third
+  argument, not donated; rebuilt from the initial model on resume, never checkpointed).
 
-  Flat string-keyed dicts are what optax, orbax and the logs handle best; the graph of the
-  model is built once, abstractly, and re-filled with cast weights inside every forward.
+  Attributes:
+    shared: the base weights outside the trainable subset (all of them under LoRA), read by the
+      student and by MAGE-FT's exact teacher alike: one copy for both.
+    teacher: MAGE-FT: the initial values of the trainable base weights (the teacher is the
+      initial model; under LoRA it is ``shared`` alone, the adapters off, so this is empty).
+      Empty in pretraining.
   """
 
-  def __init__(self, cfg: ModelConfig):
+  shared: dict[str, jax.Array]
+  teacher: dict[str, jax.Array]
+
+
+class ParamLayout:
+  """The trainable float32 weights and the frozen ones <-> a Transformer in the model's dtype.
+
+  Flat string-keyed dicts are what optax, orbax and the logs handle best; the model's graph is
+  built once, abstractly (with LoRA adapters on its target projections under trainable =
+  "lora"), and re-filled with cast weights inside every forward. Names are
+  ``mage_jax.lora.param_name``s: base weights keep the plain model's names in every subset, so
+  the teacher and the export read the same dicts as the student.
+
+  Attributes:
+    trainable: "all", "attention" or "lora" (train.config.TRAINABLE).
+    lora: the adapters' configuration under "lora", else None.
+    trainable_names, frozen_names: the two parts of the student's weights, in graph order.
+  """
+
+  def __init__(self, cfg: ModelConfig, trainable: str = "all", lora: LoraConfig | None = None):
+    if trainable not in TRAINABLE:
+      raise ValueError(f"trainable: must be one of {TRAINABLE}, got {trainable!r}")
     self.config = cfg
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    self.graphdef, state = nnx.split(abstract)
-    self.variables = list(nnx.to_flat_state(state))
+    self.trainable = trainable
+    self.lora = (lora or LoraConfig()) if trainable == "lora" else None
+    plain = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    self.plain_graphdef, state = nnx.split(plain)
+    self.plain_variables = list(nnx.to_flat_state(state))
+    if self.lora is None:
+      self.graphdef, self.variables = self.plain_graphdef, self.plain_variables
+    else:
+      adapted = nnx.eval_shape(lambda: lora_lib.attach(
+          Transformer(cfg, rngs=nnx.Rngs(0)), self.lora, rngs=nnx.Rngs(0)))
+      self.graphdef, state = nnx.split(adapted)
+      self.variables = list(nnx.to_flat_state(state))
+    self.trainable_names = [self.name(p) for p, v in self.variables if self._trains(p, v)]
+    self.frozen_names = [self.name(p) for p, v in self.variables if not self._trains(p, v)]
+
+  def _trains(self, path: tuple, variable) -> bool:
+    if self.trainable == "lora":
+      return isinstance(variable, nnx.LoRAParam)
+    if self.trainable == "attention":
+      return "self_attn" in path
+    return True
 
   @staticmethod
   def name(path: tuple) -> str:
-    return ".".join(map(str, path))
+    return lora_lib.param_name(path)
 
   def flatten(self, model: Transformer) -> dict[str, jax.Array]:
+    """Every weight of a plain model in float32, by name."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {self.name(p): v.get_value().astype(jnp.float32) for p, v in flat}
 
-  def abstract_params(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """The master copy's names, shapes and dtype, without allocating it."""
-    return {self.name(p): jax.ShapeDtypeStruct(v.get_value().shape, jnp.float32)
-            for p, v in self.variables}
+  def split(self, model: Transformer, seed: int) -> tuple[dict[str, jax.Array],
+                                                          dict[str, jax.Array]]:
+    """(float32 trainable weights, frozen weights in the model's dtype) of a plain initial model.
 
-  def model(self, params: dict[str, jax.Array]) -> Transformer:
+    Under LoRA the adapters start as nnx.LoRA initialises them (a from ``seed``, b zero: the
+    adapted model starts exactly as ``model``); ``model`` is wrapped in place, so pass one that
+    is not needed afterwards."""
+    if self.lora is not None:
+      lora_lib.attach(model, self.lora, rngs=nnx.Rngs(params=seed))
+    values = {self.name(p): v.get_value()
+              for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return ({n: values[n].astype(jnp.float32) for n in self.trainable_names},
+            {n: values[n] for n in self.frozen_names})
+
+  def teacher_weights(self, params: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """FrozenWeights.teacher from the initial trainable weights: copies in the model's dtype of
+    those that are base weights (a copy even when the dtypes agree: the state's buffers are
+    donated to every step)."""
+    dtype = jnp.dtype(self.config.dtype)
+    return {k: jnp.array(v, dtype, copy=True) for k, v in params.items()
+            if not lora_lib.is_adapter_name(k)}
+
+  def abstract_params(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The trainable master copy's names, shapes and dtype, without allocating it."""
+    shapes = {self.name(p): v.get_value().shape for p, v in self.variables}
+    return {n: jax.ShapeDtypeStruct(shapes[n], jnp.float32) for n in self.trainable_names}
+
+  def abstract_frozen(self, mode: str) -> FrozenWeights:
+    """FrozenWeights' names, shapes and dtype for ``mode``, without allocating them."""
+    dtype = jnp.dtype(self.config.dtype)
+    shapes = {self.name(p): v.get_value().shape for p, v in self.variables}
+    shared = {n: jax.ShapeDtypeStruct(shapes[n], dtype) for n in self.frozen_names}
+    teacher = {}
+    if mode == "selfdistill":
+      teacher = {n: jax.ShapeDtypeStruct(shapes[n], dtype) for n in self.trainable_names
+                 if not lora_lib.is_adapter_name(n)}
+    return FrozenWeights(shared, teacher)
+
+  def _merge(self, graphdef, variables, values: dict[str, jax.Array]) -> Transformer:
     dtype = jnp.dtype(self.config.dtype)
     state = nnx.from_flat_state(
-        [(p, v.replace(params[self.name(p)].astype(dtype))) for p, v in self.variables])
-    return nnx.merge(self.graphdef, state)
+        [(p, v.replace(values[self.name(p)].astype(dtype))) for p, v in variables])
+    return nnx.merge(graphdef, state)
+
+  def model(self, params: dict[str, jax.Array], frozen: dict[str, jax.Array]) -> Transformer:
+    """The student: trainable weights cast to the model's dtype, frozen ones as they are."""
+    return self._merge(self.graphdef, self.variables, {**frozen, **params})
+
+  def teacher_model(self, frozen: FrozenWeights) -> Transformer:
+    """MAGE-FT's teacher, the initial model: the shared frozen weights plus the teacher's own."""
+    return self._merge(self.plain_graphdef, self.plain_variables,
+                       {**frozen.shared, **frozen.teacher})
+
+  def export_model(self, params: dict[str, jax.Array],
+                   frozen: dict[str, jax.Array]) -> Transformer:
+    """The trained weights as a plain model (adapters merged into their kernels)."""
+    return lora_lib.merge(self.model(params, frozen))
 
 
 def initial_model(cfg: TrainConfig) -> Transformer:
@@ -138,26 +235,43 @@ def initial_state(params: dict[str, jax.Array], tx: optax.GradientTransformation
                     data_position=jnp.zeros((), jnp.int32))
 
 
+def _param_shardings(shapes: dict[str, tuple[int, ...]], mesh: Mesh) -> dict[str, NamedSharding]:
+  """Base weights by the parameter rules of mage_jax.sharding; LoRA adapters (a few MB)
+  replicated."""
+  replicated = NamedSharding(mesh, P())
+  base = sharding.named_param_shardings(
+      {k: v for k, v in shapes.items() if not lora_lib.is_adapter_name(k)}, mesh)
+  return {k: base.get(k, replicated) for k in shapes}
+
+
 def state_shardings(layout: ParamLayout, tx: optax.GradientTransformation,
                     mesh: Mesh) -> TrainState:
   """Where every part of the train state lives: the master weights and the optimizer moments by
   the parameter rules of mage_jax.sharding (heads, MLP hidden and vocabulary over "model",
   replicated over "data": no FSDP, see docs/sharding.md), counters and keys replicated."""
   abstract = jax.eval_shape(lambda: initial_state(layout.abstract_params(), tx, 0))
-  params = sharding.named_param_shardings({k: v.shape for k, v in abstract.params.items()}, mesh)
+  params = _param_shardings({k: v.shape for k, v in abstract.params.items()}, mesh)
   replicated = NamedSharding(mesh, P())
   return TrainState(step=replicated, params=params,
                     opt_state=sharding.shardings_like_params(abstract.opt_state, params, mesh),
                     rng=replicated, data_position=replicated)
 
 
+def frozen_shardings(layout: ParamLayout, mode: str, mesh: Mesh) -> FrozenWeights:
+  """The frozen weights' layout: the parameter rules, as for the master weights."""
+  return jax.tree.map(lambda part: _param_shardings({k: v.shape for k, v in part.items()}, mesh),
+                      layout.abstract_frozen(mode), is_leaf=lambda x: isinstance(x, dict))
+
+
 def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
                     tx: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh | None = None) -> Callable:
-  """The jitted step: (state, tokens [accum, micro, L], teacher weights) -> (state, metrics).
+  """The jitted step: (state, tokens [accum, micro, L], FrozenWeights) -> (state, metrics).
 
-  With a ``mesh`` the state and teacher weights must be laid out by ``state_shardings`` (the
-  step keeps them there) and the micro-batches are split over "data"."""
+  Gradients, the optimizer state and the update cover ``state.params`` (the trainable subset)
+  only. With a ``mesh`` the state and the frozen weights must be laid out by
+  ``state_shardings`` / ``frozen_shardings`` (the step keeps them there) and the micro-batches
+  are split over "data"."""
   model_cfg = layout.config
   num_views = 2 if cfg.complementary else 1
   mage = cfg.mage
@@ -168,18 +282,43 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
         mesh, "training micro-batch", (cfg.optim.grad_accum, cfg.optim.batch_size, cfg.seq_len),
         (None, "batch", "seq"))
 
-  def micro_loss(params, views, selections, teacher_states, teacher):
-    model = layout.model(params)
+  def micro_loss(params, frozen_shared, views, selections, teacher_states, teacher,
+                 kl_weight=mage.kl_weight):
+    model = layout.model(params, frozen_shared)
     if mode == "pretrain":
       return objective.pretrain_loss(model, views, chunk=cfg.loss_chunk, remat=cfg.remat,
                                      impl=impl)
     return objective.selfdistill_loss(model, teacher, views, selections, teacher_states,
-                                      kl_weight=mage.kl_weight, chunk=cfg.loss_chunk,
+                                      kl_weight=kl_weight, chunk=cfg.loss_chunk,
                                       remat=cfg.remat, impl=impl)
 
-  def step(state: TrainState, tokens: jax.Array, teacher_params):
+  def view_by_view(params, frozen_shared, views, selections, teacher_states, teacher):
+    """micro_loss's value and gradient with the complementary views run one after the other
+    (a scan: one view's activations live at a time). Every view scores the same number of
+    tokens, so the CE is the views' mean; the KL averages over all views' masked tokens, so each
+    view's KL is weighted by its share of them (masked and scored: position 0 is not scored
+    under token shift, see objective.predicting_hidden)."""
+    per_view = lambda x: x.reshape((num_views, x.shape[0] // num_views) + x.shape[1:])
+    masked = views.masked[:, 1:] if model_cfg.token_shift else views.masked
+    kl_tokens = jnp.maximum(jnp.sum(per_view(masked), axis=(1, 2)), 1).astype(jnp.float32)
+    kl_share = kl_tokens / jnp.maximum(jnp.sum(per_view(masked)), 1)
+    xs = jax.tree.map(per_view, (views, selections, teacher_states))
+
+    def one_view(grad_sum, x):
+      (view, view_selections, view_teacher_states), share = x
+      (_, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+          params, frozen_shared, view, view_selections, view_teacher_states,
+          teacher, mage.kl_weight * share * num_views)
+      metrics["kl"] = metrics["kl"] * share * num_views
+      return jax.tree.map(lambda a, g: a + g / num_views, grad_sum, grads), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, metrics = jax.lax.scan(one_view, zeros, (xs, kl_share))
+    return jax.tree.map(jnp.mean, metrics), grads
+
+  def step(state: TrainState, tokens: jax.Array, frozen: FrozenWeights):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    teacher = layout.model(teacher_params) if mode == "selfdistill" else None
+    teacher = layout.teacher_model(frozen) if mode == "selfdistill" else None
 
     def accumulate(grad_sum, xs):
       micro_tokens, micro_key = xs
@@ -189,13 +328,17 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
       selections = teacher_states = None
       if mode == "selfdistill":
         selections = objective.select_keys(
-            layout.model(state.params), views, budget=mage.budget,
+            layout.model(state.params, frozen.shared), views, budget=mage.budget,
             dense_layers=mage.dense_layers, selection_queries=mage.selection_queries,
             alpha_includes_block=mage.alpha_includes_block, score_chunk=mage.score_chunk,
             num_views=num_views, impl=impl)
         teacher_states = objective.teacher_hidden(teacher, views, impl)
-      (_, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
-          state.params, views, selections, teacher_states, teacher)
+      if cfg.split_views:
+        metrics, grads = view_by_view(state.params, frozen.shared, views, selections,
+                                      teacher_states, teacher)
+      else:
+        (_, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+            state.params, frozen.shared, views, selections, teacher_states, teacher)
       return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
     accum = tokens.shape[0]
@@ -224,9 +367,9 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
   if mesh is None:
     return jitted
 
-  def sharded_step(state: TrainState, tokens, teacher_params):
+  def sharded_step(state: TrainState, tokens, frozen: FrozenWeights):
     with jax.set_mesh(mesh):
-      return jitted(state, jax.device_put(tokens, tokens_sharding), teacher_params)
+      return jitted(state, jax.device_put(tokens, tokens_sharding), frozen)
 
   return sharded_step
 
@@ -251,6 +394,10 @@ class Checkpoints:
   def save(self, state: TrainState, meta: dict[str, Any]) -> None:
     self.manager.save(int(state.step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """The JSON meta of a step alone (the state is not read)."""
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def restore(self, step: int, abstract: TrainState) -> tuple[TrainState, dict[str, Any]]:
     restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -287,13 +434,48 @@ class MetricsLog:
     self.file.close()
 
 
-def export(layout: ParamLayout, params: dict[str, jax.Array], directory: str,
-           tokenizer_file: str, max_shard_bytes: int | None = None) -> None:
-  """Writes the weights (in the model's dtype) as a Hugging Face checkpoint, with the run's
-  tokenizer, loadable by mage_jax.checkpoint.load_pretrained and transformers; with
-  ``max_shard_bytes``, in shard files of at most that size."""
-  hf_checkpoint.save_pretrained(layout.model(params), directory, max_shard_bytes=max_shard_bytes)
+ADAPTER_DIR = "adapter"  # export_dir's subdirectory for the LoRA adapters alone
+
+
+def export(layout: ParamLayout, params: dict[str, jax.Array], frozen: dict[str, jax.Array],
+           directory: str, tokenizer_file: str, source: str | None = None,
+           max_shard_bytes: int | None = None) -> None:
+  """Writes the trained weights (in the model's dtype; LoRA adapters merged into their kernels)
+  as a Hugging Face checkpoint with the run's tokenizer, loadable by
+  mage_jax.checkpoint.load_pretrained and transformers.
+
+  With ``source`` (the checkpoint directory the run started from) the weights go into the
+  source's own files under its own tensor names, beside copies of its other files
+  (checkpoint.save_pretrained_like); without, or with ``max_shard_bytes`` (a per-file limit the
+  source's layout need not meet), into a fresh Qwen2 / Qwen3 layout in shard files of at most
+  that size. Under LoRA the adapters alone also go, PEFT-style and in float32, to
+  ``directory/adapter``: a subdirectory, because transformers reads a directory holding
+  adapter_config.json as an adapter only."""
+  model = layout.export_model(params, frozen)
+  if source is None or max_shard_bytes is not None:
+    hf_checkpoint.save_pretrained(model, directory, max_shard_bytes=max_shard_bytes)
+  else:
+    hf_checkpoint.save_pretrained_like(model, directory, source)
+  if layout.lora is not None:
+    hf_checkpoint.save_adapter(os.path.join(directory, ADAPTER_DIR), params, layout.lora,
+                               base_model=source or "")
   shutil.copy(tokenizer_file, os.path.join(directory, data_lib.TOKENIZER_FILE))
+
+
+def trainable_mismatch(meta: dict[str, Any], cfg: TrainConfig) -> str | None:
+  """Why a checkpoint (its meta) cannot resume under ``cfg``'s trainable subset, or None.
+
+  Another subset has other master weights and optimizer moments: resuming would drop or
+  invent state. Checkpoints from before the subsets trained everything."""
+  saved = meta.get("config", {})
+  saved_trainable = saved.get("trainable", "all")
+  before = (saved_trainable, saved.get("lora") if saved_trainable == "lora" else None)
+  now = (cfg.trainable, to_dict(cfg)["lora"] if cfg.trainable == "lora" else None)
+  if before == now:
+    return None
+  describe = lambda t, l: t if l is None else f"{t} {json.dumps(l, sort_keys=True)}"
+  return (f"its checkpoints train trainable = {describe(*before)}, not {describe(*now)}; "
+          f"resume with the same subset or start a new workdir")
 
 
 def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
@@ -322,15 +504,12 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
   os.makedirs(cfg.workdir, exist_ok=True)
   tokenizer = data_lib.load_tokenizer(cfg.data, model_cfg, cfg.seq_len, cfg.workdir)
   dataset = data_lib.PackedData(cfg.data, model_cfg, cfg.seq_len, tokenizer)
-  layout = ParamLayout(model_cfg)
-  init_params = layout.flatten(init)
+  layout = ParamLayout(model_cfg, cfg.trainable, cfg.lora)
+  init_params, shared = layout.split(init, cfg.init_seed)
   del init
   tx, schedule = make_optimizer(cfg.optim, cfg.steps)
-  teacher_params = None
-  if mode == "selfdistill":
-    dtype = jnp.dtype(model_cfg.dtype)
-    # A copy even when the dtypes agree: the state's buffers are donated to every step.
-    teacher_params = {k: jnp.array(v, dtype, copy=True) for k, v in init_params.items()}
+  frozen = FrozenWeights(
+      shared, layout.teacher_weights(init_params) if mode == "selfdistill" else {})
 
   fresh = initial_state(init_params, tx, cfg.seed)
   try:  # a mesh the model or the batch does not divide is a configuration error
@@ -338,8 +517,7 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
     if mesh is not None:
       shardings = state_shardings(layout, tx, mesh)
       fresh = jax.device_put(fresh, shardings)  # restored checkpoints take this layout too
-      if teacher_params is not None:
-        teacher_params = jax.device_put(teacher_params, shardings.params)
+      frozen = jax.device_put(frozen, frozen_shardings(layout, mode, mesh))
   except ValueError as e:
     raise ConfigError(f"--mesh: {e}") from e
   ckpt = Checkpoints(os.path.join(cfg.workdir, "checkpoints"), cfg.checkpoint.every,
@@ -348,6 +526,10 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
   if latest is None:
     state = fresh
   else:
+    refusal = trainable_mismatch(ckpt.read_meta(latest), cfg)
+    if refusal is not None:
+      ckpt.close()
+      raise ConfigError(f"workdir {cfg.workdir}: {refusal}")
     state, meta = ckpt.restore(latest, jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh))
     if meta.get("mode") != mode:
       ckpt.close()
@@ -391,7 +573,7 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
   pending = None  # (step number, metrics) of the step whose metrics are not fetched yet
   try:
     for step, batch in zip(range(start, end), batches):
-      state, metrics = step_fn(state, jnp.asarray(batch), teacher_params)
+      state, metrics = step_fn(state, jnp.asarray(batch), frozen)
       done = step + 1
       # Metrics are fetched one step late, so the host never waits for the device between
       # steps. A non-finite step leaves the state untouched (see make_train_step), so the one
@@ -401,7 +583,7 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
       last = done == end or (deadline is not None and time.monotonic() > deadline)
       pending = (done, metrics)
       if cfg.probe_every and (done % cfg.probe_every == 0 or last):
-        probes = probe_lib.run_probes(layout.model(state.params), tokenizer,
+        probes = probe_lib.run_probes(layout.model(state.params, frozen.shared), tokenizer,
                                       context=cfg.probe_context, impl=cfg.attention_impl)
         log.write({"step": done, **probes}, bar.write)
       if last or done % cfg.checkpoint.every == 0:
@@ -418,6 +600,8 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
     log.close()
     ckpt.close()
   if cfg.export_dir and end == cfg.steps:
-    export(layout, state.params, cfg.export_dir,
-           os.path.join(cfg.workdir, data_lib.TOKENIZER_FILE), cfg.export_max_shard_bytes)
+    export(layout, state.params, frozen.shared, cfg.export_dir,
+           os.path.join(cfg.workdir, data_lib.TOKENIZER_FILE),
+           source=cfg.model if os.path.isdir(cfg.model) else None,
+           max_shard_bytes=cfg.export_max_shard_bytes)
   return history

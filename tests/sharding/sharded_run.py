@@ -147,13 +147,13 @@ def training() -> dict:
     def one_step(mesh):
       # Fresh buffers per run: the step donates its state.
       state = trainer.initial_state({k: jnp.array(v) for k, v in params.items()}, tx, cfg.seed)
-      teacher = {k: jnp.array(v) for k, v in params.items()} if mode == "selfdistill" else None
+      frozen = trainer.FrozenWeights(
+          {}, {k: jnp.array(v) for k, v in params.items()} if mode == "selfdistill" else {})
       if mesh is not None:
-        shardings = trainer.state_shardings(layout, tx, mesh)
-        state = jax.device_put(state, shardings)
-        teacher = teacher and jax.device_put(teacher, shardings.params)
+        state = jax.device_put(state, trainer.state_shardings(layout, tx, mesh))
+        frozen = jax.device_put(frozen, trainer.frozen_shardings(layout, mode, mesh))
       step = trainer.make_train_step(cfg, mode, layout, tx, schedule, mesh)
-      return step(state, tokens, teacher)
+      return step(state, tokens, frozen)
 
     ref_state, ref_metrics = one_step(None)
     _kernel_calls()
