@@ -381,7 +381,7 @@ def _our_tensor(flat, spec: _Spec, dtype) -> np.ndarray:
 
 # Safetensors dtype names -> numpy dtypes, for writing a tensor in its source file's dtype.
 _DTYPES_OF_SAFETENSORS = {"BF16": jnp.bfloat16, "F16": np.float16, "F32": np.float32,
-                       "F64": np.float64}
+                          "F64": np.float64}
 # A source checkpoint's files that describe the source model itself, not copied to an export.
 _NOT_COPIED = ("README.md",)
 
