@@ -1,6 +1,6 @@
 """Time one MAGE-FT (selfdistill) training step of the Fast-dLLM v2 1.5B shape on one GPU.
 
-Random weights (configs/fast_dllm_v2_1.5b.json) and random tokens; the step is the trainer's
+Random weights (mage_jax/presets/fast_dllm_v2_1.5b.json) and random tokens; the step is the trainer's
 own jitted step (selection pass, sparse student forward + backward with remat, exact teacher
 forward, chunked CE + KL, AdamW update on float32 master weights). Each sequence length runs in
 its own subprocess so that peak memory (jax memory_stats peak_bytes_in_use) is that variant's
