@@ -8,7 +8,6 @@ read back from the output folder's results.jsonl and skipped, so a killed run re
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -16,7 +15,7 @@ import tqdm
 from jax.sharding import Mesh
 
 from eval.results import CaseKey, ResultStore
-from mage_jax.generate import DecodeOptions, generate
+from mage_jax.generate import DecodeOptions, generate, plan_request
 from mage_jax.methods import METHODS, get_method
 from mage_jax.recall import measure_recall
 from mage_jax.tasks import longbench, metrics, niah, ruler
@@ -158,8 +157,8 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
   for (spec, _), indices in groups.items():
     method = spec.build()
     max_new = max(samples[i].max_new_tokens for i in indices)
-    capacity = max(len(prompts[i]) for i in indices) + max_new + cfg.block_size
-    capacity = math.ceil(capacity / cfg.block_size) * cfg.block_size
+    # One capacity for the group's batches: one compiled loop.
+    capacity = plan_request(cfg, [len(prompts[i]) for i in indices], max_new).capacity
     warm = False
     for batch in _batches(indices, batch_size):
       batch_prompts = [prompts[i] for i in batch]
