@@ -56,7 +56,7 @@ class XlaDenseAttention(AttentionMethod):
     rows = jnp.arange(capacity + block)
     visible = (rows[None, :] < cache.lengths[:, None]) | (rows[None, :] >= capacity)
     mask = jnp.broadcast_to(visible[:, None, None, :], (batch, 1, block, capacity + block))
-    return jax.nn.dot_product_attention(q, keys, values, mask=mask), state
+    return jax.nn.dot_product_attention(q, keys, values, mask=mask), state, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ class NoAttention(AttentionMethod):
   def attend(self, layer, q, k_block, v_block, cache, state, step):
     del layer, cache, step
     group = q.shape[2] // k_block.shape[2]
-    return q + jnp.repeat(k_block + v_block, group, axis=2).astype(q.dtype), state
+    return q + jnp.repeat(k_block + v_block, group, axis=2).astype(q.dtype), state, None
 
 
 def median_seconds(fn, repeats: int) -> float:

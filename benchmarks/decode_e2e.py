@@ -41,7 +41,7 @@ from flax import nnx  # noqa: E402
 
 from mage_jax import (DecodeOptions, KVCache, ModelConfig, StepInfo, build_model,  # noqa: E402
                       forward_denoise, get_method, init_cache, prefill)
-from mage_jax.generate import _decode_jit, pack_prompts, prefill_chunk_size  # noqa: E402
+from mage_jax.generate import _decode_jit, pack_prompts, plan_request  # noqa: E402
 from mage_jax.methods.base import AttentionMethod  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -172,11 +172,13 @@ def _time_loop(cfg, graphdef, params, context, bw):
   method = get_method("exact")
   options = DecodeOptions.for_model(cfg, policy="fixed_steps", steps_per_block=cfg.block_size,
                                     prefill_chunk=FLAGS.prefill_chunk)
-  capacity = context + (FLAGS.gen_blocks + 1) * cfg.block_size
-  chunk = prefill_chunk_size(cfg, options, capacity)
+  capacity, chunk, buffer_len = plan_request(
+      cfg, [context], FLAGS.gen_blocks * cfg.block_size,
+      capacity=context + (FLAGS.gen_blocks + 1) * cfg.block_size,
+      prefill_chunk=options.prefill_chunk)
   top = min(cfg.mask_token_id, *cfg.eos_token_ids)
   prompt = np.random.default_rng(7).integers(0, top, context).tolist()
-  buffer, lengths = pack_prompts([prompt], -(-capacity // chunk) * chunk)
+  buffer, lengths = pack_prompts([prompt], buffer_len)
   args = (params, jnp.asarray(buffer), jnp.asarray(lengths),
           jnp.int32(FLAGS.gen_blocks * cfg.block_size))
   t0 = time.perf_counter()

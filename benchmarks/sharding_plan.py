@@ -53,7 +53,7 @@ def ring_all_reduce_sent(payload: float, parties: int) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default=os.path.join(REPO, "configs", "fast_dllm_v2_7b.json"))
+  parser.add_argument("--config", default=os.path.join(REPO, "mage_jax", "presets", "fast_dllm_v2_7b.json"))
   parser.add_argument("--context", type=int, default=128 * 1024, help="KV cache capacity")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--devices", type=int, default=8)

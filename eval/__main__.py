@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from mage_jax import mesh_flags
+from eval import mesh_flags
 
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,6 @@ read back from the output folder's results.jsonl and skipped, so a killed run re
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -16,7 +15,7 @@ import tqdm
 from jax.sharding import Mesh
 
 from eval.results import CaseKey, ResultStore
-from mage_jax.generate import DecodeOptions, generate
+from mage_jax.generate import DecodeOptions, generate, plan_request
 from mage_jax.methods import METHODS, get_method
 from mage_jax.recall import measure_recall
 from mage_jax.tasks import longbench, metrics, niah, ruler
@@ -158,7 +157,8 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
   for (spec, _), indices in groups.items():
     method = spec.build()
     max_new = max(samples[i].max_new_tokens for i in indices)
-    capacity = cache_capacity(max(len(prompts[i]) for i in indices), max_new, cfg.block_size)
+    # One capacity for the group's batches: one compiled loop.
+    capacity = plan_request(cfg, [len(prompts[i]) for i in indices], max_new).capacity
     warm = False
     for batch in _batches(indices, batch_size):
       batch_prompts = [prompts[i] for i in batch]
@@ -196,17 +196,12 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
   return written
 
 
-def cache_capacity(prompt_length: int, max_new_tokens: int, block_size: int) -> int:
-  """KV cache rows of a case: the prompt, its answer and one block of slack, in whole blocks."""
-  return math.ceil((prompt_length + max_new_tokens + block_size) / block_size) * block_size
-
-
 def check_positions(cfg, tokenizer: Tokenizer, samples: Sequence[Sample]) -> None:
   """Raises ValueError, before any case runs, if a prompt needs more positions than the model's
   ``max_position_embeddings`` (contexts up to it are fine, whatever the training length)."""
   for s in samples:
-    need = cache_capacity(len(tokenizer.prompt_ids(s.prompt())), s.max_new_tokens,
-                          cfg.block_size)
+    need = plan_request(cfg.replace(max_position_embeddings=2**62),
+                        [len(tokenizer.prompt_ids(s.prompt()))], s.max_new_tokens).capacity
     if need > cfg.max_position_embeddings:
       length = s.meta.get("length", s.meta.get("context_length"))
       raise ValueError(

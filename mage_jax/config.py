@@ -1,9 +1,9 @@
 """Model configuration: a frozen, hashable dataclass read from Hugging Face config.json.
 
 A config is static data: it is hashed into every jit cache key, so it never holds arrays.
-Presets live as JSON files in the top-level ``configs`` package, in the same layout as a
-checkpoint's config.json plus a ``block_diffusion`` section, so a preset and a real checkpoint
-go through one parser.
+Presets live as JSON files in the ``mage_jax.presets`` package (package data), in the same
+layout as a checkpoint's config.json plus a ``block_diffusion`` section, so a preset and a real
+checkpoint go through one parser.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from importlib import resources
 from typing import Any, Mapping
+
+from mage_jax.sampling import POLICIES
 
 # Block-diffusion fields that config.json of Fast-dLLM v2 / SDAR checkpoints do not carry (or
 # carry under model-specific names). Per family defaults, from the released generation code:
@@ -94,8 +97,8 @@ class ModelConfig:
       fail("sub_block_size", f"{self.sub_block_size} does not divide block_size={self.block_size}")
     if not 0 <= self.mask_token_id < self.vocab_size:
       fail("mask_token_id", f"{self.mask_token_id} outside the vocabulary [0, {self.vocab_size})")
-    if self.decode_policy not in ("fast_dllm_v2", "sdar", "fixed_steps"):
-      fail("decode_policy", f"unknown policy {self.decode_policy!r}")
+    if self.decode_policy not in POLICIES:
+      fail("decode_policy", f"unknown policy {self.decode_policy!r}; one of {sorted(POLICIES)}")
     if self.dtype not in ("bfloat16", "float32", "float16"):
       fail("dtype", f"unsupported dtype {self.dtype!r}")
 
@@ -224,16 +227,16 @@ class ModelConfig:
   @classmethod
   def preset(cls, name: str, **overrides) -> "ModelConfig":
     """A shipped preset by name (see ``list_presets``), e.g. ``fast_dllm_v2_1.5b``."""
-    import configs  # the top-level package holding the preset JSON files
-
-    path = os.path.join(os.path.dirname(configs.__file__), f"{name}.json")
-    if not os.path.exists(path):
+    if name not in list_presets():
       raise ValueError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
-    return cls.from_json_file(path, **overrides)
+    return cls.from_hf_config(json.loads(preset_file(name).read_text()), **overrides)
+
+
+def preset_file(name: str) -> resources.abc.Traversable:
+  """The JSON file of preset ``name`` inside the mage_jax.presets package."""
+  return resources.files("mage_jax.presets") / f"{name}.json"
 
 
 def list_presets() -> list[str]:
-  import configs
-
-  folder = os.path.dirname(configs.__file__)
-  return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json"))
+  folder = resources.files("mage_jax.presets")
+  return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".json"))

@@ -31,10 +31,11 @@ from flax import nnx
 from mage_jax import sampling, sharding
 from mage_jax.attention import DenoiseCarry, WriteCarry, make_denoise_attend, make_write_attend
 from mage_jax.config import ModelConfig
-from mage_jax.kv_cache import KVCache, check_request, init_cache
-from mage_jax.methods.base import AttentionMethod, StepInfo
+from mage_jax.kv_cache import KVCache, init_cache
+from mage_jax.methods.base import AttentionMethod, StepInfo, check_state
 from mage_jax.methods.exact import ExactAttention
 from mage_jax.model import Transformer
+from pallas_kernels.dispatch import IMPLS, SETTINGS, resolve_impl, use_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +43,14 @@ class DecodeOptions:
   """Static decoding configuration (hashed into the jit key).
 
   Attributes:
-    policy: fast_dllm_v2 | sdar | fixed_steps (see mage_jax.sampling).
+    policy: a name of mage_jax.sampling.POLICIES (fast_dllm_v2 | sdar | fixed_steps).
     threshold: confidence threshold of fast_dllm_v2 and sdar.
     sub_block_size: fast_dllm_v2's sub-block.
     steps_per_block: sdar's schedule length and fixed_steps' exact step count.
     temperature, top_p: 0 = greedy; otherwise temperature / nucleus sampling with explicit keys.
     prefill_chunk: tokens per prefill chunk (rounded to a multiple of the block size).
-    attention_impl: kernel dispatch for the prefill / commit attention.
+    kernels: the kernel setting of every attention call of the decode ("auto", "pallas",
+      "interpret", "reference"; pallas_kernels.dispatch), resolved once by ``generate``.
   """
 
   policy: str = "fast_dllm_v2"
@@ -58,7 +60,7 @@ class DecodeOptions:
   temperature: float = 0.0
   top_p: float = 1.0
   prefill_chunk: int = 2048
-  attention_impl: str = "auto"
+  kernels: str = "auto"
 
   @classmethod
   def for_model(cls, cfg: ModelConfig, **overrides) -> "DecodeOptions":
@@ -69,8 +71,9 @@ class DecodeOptions:
     return cls(**fields)
 
   def validate(self, cfg: ModelConfig) -> None:
-    if self.policy not in ("fast_dllm_v2", "sdar", "fixed_steps"):
-      raise ValueError(f"DecodeOptions.policy: unknown policy {self.policy!r}")
+    if self.policy not in sampling.POLICIES:
+      raise ValueError(f"DecodeOptions.policy: unknown policy {self.policy!r}; one of "
+                       f"{sorted(sampling.POLICIES)}")
     if cfg.block_size % self.sub_block_size:
       raise ValueError(f"DecodeOptions.sub_block_size={self.sub_block_size} does not divide "
                        f"block_size={cfg.block_size}")
@@ -81,6 +84,8 @@ class DecodeOptions:
                        f"{self.temperature}, {self.top_p}")
     if self.prefill_chunk < 1:
       raise ValueError(f"DecodeOptions.prefill_chunk must be >= 1, got {self.prefill_chunk}")
+    if self.kernels not in SETTINGS + IMPLS:
+      raise ValueError(f"DecodeOptions.kernels: must be one of {SETTINGS}, got {self.kernels!r}")
 
 
 class GenerationResult(NamedTuple):
@@ -97,13 +102,13 @@ class GenerationResult(NamedTuple):
 
 
 def forward_write(model: Transformer, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
-                  cache: KVCache, method: AttentionMethod, method_state: Any,
-                  impl: str = "auto") -> tuple[jax.Array, KVCache, Any]:
+                  cache: KVCache, method: AttentionMethod,
+                  method_state: Any) -> tuple[jax.Array, KVCache, Any]:
   """Runs tokens [batch, seq] at ``positions`` block-causally against the cache, writing the
   valid rows' K/V. Returns (hidden [batch, seq, hidden], cache, method_state)."""
   ends = jnp.max(jnp.where(valid, positions + 1, 0), axis=1)
   cache = KVCache(layers=cache.layers, lengths=jnp.maximum(cache.lengths, ends).astype(jnp.int32))
-  attend = make_write_attend(method, model.config.block_size, impl)
+  attend = make_write_attend(method, model.config.block_size)
   hidden, carry = model(tokens, positions, attend, WriteCarry(cache, method_state, positions, valid))
   return hidden, carry.cache, carry.method_state
 
@@ -111,19 +116,22 @@ def forward_write(model: Transformer, tokens: jax.Array, positions: jax.Array, v
 def forward_denoise(model: Transformer, block_tokens: jax.Array, cache: KVCache,
                     method: AttentionMethod, method_state: Any,
                     step: StepInfo) -> tuple[jax.Array, Any]:
-  """One denoising step of the block starting at each sequence's cache length (no write).
+  """One denoising step of the block starting at each sequence's cache length (no write); the
+  layers' stats go to ``method.after_step``.
 
   Returns (logits [batch, block, vocab] float32, method_state)."""
   block = block_tokens.shape[1]
   positions = cache.lengths[:, None] + jnp.arange(block, dtype=jnp.int32)[None, :]
   hidden, carry = model(block_tokens, positions, make_denoise_attend(method, step),
-                        DenoiseCarry(cache, method_state))
-  return model.logits(hidden), method.after_step(carry.method_state, step)
+                        DenoiseCarry(cache, method_state, {}))
+  state = method.after_step(carry.method_state, carry.stats)
+  check_state(method, "after_step", method_state, state)
+  return model.logits(hidden), state
 
 
 def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: KVCache,
-            method: AttentionMethod, method_state: Any, *, chunk: int,
-            impl: str = "auto") -> tuple[KVCache, Any, jax.Array]:
+            method: AttentionMethod, method_state: Any, *,
+            chunk: int) -> tuple[KVCache, Any, jax.Array]:
   """Writes positions [0, lengths) of ``tokens`` [batch, buffer_len] into an empty cache, in
   chunks of ``chunk`` tokens (a lax loop: one compile whatever the prompt lengths).
 
@@ -148,7 +156,7 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: KV
     positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
     valid = positions < lengths[:, None]
     hidden, cache, state = forward_write(model, chunk_tokens, positions, valid, cache, method,
-                                         state, impl)
+                                         state)
     offset = lengths - 1 - start
     inside = (offset >= 0) & (offset < chunk)
     row = jnp.take_along_axis(hidden, jnp.clip(offset, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
@@ -194,6 +202,7 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
   arange_block = jnp.arange(bs, dtype=jnp.int32)
   eos = jnp.asarray(cfg.eos_token_ids, jnp.int32)
   greedy = options.temperature == 0.0
+  policy = sampling.POLICIES[options.policy]
 
   def propose(logits, key):
     # A decoded position must hold a real token: [MASK] is never proposed (a random or barely
@@ -206,8 +215,7 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
   method_state = sharding.constrain_state(method.init_state(cfg, batch, cache.capacity))
   full_prompt = prompt_lengths // bs * bs
   cache, method_state, prev_logits = prefill(model, buffer, full_prompt, cache, method,
-                                             method_state, chunk=chunk,
-                                             impl=options.attention_impl)
+                                             method_state, chunk=chunk)
 
   def denoise(blocks: _Blocks, active, num_masked_at_start, steps: _Steps, first):
     key = jax.random.fold_in(jax.random.fold_in(blocks.rng, 0), blocks.num_steps + steps.step)
@@ -217,15 +225,9 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
       logits = jnp.concatenate([blocks.prev_logits[:, None], logits[:, :-1]], axis=1)
     proposal, confidence = propose(logits, key)
     masked = steps.masked & active[:, None]
-    if options.policy == "fast_dllm_v2":
-      transfer = sampling.fast_dllm_v2_transfer(confidence, masked, options.threshold,
-                                                options.sub_block_size)
-    else:
-      count = sampling.scheduled_count(num_masked_at_start, options.steps_per_block, steps.step)
-      if options.policy == "sdar":
-        transfer = sampling.sdar_transfer(confidence, masked, options.threshold, count)
-      else:
-        transfer = sampling.fixed_transfer(confidence, masked, count)
+    count = sampling.scheduled_count(num_masked_at_start, options.steps_per_block, steps.step)
+    transfer = policy.transfer(confidence, masked, count, options.threshold,
+                               options.sub_block_size)
     return _Steps(jnp.where(transfer, proposal, steps.tokens), steps.masked & ~transfer, state,
                   steps.step + 1)
 
@@ -248,7 +250,7 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
     steps = denoise(blocks, active, num_masked_at_start, steps, first=True)
 
     def step_cond(steps: _Steps):
-      if options.policy == "fixed_steps":
+      if policy.fixed_steps:
         return steps.step < options.steps_per_block
       return jnp.any(steps.masked & active[:, None]) & (steps.step < bs)
 
@@ -258,7 +260,7 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
     tokens = steps.tokens
     valid = jnp.broadcast_to(active[:, None], positions.shape)
     hidden, cache, state = forward_write(model, tokens, positions, valid, blocks.cache, method,
-                                         steps.method_state, options.attention_impl)
+                                         steps.method_state)
     last_logits = model.logits(hidden[:, -1])
     rows = jnp.where(valid, positions, blocks.buffer.shape[1])
     buffer = jax.vmap(lambda b, r, t: b.at[r].set(t, mode="drop"))(blocks.buffer, rows, tokens)
@@ -280,14 +282,46 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, r
 def _decode_jit(graphdef, params, buffer, prompt_lengths, max_new_tokens, cache, rng, *,
                 method, options, chunk):
   model = nnx.merge(graphdef, params)
-  return _decode(model, buffer, prompt_lengths, max_new_tokens, cache, rng, method=method,
-                 options=options, chunk=chunk)
+  with use_kernels(options.kernels):  # resolved by generate: part of the jit key
+    return _decode(model, buffer, prompt_lengths, max_new_tokens, cache, rng, method=method,
+                   options=options, chunk=chunk)
 
 
-def prefill_chunk_size(cfg: ModelConfig, options: DecodeOptions, capacity: int) -> int:
+class RequestPlan(NamedTuple):
+  """The static sizes of a request (one compile per distinct plan)."""
+
+  capacity: int  # KV cache rows per sequence
+  chunk: int  # tokens per prefill chunk: a multiple of the block size, at most the capacity
+  buffer_len: int  # token buffer length: the capacity rounded up to whole chunks
+
+
+def plan_request(cfg: ModelConfig, prompt_lengths: Sequence[int], max_new_tokens: int, *,
+                 capacity: int | None = None, prefill_chunk: int = 2048) -> RequestPlan:
+  """Validates a request and sizes it, before any work.
+
+  ``capacity`` defaults to the longest prompt plus ``max_new_tokens``, rounded up to a block
+  (generation fills whole blocks). Raises ValueError naming the limit a request breaks."""
+  lengths = np.asarray(prompt_lengths)
+  if lengths.ndim != 1 or lengths.size == 0:
+    raise ValueError(f"prompt_lengths must be a non-empty 1-D array, got shape {lengths.shape}")
+  if (lengths < 1).any():
+    raise ValueError(f"every prompt needs at least one token; prompt_lengths={lengths.tolist()}")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   bs = cfg.block_size
-  chunk = max(bs, options.prefill_chunk // bs * bs)
-  return min(chunk, -(-capacity // bs) * bs)
+  # The last block ends at the next block boundary past the budget.
+  needed = int(((lengths + max_new_tokens + bs - 1) // bs * bs).max())
+  capacity = needed if capacity is None else capacity
+  if needed > capacity:
+    raise ValueError(
+        f"KV cache capacity {capacity} is too small: prompt length {int(lengths.max())} + "
+        f"max_new_tokens {max_new_tokens}, rounded up to blocks of {bs}, needs {needed} rows")
+  if needed > cfg.max_position_embeddings:
+    raise ValueError(
+        f"request needs positions up to {needed}, beyond the model's "
+        f"max_position_embeddings={cfg.max_position_embeddings}")
+  chunk = min(max(bs, prefill_chunk // bs * bs), -(-capacity // bs) * bs)
+  return RequestPlan(capacity, chunk, -(-capacity // chunk) * chunk)
 
 
 def pack_prompts(prompts: Sequence[Sequence[int]], buffer_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -308,8 +342,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
              mesh: jax.sharding.Mesh | None = None) -> GenerationResult:
   """Generates up to ``max_new_tokens`` tokens after each prompt (a list of token-id lists).
 
-  ``capacity`` (default: the longest prompt plus the budget, rounded up to a block) fixes the
-  cache shape; keep it fixed across calls to reuse the compiled loop. With a ``mesh`` the model's
+  ``capacity`` (default: the longest prompt plus the budget, rounded up to a block: see
+  ``plan_request``) fixes the cache shape; keep it fixed across calls to reuse the compiled
+  loop. With a ``mesh`` the model's
   parameters must already be on it (mage_jax.sharding.shard_model); the batch is split over its
   "data" axis and the KV heads over "model" (see docs/sharding.md).
   """
@@ -317,12 +352,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
   method = method or ExactAttention()
   options = options or DecodeOptions.for_model(cfg)
   options.validate(cfg)
-  lengths = np.asarray([len(p) for p in prompts], np.int32)
-  if capacity is None:
-    capacity = int(-(-(lengths.max() + max_new_tokens) // cfg.block_size) * cfg.block_size)
-  check_request(cfg, capacity, lengths, max_new_tokens)
-  chunk = prefill_chunk_size(cfg, options, capacity)
-  buffer_len = -(-capacity // chunk) * chunk
+  options = dataclasses.replace(options, kernels=resolve_impl(options.kernels))
+  capacity, chunk, buffer_len = plan_request(cfg, [len(p) for p in prompts], max_new_tokens,
+                                             capacity=capacity,
+                                             prefill_chunk=options.prefill_chunk)
   buffer, lengths = pack_prompts(prompts, buffer_len)
   rng = jax.random.key(0) if rng is None else rng
   graphdef, params = nnx.split(model)

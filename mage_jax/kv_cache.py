@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mage_jax.config import ModelConfig
 
@@ -73,25 +72,3 @@ def write_rows(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Arra
     return cache.at[:, rows, :].set(jnp.swapaxes(new, 0, 1).astype(cache.dtype), mode="drop")
 
   return jax.vmap(one)(cache_k, k, rows), jax.vmap(one)(cache_v, v, rows)
-
-
-def check_request(cfg: ModelConfig, capacity: int, prompt_lengths, max_new_tokens: int) -> None:
-  """Host-side validation before any work: raises ValueError naming the limit that is broken."""
-  lengths = np.asarray(prompt_lengths)
-  if lengths.ndim != 1 or lengths.size == 0:
-    raise ValueError(f"prompt_lengths must be a non-empty 1-D array, got shape {lengths.shape}")
-  if (lengths < 1).any():
-    raise ValueError(f"every prompt needs at least one token; prompt_lengths={lengths.tolist()}")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  bs = cfg.block_size
-  # Generation fills whole blocks: the last block ends at the next block boundary past the budget.
-  needed = int(((lengths + max_new_tokens + bs - 1) // bs * bs).max())
-  if needed > capacity:
-    raise ValueError(
-        f"KV cache capacity {capacity} is too small: prompt length {int(lengths.max())} + "
-        f"max_new_tokens {max_new_tokens}, rounded up to blocks of {bs}, needs {needed} rows")
-  if needed > cfg.max_position_embeddings:
-    raise ValueError(
-        f"request needs positions up to {needed}, beyond the model's "
-        f"max_position_embeddings={cfg.max_position_embeddings}")

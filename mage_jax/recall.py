@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mage_jax.generate import DecodeOptions, generate
+from mage_jax.generate import DecodeOptions, generate, plan_request
 from mage_jax.methods import common
 from mage_jax.methods.base import AttentionMethod, Selection
 from mage_jax.model import Transformer
@@ -57,14 +57,12 @@ class RecallProbe(AttentionMethod):
     inner: the method whose trajectory and selections are measured.
     budget: the oracle's k.
     alpha_includes_block: the oracle's alpha normaliser (the MAGE default, True).
-    impl: kernel dispatch for the extra exact pass and the oracle top-k.
   """
 
   name: ClassVar[str] = "recall_probe"
   inner: AttentionMethod
   budget: int = 512
   alpha_includes_block: bool = True
-  impl: str = "auto"
 
   def __post_init__(self):
     common.check_positive(self, "budget")
@@ -75,14 +73,14 @@ class RecallProbe(AttentionMethod):
 
   def attend(self, layer, q, k_block, v_block, cache, state, step):
     inner_state, totals = state
-    out, inner_state = self.inner.attend(layer, q, k_block, v_block, cache, inner_state, step)
-    chosen = self.inner.selection(layer, inner_state)
+    out, inner_state, stats = self.inner.attend(layer, q, k_block, v_block, cache, inner_state,
+                                                step)
+    chosen = self.inner.selection(layer, inner_state, step)
     if step.first or chosen is None:
-      return out, (inner_state, totals)
+      return out, (inner_state, totals), stats
     capacity = cache.k.shape[2]
-    _, alpha = common.exact_with_alpha(q, k_block, v_block, cache, self.alpha_includes_block,
-                                       self.impl)
-    oracle = common.top_rows(alpha, cache.lengths, min(self.budget, capacity), self.impl)
+    _, alpha = common.exact_with_alpha(q, k_block, v_block, cache, self.alpha_includes_block)
+    oracle = common.top_rows(alpha, cache.lengths, min(self.budget, capacity))
     in_method = membership(chosen, cache.lengths, capacity)
     in_oracle = membership(oracle, cache.lengths, capacity)
     measured = jnp.broadcast_to(oracle.counts > 0, oracle.counts.shape)
@@ -94,11 +92,11 @@ class RecallProbe(AttentionMethod):
     add = lambda sums, x: sums.at[layer].add(jnp.sum(jnp.where(measured, x, 0.0)))
     totals = RecallTotals(add(totals.index, index), add(totals.mass, mass),
                           add(totals.samples, 1.0))
-    return out, (inner_state, totals)
+    return out, (inner_state, totals), stats
 
-  def after_step(self, state, step):
+  def after_step(self, state, stats):
     inner_state, totals = state
-    return self.inner.after_step(inner_state, step), totals
+    return self.inner.after_step(inner_state, stats), totals
 
   def after_write(self, layer, cache, state, written=None):
     inner_state, totals = state
@@ -132,8 +130,7 @@ class RecallReport(NamedTuple):
 
 def measure_recall(model: Transformer, prompts: Sequence[Sequence[int]], method: AttentionMethod,
                    *, budget: int, max_new_tokens: int, options: DecodeOptions | None = None,
-                   capacity: int | None = None, impl: str = "auto",
-                   mesh: jax.sharding.Mesh | None = None) -> RecallReport:
+                   capacity: int | None = None, mesh: jax.sharding.Mesh | None = None) -> RecallReport:
   """Decodes each prompt with ``method`` and reports its recall against the per-step oracle
   top-``budget``.
 
@@ -142,11 +139,9 @@ def measure_recall(model: Transformer, prompts: Sequence[Sequence[int]], method:
   early keep running the remaining steps of the others and would be counted. Under a ``mesh``
   its "data" axis must therefore be 1.
   """
-  cfg = model.config
-  if capacity is None:
-    longest = max(len(p) for p in prompts)
-    capacity = -(-(longest + max_new_tokens) // cfg.block_size) * cfg.block_size
-  probe = RecallProbe(method, budget, impl=impl)
+  capacity = plan_request(model.config, [len(p) for p in prompts], max_new_tokens,
+                          capacity=capacity).capacity
+  probe = RecallProbe(method, budget)
   sums = None
   for prompt in prompts:
     result = generate(model, [prompt], max_new_tokens=max_new_tokens, method=probe,

@@ -10,10 +10,13 @@ policy decides which masked positions take their proposal ("transfer"):
   * fixed_steps (low_confidence_static): exactly the scheduled number of most confident ones,
     so a block takes exactly ``steps_per_block`` steps (benchmarks).
 The schedule spreads a block's n masked positions over T steps: n // T each, one more in the
-first n % T steps (LLaDA / SDAR ``get_num_transfer_tokens``).
+first n % T steps (LLaDA / SDAR ``get_num_transfer_tokens``). ``POLICIES`` maps each name to its
+rule; the model config, DecodeOptions' validation and the decoding loop all read it.
 """
 
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,3 +93,22 @@ def sdar_transfer(confidence: jax.Array, masked: jax.Array, threshold: float,
 def fixed_transfer(confidence: jax.Array, masked: jax.Array, count: jax.Array) -> jax.Array:
   """low_confidence_static: exactly the ``count`` most confident masked positions."""
   return _most_confident(confidence, masked, count)
+
+
+class Policy(NamedTuple):
+  """A decoding policy: ``transfer(confidence, masked, count, threshold, sub_block_size)`` ->
+  bool [batch, block], with ``count`` the step's scheduled number; ``fixed_steps``: a block
+  takes exactly steps_per_block steps (else steps run until no [MASK] is left)."""
+
+  transfer: Callable[..., jax.Array]
+  fixed_steps: bool = False
+
+
+POLICIES: dict[str, Policy] = {
+    "fast_dllm_v2": Policy(lambda confidence, masked, count, threshold, sub_block_size:
+                           fast_dllm_v2_transfer(confidence, masked, threshold, sub_block_size)),
+    "sdar": Policy(lambda confidence, masked, count, threshold, sub_block_size:
+                   sdar_transfer(confidence, masked, threshold, count)),
+    "fixed_steps": Policy(lambda confidence, masked, count, threshold, sub_block_size:
+                          fixed_transfer(confidence, masked, count), fixed_steps=True),
+}

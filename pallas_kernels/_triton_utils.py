@@ -20,7 +20,7 @@ per score inside the kernels.
 """
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 from jax import lax
@@ -301,13 +301,58 @@ def combine_partials(partial_out: jax.Array, partial_lse: jax.Array) -> jax.Arra
   return out / jnp.where(total > 0, total, 1.0)[..., None]
 
 
+def split_kv_call(kernel, leading: Sequence[tuple[jax.Array, pl.BlockSpec]], q, k_cache, v_cache,
+                  k_block, v_block, *, q_tiles: int, splits: int, num_warps: int,
+                  num_stages: int, interpret: bool, name: str):
+  """The launch of a split-KV block kernel over the grid (query tile, batch, KV head, split).
+
+  The kernel's inputs are ``leading`` (array, BlockSpec) pairs (per-sequence lengths, or a
+  selection's counts and indices; index maps of (t, b, h, s)), then q as [batch, B*Hq, D], the
+  whole K and V cache rows of the program's KV head, and the block's K and V as
+  [batch, B*kv_heads, D]. Returns its partial outputs [batch, splits, B*Hq, D] in q.dtype and
+  their base-2 log-sum-exp float32 [batch, splits, B*Hq], for merge_splits."""
+  batch, block, q_heads, head_dim = q.shape
+  kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+  per_batch = lambda t, b, h, s: (b, 0, 0)
+  per_head = lambda t, b, h, s: (b, h, 0, 0)
+  arrays, specs = zip(*leading)
+  return pl.pallas_call(
+      kernel,
+      # Query tiles first: the Triton launch runs the leading grid axes fastest, so programs
+      # reading the same K/V rows for different query tiles run together and share L2.
+      grid=(q_tiles, batch, kv_heads, splits),
+      in_specs=[
+          *specs,
+          pl.BlockSpec((None, block * q_heads, head_dim), per_batch),
+          pl.BlockSpec((None, None, capacity, head_dim), per_head),
+          pl.BlockSpec((None, None, capacity, head_dim), per_head),
+          pl.BlockSpec((None, block * kv_heads, head_dim), per_batch),
+          pl.BlockSpec((None, block * kv_heads, head_dim), per_batch),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, block * q_heads, head_dim), lambda t, b, h, s: (b, s, 0, 0)),
+          pl.BlockSpec((None, None, block * q_heads), lambda t, b, h, s: (b, s, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((batch, splits, block * q_heads, head_dim), q.dtype),
+          jax.ShapeDtypeStruct((batch, splits, block * q_heads), jnp.float32),
+      ],
+      compiler_params=compiler_params(num_warps, num_stages),
+      interpret=interpret,
+      name=name,
+  )(*arrays, q.reshape(batch, block * q_heads, head_dim), k_cache, v_cache,
+    k_block.reshape(batch, block * kv_heads, head_dim),
+    v_block.reshape(batch, block * kv_heads, head_dim))
+
+
 def compiler_params(num_warps: int, num_stages: int):
   """Triton compiler parameters; always passed so every jax version picks the Triton backend."""
   return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def check_tuning(tuning: dict, allowed: tuple[str, ...], entry_point: str) -> None:
-  """Rejects misspelled tuning keywords instead of silently ignoring them."""
+def check_tuning(tuning: dict, allowed: dict, entry_point: str) -> None:
+  """Rejects misspelled tuning keywords instead of silently ignoring them (``allowed``: the
+  keywords and their defaults)."""
   unknown = sorted(set(tuning) - set(allowed))
   if unknown:
     raise ValueError(f"{entry_point}: unknown tuning arguments {unknown}; allowed {allowed}")

@@ -30,10 +30,13 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import merge_splits
-from pallas_kernels.dispatch import resolve_impl
+from pallas_kernels.dispatch import PLAIN_JAX, resolve_impl
 
-_ATTENTION_TUNING = ("block_k", "block_q", "num_splits", "num_warps", "num_stages", "merge")
-_ALPHA_TUNING = ("alpha_block_k", "alpha_num_splits", "alpha_num_warps", "alpha_num_stages")
+# Tuning keywords and their defaults (None: chosen from the shapes; see the entry points).
+_ATTENTION_TUNING = dict(block_k=64, block_q=None, num_splits=None, num_warps=None, num_stages=3,
+                         merge="auto")
+_ALPHA_TUNING = dict(alpha_block_k=64, alpha_num_splits=None, alpha_num_warps=4,
+                     alpha_num_stages=3)
 
 
 def _attention_kernel(lengths_ref, q_ref, k_ref, v_ref, k_block_ref, v_block_ref,
@@ -196,37 +199,13 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
                              block_tokens=block, block_q=block_q, num_splits=num_splits,
                              block_k=block_k, qk_scale=sm_scale * tu.LOG2_E,
                              exp2=tu.kernel_exp2(interpret))
-  per_batch = lambda t, b, h, s: (b, 0, 0)
-  per_head = lambda t, b, h, s: (b, h, 0, 0)
   splits = num_splits + 1
-  partial_out, partial_lse = pl.pallas_call(
-      kernel,
-      # Query tiles first: the Triton launch runs the leading grid axes fastest, so programs
-      # reading the same K/V rows for different query tiles run together and share L2.
-      grid=(q_tiles, batch, kv_heads, splits),
-      in_specs=[
-          pl.BlockSpec((None, 1), lambda t, b, h, s: (b, 0)),
-          pl.BlockSpec((None, block * q_heads, head_dim), per_batch),
-          pl.BlockSpec((None, None, capacity, head_dim), per_head),
-          pl.BlockSpec((None, None, capacity, head_dim), per_head),
-          pl.BlockSpec((None, block * kv_heads, head_dim), per_batch),
-          pl.BlockSpec((None, block * kv_heads, head_dim), per_batch),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, None, block * q_heads, head_dim), lambda t, b, h, s: (b, s, 0, 0)),
-          pl.BlockSpec((None, None, block * q_heads), lambda t, b, h, s: (b, s, 0)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((batch, splits, block * q_heads, head_dim), q.dtype),
-          jax.ShapeDtypeStruct((batch, splits, block * q_heads), jnp.float32),
-      ],
-      compiler_params=tu.compiler_params(num_warps or _default_warps(block_q), num_stages),
-      interpret=interpret,
-      name="block_split_kv_attention",
-  )(cache_lengths.astype(jnp.int32).reshape(batch, 1),
-    q.reshape(batch, block * q_heads, head_dim), k_cache, v_cache,
-    k_block.reshape(batch, block * kv_heads, head_dim),
-    v_block.reshape(batch, block * kv_heads, head_dim))
+  lengths = cache_lengths.astype(jnp.int32).reshape(batch, 1)
+  partial_out, partial_lse = tu.split_kv_call(
+      kernel, [(lengths, pl.BlockSpec((None, 1), lambda t, b, h, s: (b, 0)))], q, k_cache,
+      v_cache, k_block, v_block, q_tiles=q_tiles, splits=splits,
+      num_warps=num_warps or _default_warps(block_q), num_stages=num_stages,
+      interpret=interpret, name="block_split_kv_attention")
   # The last split holds the block's keys: leaving it out gives the cache-only normaliser.
   lse_splits = {None: None, "all": splits, "cache": num_splits}[lse_of]
   merged = merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
@@ -308,7 +287,7 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
     cache_lengths: int32 [batch], valid cache rows per sequence (0..capacity).
     k_block, v_block: [batch, block, kv_heads, head_dim], always attended.
     sm_scale: logit scale, default 1/sqrt(head_dim).
-    impl: "auto", "pallas", "interpret" or "reference" (see `dispatch.resolve_impl`).
+    impl: a resolved implementation or a setting (see `pallas_kernels.dispatch`).
     **tuning: block_k (keys per tile, default 64), block_q (query rows per program; default
       one tile of all G*B rows, except with fewer than FULL_TILE_MIN_PAIRS (sequence, KV head)
       pairs, where 64-row tiles are used if they save padded rows, as for the 1.5B shape's
@@ -328,16 +307,13 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
   tu.check_tuning(tuning, _ATTENTION_TUNING, "exact_block_attention")
   sm_scale = _resolve_scale(sm_scale, head_dim)
   impl = resolve_impl(impl)
-  if impl == "reference":
+  if impl in PLAIN_JAX:
     return exact_block_attention_reference(q, k_cache, v_cache, cache_lengths, k_block, v_block,
                                            sm_scale=sm_scale)
   tu.check_kernel_head_dim(head_dim)
-  return _split_kv_attention(
-      q, k_cache, v_cache, cache_lengths, k_block, v_block, sm_scale=sm_scale,
-      interpret=impl == "interpret", block_k=tuning.get("block_k", 64),
-      block_q=tuning.get("block_q"), num_splits=tuning.get("num_splits"),
-      num_warps=tuning.get("num_warps"), num_stages=tuning.get("num_stages", 3),
-      merge=tuning.get("merge", "auto"))
+  return _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block,
+                             sm_scale=sm_scale, interpret=impl == "interpret",
+                             **{**_ATTENTION_TUNING, **tuning})
 
 
 def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
@@ -365,24 +341,17 @@ def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
   batch, _, _, _, head_dim = tu.check_block_attention_inputs(q, k_cache, v_cache, k_block,
                                                              v_block, "k_cache")
   _check_lengths(cache_lengths, batch)
-  tu.check_tuning(tuning, _ATTENTION_TUNING + _ALPHA_TUNING, "mask_step_attention")
+  tu.check_tuning(tuning, {**_ATTENTION_TUNING, **_ALPHA_TUNING}, "mask_step_attention")
   sm_scale = _resolve_scale(sm_scale, head_dim)
   impl = resolve_impl(impl)
-  if impl == "reference":
+  if impl in PLAIN_JAX:
     return mask_step_attention_reference(q, k_cache, v_cache, cache_lengths, k_block, v_block,
                                          sm_scale=sm_scale,
                                          alpha_includes_block=alpha_includes_block)
   tu.check_kernel_head_dim(head_dim)
-  return _mask_step(
-      q, k_cache, v_cache, cache_lengths, k_block, v_block, sm_scale=sm_scale,
-      alpha_includes_block=alpha_includes_block, interpret=impl == "interpret",
-      block_k=tuning.get("block_k", 64), block_q=tuning.get("block_q"),
-      num_splits=tuning.get("num_splits"), num_warps=tuning.get("num_warps"),
-      num_stages=tuning.get("num_stages", 3), merge=tuning.get("merge", "auto"),
-      alpha_block_k=tuning.get("alpha_block_k", 64),
-      alpha_num_splits=tuning.get("alpha_num_splits"),
-      alpha_num_warps=tuning.get("alpha_num_warps", 4),
-      alpha_num_stages=tuning.get("alpha_num_stages", 3))
+  return _mask_step(q, k_cache, v_cache, cache_lengths, k_block, v_block, sm_scale=sm_scale,
+                    alpha_includes_block=alpha_includes_block, interpret=impl == "interpret",
+                    **{**_ATTENTION_TUNING, **_ALPHA_TUNING, **tuning})
 
 
 def _reference_logits(q, k_cache, k_block, sm_scale: float):

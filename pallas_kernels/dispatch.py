@@ -1,31 +1,60 @@
-"""Choosing between a Pallas kernel and its plain-JAX reference.
+"""Which implementation runs a kernel: one setting, resolved once per backend.
 
-Every kernel entry point takes ``impl``:
-  * ``"auto"``: the Pallas (Triton) kernel on an NVIDIA GPU, the reference elsewhere
-    (flash attention: its faster blockwise plain-JAX path, equal to the reference);
-  * ``"pallas"``: the kernel, compiled for the GPU;
-  * ``"interpret"``: the kernel run by the Pallas interpreter (any backend; tests on CPU);
-  * ``"reference"``: the plain-JAX reference.
-The default can be overridden for a whole process with ``MAGE_KERNEL_IMPL``.
+The user-facing *setting* is one of ``SETTINGS``:
+  * ``"auto"``: the fastest implementation of the backend (``AUTO``: the Triton kernels on an
+    NVIDIA GPU, the plain-JAX paths elsewhere);
+  * ``"pallas"``: the Pallas Triton kernels, compiled for the GPU;
+  * ``"interpret"``: the same kernels run by the Pallas interpreter (any backend; tests on CPU);
+  * ``"reference"``: the plain-JAX references (the dense oracles of the tests).
+``resolve_impl`` turns a setting into a *resolved* value (``IMPLS``), the one every kernel entry
+point (decode / mask-step / sparse / flash attention, top-k) receives as ``impl``: "pallas",
+"interpret", "reference" as above, or "xla" ("auto" off the GPU: the fastest plain-JAX path,
+flash attention's blockwise online softmax; the other kernels' single plain-JAX path, their
+reference). Resolving a resolved value returns it unchanged. "pallas" / "interpret" are the
+Triton kernels; Mosaic TPU kernels add "mosaic" / "mosaic_interpret" to ``IMPLS`` and
+``"tpu": "mosaic"`` to ``AUTO`` (one line).
+
+One decode (or training run) has one setting: the jitted entry point that owns it (mage_jax's
+decoding loop from ``DecodeOptions.kernels``, the trainer from ``TrainConfig.attention_impl``)
+takes the resolved value as a static argument, so it is part of the jit key, and traces its
+body inside ``use_kernels``; mage_jax's kernel call sites read ``active_impl()`` while tracing
+and pass it on, nobody threads it by hand. As with ``jax.set_mesh``, a function jitted
+elsewhere that reads the setting must take it in its jit key. Outside any scope it is "auto".
 """
 
-import os
+import contextlib
+import contextvars
+from typing import Iterator
 
 import jax
 
-IMPLS = ("auto", "pallas", "interpret", "reference")
+SETTINGS = ("auto", "pallas", "interpret", "reference")
+IMPLS = ("pallas", "interpret", "xla", "reference")
+AUTO = {"gpu": "pallas"}  # what "auto" runs per backend; the others run "xla"
+PLAIN_JAX = ("xla", "reference")  # resolved values that run no Pallas kernel
+
+_ACTIVE: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernel_impl", default=None)
 
 
-def requested_impl(impl: str = "auto") -> str:
-  """``impl`` with the process-wide ``MAGE_KERNEL_IMPL`` override applied to "auto"."""
-  return os.environ.get("MAGE_KERNEL_IMPL", "auto") if impl == "auto" else impl
+def resolve_impl(setting: str = "auto", backend: str | None = None) -> str:
+  """One of ``IMPLS`` for ``setting`` (or a resolved value) on ``backend`` (default: JAX's)."""
+  if setting in IMPLS:
+    return setting
+  if setting != "auto":
+    raise ValueError(f"impl must be one of {SETTINGS} (or a resolved {IMPLS}), got {setting!r}")
+  return AUTO.get(backend or jax.default_backend(), "xla")
 
 
-def resolve_impl(impl: str = "auto") -> str:
-  """Returns one of "pallas", "interpret", "reference" for ``impl``."""
-  impl = requested_impl(impl)
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-  if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
-  return impl
+@contextlib.contextmanager
+def use_kernels(setting: str) -> Iterator[str]:
+  """Runs the body with ``setting`` resolved as the active implementation; yields it."""
+  token = _ACTIVE.set(resolve_impl(setting))
+  try:
+    yield _ACTIVE.get()
+  finally:
+    _ACTIVE.reset(token)
+
+
+def active_impl() -> str:
+  """The resolved implementation of the innermost ``use_kernels`` ("auto" resolved outside)."""
+  return _ACTIVE.get() or resolve_impl("auto")

@@ -32,12 +32,11 @@ from typing import NamedTuple
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 import jax.numpy as jnp
 
+from pallas_kernels import _triton_utils as tu
 from pallas_kernels import dispatch
 
-_LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 # Clean-key id of padding and of keys past kv_lengths: above any real block id,
 # so `kv_block <= threshold` never holds for them.
@@ -48,10 +47,6 @@ _NOT_NOISY_Q = -2
 _NOT_NOISY_KV = -3
 _EMPTY_MIN = 2**31 - 1
 _EMPTY_MAX = -(2**31 - 1)
-
-
-def _next_power_of_2(x: int) -> int:
-  return 1 << max(x - 1, 0).bit_length()
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -128,8 +123,8 @@ class TileConfig:
 
   def fit(self, q_len: int, kv_len: int) -> "TileConfig":
     """Shrinks tiles larger than the (power-of-2 rounded) sequence lengths."""
-    q_cap = max(16, _next_power_of_2(q_len))
-    kv_cap = max(16, _next_power_of_2(kv_len))
+    q_cap = tu.next_power_of_two(q_len)
+    kv_cap = tu.next_power_of_two(kv_len)
     changes = {}
     for field in dataclasses.fields(self):
       if field.name.endswith("block_q"):
@@ -366,7 +361,7 @@ def block_diffusion_attention_blockwise(
     q_tile: int = 128,
     kv_tile: int = 512,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-  """The portable path of ``impl="auto"`` off the GPU: plain-JAX flash attention.
+  """The portable path ("xla": "auto" off the GPU): plain-JAX flash attention.
 
   Same contract as the reference, without its [q_len, kv_len] score matrix: per query tile an
   online softmax runs over key tiles, and stops after the last tile that the tile's largest
@@ -488,13 +483,6 @@ def _dot(a, b):
   )
 
 
-def _dot_nt(a, b):
-  """a @ b.T without materialising the transpose."""
-  return lax.dot_general(
-      a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-  )
-
-
 def _sees(threshold, q_noisy_id, kv_clean_id, kv_noisy_id):
   """Elementwise mask from broadcastable per-token keys (see _Tokens)."""
   return (kv_clean_id <= threshold) | (kv_noisy_id == q_noisy_id)
@@ -520,7 +508,7 @@ def _forward_kernel(
   def step(masked, j, carry):
     acc, row_max, total = carry
     keys = pl.ds(pl.multiple_of(order_ref[j] * block_kv, block_kv), block_kv)
-    logits = _dot_nt(q, k_ref[keys, :]) * scale_log2
+    logits = tu.scores_of(q, k_ref[keys, :]) * scale_log2
     if masked:
       sees = _sees(threshold, q_noisy_id, kcid_ref[keys][None, :],
                    knid_ref[keys][None, :])
@@ -563,13 +551,13 @@ def _dq_kernel(
   def step(masked, j, dq):
     keys = pl.ds(pl.multiple_of(order_ref[j] * block_kv, block_kv), block_kv)
     k = k_ref[keys, :]
-    logits = _dot_nt(q, k) * scale_log2
+    logits = tu.scores_of(q, k) * scale_log2
     if masked:
       sees = _sees(threshold, q_noisy_id, kcid_ref[keys][None, :],
                    knid_ref[keys][None, :])
       logits = jnp.where(sees, logits, -jnp.inf)
     p = jnp.exp2(logits - lse2)
-    ds = p * (_dot_nt(do, v_ref[keys, :]) - delta)
+    ds = p * (tu.scores_of(do, v_ref[keys, :]) - delta)
     return dq + _dot(ds.astype(k.dtype), k)
 
   dq = _walk(counts_ref, step, jnp.zeros(q.shape, jnp.float32))
@@ -596,14 +584,14 @@ def _dkv_kernel(
     rows = pl.ds(pl.multiple_of(order_ref[j] * block_q, block_q), block_q)
     q = q_ref[rows, group, :]
     do = do_ref[rows, group, :]
-    logits_t = _dot_nt(k, q) * scale_log2
+    logits_t = tu.scores_of(k, q) * scale_log2
     if masked:
       sees = _sees(thr_ref[rows][None, :], qnid_ref[rows][None, :],
                    kv_clean_id, kv_noisy_id)
       logits_t = jnp.where(sees, logits_t, -jnp.inf)
     p_t = jnp.exp2(logits_t - lse2_ref[group, rows][None, :])
     dv = dv + _dot(p_t.astype(do.dtype), do)
-    ds_t = p_t * (_dot_nt(v, do) - delta_ref[group, rows][None, :])
+    ds_t = p_t * (tu.scores_of(v, do) - delta_ref[group, rows][None, :])
     return dk + _dot(ds_t.astype(q.dtype), q), dv
 
   def over_group(group, carry):
@@ -649,7 +637,7 @@ def _forward_call(static: _Static, q, k, v, tokens: _Tokens):
   # Heaviest (last) query tiles launch first, to shorten the tail.
   rev = lambda i: q_tiles - 1 - i
   kernel = functools.partial(
-      _forward_kernel, scale_log2=static.sm_scale * _LOG2E, block_kv=bkv
+      _forward_kernel, scale_log2=static.sm_scale * tu.LOG2_E, block_kv=bkv
   )
   return pl.pallas_call(
       kernel,
@@ -672,9 +660,7 @@ def _forward_call(static: _Static, q, k, v, tokens: _Tokens):
           jax.ShapeDtypeStruct(q.shape, q.dtype),
           jax.ShapeDtypeStruct((batch, q_heads, q_len), jnp.float32),
       ],
-      compiler_params=plt.CompilerParams(
-          num_warps=cfg.num_warps, num_stages=cfg.num_stages
-      ),
+      compiler_params=tu.compiler_params(cfg.num_warps, cfg.num_stages),
       interpret=static.interpret,
       name="block_diffusion_attention_fwd",
   )(order, counts, *tokens, q, k, v)
@@ -695,7 +681,7 @@ def _dq_call(static: _Static, q, k, v, tokens, d_out, lse2, delta):
                          lambda i, b, h: (b, 0, h // groups, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, rev(i)))
   kernel = functools.partial(
-      _dq_kernel, scale_log2=static.sm_scale * _LOG2E,
+      _dq_kernel, scale_log2=static.sm_scale * tu.LOG2_E,
       sm_scale=static.sm_scale, block_kv=bkv,
   )
   return pl.pallas_call(
@@ -707,9 +693,7 @@ def _dq_call(static: _Static, q, k, v, tokens, d_out, lse2, delta):
       ],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=plt.CompilerParams(
-          num_warps=cfg.dq_num_warps, num_stages=cfg.dq_num_stages
-      ),
+      compiler_params=tu.compiler_params(cfg.dq_num_warps, cfg.dq_num_stages),
       interpret=static.interpret,
       name="block_diffusion_attention_dq",
   )(order, counts, *tokens, q, k, v, d_out, lse2, delta)
@@ -734,7 +718,7 @@ def _dkv_call(static: _Static, q, k, v, tokens, d_out, lse2, delta):
   kv_spec = pl.BlockSpec((None, bkv, None, head_dim),
                          lambda j, b, h: (b, j, h, 0))
   kernel = functools.partial(
-      _dkv_kernel, scale_log2=static.sm_scale * _LOG2E,
+      _dkv_kernel, scale_log2=static.sm_scale * tu.LOG2_E,
       sm_scale=static.sm_scale, block_q=bq, groups=groups,
   )
   return pl.pallas_call(
@@ -755,9 +739,7 @@ def _dkv_call(static: _Static, q, k, v, tokens, d_out, lse2, delta):
           jax.ShapeDtypeStruct(k.shape, k.dtype),
           jax.ShapeDtypeStruct(v.shape, v.dtype),
       ],
-      compiler_params=plt.CompilerParams(
-          num_warps=cfg.dkv_num_warps, num_stages=cfg.dkv_num_stages
-      ),
+      compiler_params=tu.compiler_params(cfg.dkv_num_warps, cfg.dkv_num_stages),
       interpret=static.interpret,
       name="block_diffusion_attention_dkv",
   )(order, counts, *tokens, q, k, v, d_out, lse2, delta)
@@ -781,7 +763,7 @@ def _flash_bwd(static: _Static, residuals, cotangents):
       "bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32)
   ) - d_lse
   # Rows that saw no key: p = exp2(-inf - inf) = 0 instead of NaN.
-  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse) * _LOG2E
+  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse) * tu.LOG2_E
   dq = _dq_call(static, q, k, v, tokens, d_out, lse2, delta)
   dk, dv = _dkv_call(static, q, k, v, tokens, d_out, lse2, delta)
   return dq, dk, dv, None
@@ -807,7 +789,7 @@ def _kernel_attention(
   kv_pad = _round_up(
       kv_len, max(cfg.block_kv, cfg.dq_block_kv, cfg.dkv_block_kv)
   )
-  dim_pad = max(16, _next_power_of_2(head_dim))
+  dim_pad = tu.next_power_of_two(head_dim)
   pad = lambda x, length: jnp.pad(
       x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dim_pad - head_dim))
   )
@@ -846,8 +828,8 @@ def block_diffusion_attention(
     sm_scale: logit scale, 1/sqrt(head_dim) by default.
     return_lse: also return the natural-log log-sum-exp of the scaled logits,
       float32 [batch, q_heads, q_len] (-inf for rows that see no key).
-    impl: "auto", "pallas", "interpret" or "reference" (see dispatch); "auto"
-      off the GPU runs ``block_diffusion_attention_blockwise``.
+    impl: a resolved implementation or a setting (see dispatch); "xla" ("auto"
+      off the GPU) runs ``block_diffusion_attention_blockwise``.
     **tuning: fields of TileConfig overriding its defaults (kernels only).
 
   Returns:
@@ -860,15 +842,12 @@ def block_diffusion_attention(
   config = TileConfig(**tuning)
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
-  resolved = dispatch.resolve_impl(impl)
-  if resolved == "reference" and dispatch.requested_impl(impl) == "auto":
-    # "auto" off the GPU: the faster portable path; an explicit "reference"
-    # (argument or MAGE_KERNEL_IMPL) keeps the dense oracle.
+  impl = dispatch.resolve_impl(impl)
+  if impl == "xla":  # "auto" off the GPU: the faster portable path
     return block_diffusion_attention_blockwise(
         q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale,
         return_lse=return_lse,
     )
-  impl = resolved
   if impl == "reference":
     return block_diffusion_attention_reference(
         q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale,

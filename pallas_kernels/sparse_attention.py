@@ -24,9 +24,10 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import merge_splits
-from pallas_kernels.dispatch import resolve_impl
+from pallas_kernels.dispatch import PLAIN_JAX, resolve_impl
 
-_TUNING = ("block_k", "block_q", "num_splits", "num_warps", "num_stages", "merge")
+# Tuning keywords and their defaults (None: chosen from the shapes).
+_TUNING = dict(block_k=64, block_q=64, num_splits=None, num_warps=None, num_stages=2, merge="auto")
 
 
 def _sparse_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, k_block_ref, v_block_ref,
@@ -76,7 +77,7 @@ def _sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block, *,
   block_k = tu.fit_block_k(block_k, indices.shape[2])
   indices = tu.pad_rows(indices.astype(jnp.int32), 2)
   k_cache, v_cache = tu.pad_rows(k_cache, 2), tu.pad_rows(v_cache, 2)
-  capacity, budget = k_cache.shape[2], indices.shape[2]
+  budget = indices.shape[2]
   if num_splits is None:
     # One tile per split, as long as the grid stays within TARGET_PROGRAMS.
     num_splits = max(1, min(pl.cdiv(budget, block_k),
@@ -85,38 +86,14 @@ def _sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block, *,
                              block_tokens=block, block_q=block_q, num_splits=num_splits,
                              block_k=block_k, qk_scale=sm_scale * tu.LOG2_E,
                              exp2=tu.kernel_exp2(interpret))
-  per_batch = lambda t, b, h, s: (b, 0, 0)
-  per_head = lambda t, b, h, s: (b, h, 0, 0)
-  partial_out, partial_lse = pl.pallas_call(
-      kernel,
-      # Query tiles first: the Triton launch runs the leading grid axes fastest, so programs
-      # reading the same K/V rows for different query tiles run together and share L2.
-      grid=(q_tiles, batch, kv_heads, num_splits),
-      in_specs=[
-          pl.BlockSpec((None, None, 1), lambda t, b, h, s: (b, h, 0)),
-          pl.BlockSpec((None, None, budget), lambda t, b, h, s: (b, h, 0)),
-          pl.BlockSpec((None, block * q_heads, head_dim), per_batch),
-          pl.BlockSpec((None, None, capacity, head_dim), per_head),
-          pl.BlockSpec((None, None, capacity, head_dim), per_head),
-          pl.BlockSpec((None, block * kv_heads, head_dim), per_batch),
-          pl.BlockSpec((None, block * kv_heads, head_dim), per_batch),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, None, block * q_heads, head_dim), lambda t, b, h, s: (b, s, 0, 0)),
-          pl.BlockSpec((None, None, block * q_heads), lambda t, b, h, s: (b, s, 0)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((batch, num_splits, block * q_heads, head_dim), q.dtype),
-          jax.ShapeDtypeStruct((batch, num_splits, block * q_heads), jnp.float32),
-      ],
-      compiler_params=tu.compiler_params(num_warps or (8 if block_q >= 256 else 4),
-                                         num_stages),
-      interpret=interpret,
-      name="block_sparse_attention",
-  )(counts.astype(jnp.int32).reshape(batch, kv_heads, 1), indices,
-    q.reshape(batch, block * q_heads, head_dim), k_cache, v_cache,
-    k_block.reshape(batch, block * kv_heads, head_dim),
-    v_block.reshape(batch, block * kv_heads, head_dim))
+  per_head = lambda t, b, h, s: (b, h, 0)
+  leading = [(counts.astype(jnp.int32).reshape(batch, kv_heads, 1),
+              pl.BlockSpec((None, None, 1), per_head)),
+             (indices, pl.BlockSpec((None, None, budget), per_head))]
+  partial_out, partial_lse = tu.split_kv_call(
+      kernel, leading, q, k_cache, v_cache, k_block, v_block, q_tiles=q_tiles,
+      splits=num_splits, num_warps=num_warps or (8 if block_q >= 256 else 4),
+      num_stages=num_stages, interpret=interpret, name="block_sparse_attention")
   if num_splits == 1:
     return partial_out.reshape(q.shape)
   return merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
@@ -143,7 +120,7 @@ def sparse_block_attention(q, k_cache, v_cache, indices, counts, k_block, v_bloc
     counts: int32 [batch, kv_heads], 0..K.
     k_block, v_block: [batch, block, kv_heads, head_dim], always attended.
     sm_scale: logit scale, default 1/sqrt(head_dim).
-    impl: "auto", "pallas", "interpret" or "reference" (see `dispatch.resolve_impl`).
+    impl: a resolved implementation or a setting (see `pallas_kernels.dispatch`).
     **tuning: block_k (rows gathered per tile, default 64), block_q (query rows per program,
       default 64), num_splits (parts of the index list, default one tile each within ~264
       programs), num_warps, num_stages, merge ("auto", "pallas" or "xla", as
@@ -158,16 +135,13 @@ def sparse_block_attention(q, k_cache, v_cache, indices, counts, k_block, v_bloc
   tu.check_tuning(tuning, _TUNING, "sparse_block_attention")
   sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(head_dim)
   impl = resolve_impl(impl)
-  if impl == "reference":
+  if impl in PLAIN_JAX:
     return sparse_block_attention_reference(q, k_cache, v_cache, indices, counts, k_block,
                                             v_block, sm_scale=sm_scale)
   tu.check_kernel_head_dim(head_dim)
-  return _sparse_attention(
-      q, k_cache, v_cache, indices, counts, k_block, v_block, sm_scale=sm_scale,
-      interpret=impl == "interpret", block_k=tuning.get("block_k", 64),
-      block_q=tuning.get("block_q", 64), num_splits=tuning.get("num_splits"),
-      num_warps=tuning.get("num_warps"),
-      num_stages=tuning.get("num_stages", 2), merge=tuning.get("merge", "auto"))
+  return _sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block,
+                           sm_scale=sm_scale, interpret=impl == "interpret",
+                           **{**_TUNING, **tuning})
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale",))

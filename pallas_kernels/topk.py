@@ -27,7 +27,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from pallas_kernels.dispatch import resolve_impl
+from pallas_kernels.dispatch import PLAIN_JAX, resolve_impl
 
 
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
@@ -131,7 +131,8 @@ def select_kv_indices(scores, lengths, k: int, *, budgets=None, impl: str = "aut
     k: static number of output slots (may exceed the capacity or the length).
     budgets: optional int32 broadcastable to scores.shape[:-1], values <= k (per-layer
       budgets); default k.
-    impl: "reference" uses `lax.top_k`; any other choice the exact radix threshold search.
+    impl: the plain-JAX paths ("reference", "xla") use `lax.top_k`; the others the exact radix
+      threshold search.
     radix_bits: bits of the threshold fixed per pass of the radix search (1, 2, 4 or 8): more
       bits, fewer passes but more compares per pass (8 bits measured 2.4x slower than 4 at
       two rows of 128K, 4.4x at 16 rows: benchmarks/results/decode_kernels.md).
@@ -144,7 +145,7 @@ def select_kv_indices(scores, lengths, k: int, *, budgets=None, impl: str = "aut
   _check_inputs(scores, lengths, k, budgets)
   if radix_bits not in (1, 2, 4, 8):
     raise ValueError(f"radix_bits must be 1, 2, 4 or 8, got {radix_bits}")
-  if resolve_impl(impl) == "reference":
+  if resolve_impl(impl) in PLAIN_JAX:
     return select_kv_indices_reference(scores, lengths, k, budgets=budgets)
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

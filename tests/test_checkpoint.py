@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-import configs
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,14 +19,13 @@ from flax import nnx
 
 from mage_jax.checkpoint import (apply_chat_template, load_pretrained, load_tokenizer,
                                  save_pretrained)
-from mage_jax.config import ModelConfig
+from mage_jax.config import ModelConfig, preset_file
 
 PRESETS = ("tiny_qwen2", "tiny_qwen3")
 
 
 def _preset_json(name: str) -> dict:
-  with open(os.path.join(os.path.dirname(configs.__file__), f"{name}.json")) as f:
-    return json.load(f)
+  return json.loads(preset_file(name).read_text())
 
 
 def _hf_shapes(hf: dict) -> dict[str, tuple[int, ...]]:

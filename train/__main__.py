@@ -16,7 +16,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from mage_jax import mesh_flags
+from eval import mesh_flags
 from train.config import MODES, ConfigError, load_config, parse_override
 
 _MODE = flags.DEFINE_enum("mode", None, list(MODES), "pretrain (block-diffusion objective from "

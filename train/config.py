@@ -152,7 +152,7 @@ class TrainConfig:
   """Everything a run needs.
 
   Attributes:
-    model: a preset name (configs/*.json), a model config.json path, or a Hugging Face
+    model: a preset name (mage_jax/presets/*.json), a model config.json path, or a Hugging Face
       checkpoint directory (weights are loaded from it).
     model_overrides: ModelConfig fields to replace (e.g. dtype, vocab_size).
     init_seed: seed of the random initialisation when ``model`` has no weights.
@@ -167,7 +167,8 @@ class TrainConfig:
       of one pass over both (half the activations, the same loss and gradient; needs
       ``complementary``).
     loss_chunk: tokens per chunk of the LM head + loss (never [tokens, vocab] at once).
-    attention_impl: kernel dispatch (auto: Pallas on GPU, reference elsewhere).
+    attention_impl: the kernel setting of the run (pallas_kernels.dispatch; auto: the Pallas
+      kernels on GPU, the plain-JAX paths elsewhere).
     log_every: steps between log lines.
     scaled_residual_init: a model built from scratch (a preset or config.json, not a checkpoint)
       starts its o_proj / down_proj at 0.02 / sqrt(2 * layers) (GPT-2; see build_model).

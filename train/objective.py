@@ -31,8 +31,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mage_jax import attention
 from mage_jax.model import Transformer
+from train import attention
 
 
 class Views(NamedTuple):
@@ -140,11 +140,11 @@ def _weights(views: Views, scored: jax.Array):
   return jnp.where(kl_mask, 1.0 / views.noise, 0.0), kl_mask, jnp.sum(scored)
 
 
-def pretrain_loss(model: Transformer, views: Views, *, chunk: int, remat: bool,
-                  impl: str = "auto") -> tuple[jax.Array, dict[str, jax.Array]]:
+def pretrain_loss(model: Transformer, views: Views, *, chunk: int,
+                  remat: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The block-diffusion loss of one micro-batch through the exact training attention."""
   cfg = model.config
-  attend = attention.make_training_attend(cfg.block_size, impl)
+  attend = attention.make_training_attend(cfg.block_size)
   h_noisy, h_clean, _ = doubled_forward(model, views.noisy, views.clean, attend, None,
                                         remat=remat)
   hidden, scored = predicting_hidden(h_noisy, h_clean, cfg.block_size, cfg.token_shift)
@@ -156,7 +156,7 @@ def pretrain_loss(model: Transformer, views: Views, *, chunk: int, remat: bool,
 
 def select_keys(model: Transformer, views: Views, *, budget: int, dense_layers: int,
                 selection_queries: str, alpha_includes_block: bool, score_chunk: int,
-                num_views: int, impl: str = "auto") -> tuple[Any, ...]:
+                num_views: int) -> tuple[Any, ...]:
   """MAGE-FT step (1): per layer, the BlockSelection of every noisy block (None if dense).
 
   With "all_mask" selection the noisy half is all mask tokens, so both views of a sequence
@@ -165,7 +165,7 @@ def select_keys(model: Transformer, views: Views, *, budget: int, dense_layers: 
   cfg = model.config
   attend = attention.make_selection_attend(
       cfg.block_size, budget, dense_layers, alpha_includes_block=alpha_includes_block,
-      chunk=score_chunk, impl=impl)
+      chunk=score_chunk)
   if selection_queries == "all_mask":
     clean = views.clean[:views.clean.shape[0] // num_views]
     _, _, selections = doubled_forward(model, jnp.full_like(clean, cfg.mask_token_id), clean,
@@ -177,10 +177,10 @@ def select_keys(model: Transformer, views: Views, *, budget: int, dense_layers: 
   return jax.lax.stop_gradient(selections)
 
 
-def teacher_hidden(teacher: Transformer, views: Views, impl: str = "auto") -> jax.Array:
+def teacher_hidden(teacher: Transformer, views: Views) -> jax.Array:
   """MAGE-FT step (3): the frozen teacher's exact predicting hidden states, no gradient."""
   cfg = teacher.config
-  attend = attention.make_training_attend(cfg.block_size, impl)
+  attend = attention.make_training_attend(cfg.block_size)
   h_noisy, h_clean, _ = doubled_forward(teacher, views.noisy, views.clean, attend, None)
   hidden, _ = predicting_hidden(h_noisy, h_clean, cfg.block_size, cfg.token_shift)
   return jax.lax.stop_gradient(hidden)
@@ -188,11 +188,11 @@ def teacher_hidden(teacher: Transformer, views: Views, impl: str = "auto") -> ja
 
 def selfdistill_loss(model: Transformer, teacher: Transformer, views: Views,
                      selections: tuple[Any, ...], teacher_states: jax.Array, *,
-                     kl_weight: float, chunk: int, remat: bool,
-                     impl: str = "auto") -> tuple[jax.Array, dict[str, jax.Array]]:
+                     kl_weight: float, chunk: int,
+                     remat: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
   """MAGE-FT step (2) and the loss: the sparse student against the exact teacher."""
   cfg = model.config
-  attend = attention.make_sparse_training_attend(cfg.block_size, impl)
+  attend = attention.make_sparse_training_attend(cfg.block_size)
   h_noisy, h_clean, _ = doubled_forward(model, views.noisy, views.clean, attend, selections,
                                         remat=remat)
   hidden, scored = predicting_hidden(h_noisy, h_clean, cfg.block_size, cfg.token_shift)

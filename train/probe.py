@@ -27,10 +27,10 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
-from mage_jax import attention
 from mage_jax.model import Transformer
 from mage_jax.tasks import haystack, niah
-from train import objective
+from pallas_kernels.dispatch import active_impl, use_kernels
+from train import attention, objective
 
 # Probe documents draw seeds here: apart from eval seeds (< 10**6) and training seeds.
 PROBE_SEED = "probe"
@@ -46,16 +46,21 @@ def _pad(rows: Sequence[Sequence[int]], masks: Sequence[np.ndarray], multiple: i
   return jnp.asarray(tokens), jnp.asarray(scored)
 
 
-@functools.partial(nnx.jit, static_argnames="impl")
-def masked_predictions(model: Transformer, tokens: jax.Array, masked: jax.Array,
-                       impl: str = "auto") -> jax.Array:
+def masked_predictions(model: Transformer, tokens: jax.Array, masked: jax.Array) -> jax.Array:
   """The training view's argmax at every position, ``masked`` tokens replaced by the mask id
-  (tokens, masked: [batch, L], L a multiple of the block size). Compiled once per shape; the
-  probe documents are fixed, so a run compiles it once per probe."""
+  (tokens, masked: [batch, L], L a multiple of the block size). Compiled once per shape and
+  kernel setting; the probe documents are fixed, so a run compiles it once per probe."""
+  return _masked_predictions(model, tokens, masked, impl=active_impl())
+
+
+@functools.partial(nnx.jit, static_argnames="impl")
+def _masked_predictions(model: Transformer, tokens: jax.Array, masked: jax.Array, *,
+                        impl: str) -> jax.Array:
   cfg = model.config
   noisy = jnp.where(masked, cfg.mask_token_id, tokens)
-  h_noisy, h_clean, _ = objective.doubled_forward(
-      model, noisy, tokens, attention.make_training_attend(cfg.block_size, impl), None)
+  with use_kernels(impl):
+    h_noisy, h_clean, _ = objective.doubled_forward(
+        model, noisy, tokens, attention.make_training_attend(cfg.block_size), None)
   hidden, _ = objective.predicting_hidden(h_noisy, h_clean, cfg.block_size, cfg.token_shift)
   return jnp.argmax(model.logits(hidden), axis=-1)
 
@@ -66,10 +71,10 @@ def _accuracy(predictions: jax.Array, tokens: jax.Array, scored: jax.Array) -> f
 
 
 def masked_accuracy(model: Transformer, tokens: jax.Array, masked: jax.Array,
-                    scored: jax.Array, impl: str = "auto") -> float:
+                    scored: jax.Array) -> float:
   """Accuracy of the training view's argmax on ``scored`` tokens, ``masked`` ones replaced by
   the mask id."""
-  return _accuracy(masked_predictions(model, tokens, masked, impl), tokens, scored)
+  return _accuracy(masked_predictions(model, tokens, masked), tokens, scored)
 
 
 def _token_counter(tokenizer: tokenizers.Tokenizer):
@@ -98,12 +103,12 @@ def copy_documents(tokenizer: tokenizers.Tokenizer, *, context: int, docs: int,
 
 
 def copy_probe(model: Transformer, tokenizer: tokenizers.Tokenizer, *, context: int,
-               docs: int = 4, mask_rate: float = 0.3, impl: str = "auto") -> dict[str, float]:
+               docs: int = 4, mask_rate: float = 0.3) -> dict[str, float]:
   """Masked-token accuracy in the first and the repeated half of ``repeat`` documents."""
   tokens, first, second = copy_documents(tokenizer, context=context, docs=docs,
                                          multiple=model.config.block_size)
   masked = jnp.asarray(np.random.default_rng(0).random(tokens.shape) < mask_rate)
-  predictions = masked_predictions(model, tokens, masked, impl)  # one forward, both halves
+  predictions = masked_predictions(model, tokens, masked)  # one forward, both halves
   return {"copy_first_half": _accuracy(predictions, tokens, masked & first),
           "copy_second_half": _accuracy(predictions, tokens, masked & second)}
 
@@ -126,22 +131,21 @@ def needle_documents(tokenizer: tokenizers.Tokenizer, *, context: int, needles: 
 
 
 def needle_probe(model: Transformer, tokenizer: tokenizers.Tokenizer, *, context: int,
-                 needles: int = 4, docs: int = 4, impl: str = "auto") -> dict[str, float]:
+                 needles: int = 4, docs: int = 4) -> dict[str, float]:
   """Answer-digit accuracy on ``niah_drill`` documents (every needle asked after the prompt)."""
   tokens, answers = needle_documents(tokenizer, context=context, needles=needles, docs=docs,
                                      multiple=model.config.block_size)
   alternate = answers & (jnp.arange(tokens.shape[1]) % 2 == 0)
-  return {"needle_digits_all_masked": masked_accuracy(model, tokens, answers, answers, impl),
-          "needle_digits_alternate": masked_accuracy(model, tokens, alternate, alternate, impl)}
+  return {"needle_digits_all_masked": masked_accuracy(model, tokens, answers, answers),
+          "needle_digits_alternate": masked_accuracy(model, tokens, alternate, alternate)}
 
 
 def run_probes(model: Transformer, tokenizer: tokenizers.Tokenizer, *, context: int,
-               docs: int = 4, impl: str = "auto") -> dict[str, float]:
+               docs: int = 4) -> dict[str, float]:
   """Both probes on documents of ``context`` tokens (needles: one per 64 tokens, at most 4)."""
   needles = max(1, min(4, context // 64))
-  return {**copy_probe(model, tokenizer, context=context, docs=docs, impl=impl),
-          **needle_probe(model, tokenizer, context=context, needles=needles, docs=docs,
-                         impl=impl)}
+  return {**copy_probe(model, tokenizer, context=context, docs=docs),
+          **needle_probe(model, tokenizer, context=context, needles=needles, docs=docs)}
 
 
 def main(argv: Sequence[str]) -> None:

@@ -39,6 +39,7 @@ from mage_jax import sharding
 from mage_jax.config import ModelConfig
 from mage_jax.lora import LoraConfig
 from mage_jax.model import Transformer, build_model
+from pallas_kernels.dispatch import use_kernels
 from train import data as data_lib
 from train import objective
 from train import probe as probe_lib
@@ -275,7 +276,6 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
   model_cfg = layout.config
   num_views = 2 if cfg.complementary else 1
   mage = cfg.mage
-  impl = cfg.attention_impl
   if mesh is not None:
     shardings = state_shardings(layout, tx, mesh)
     tokens_sharding = sharding.checked_sharding(
@@ -286,11 +286,10 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
                  kl_weight=mage.kl_weight):
     model = layout.model(params, frozen_shared)
     if mode == "pretrain":
-      return objective.pretrain_loss(model, views, chunk=cfg.loss_chunk, remat=cfg.remat,
-                                     impl=impl)
+      return objective.pretrain_loss(model, views, chunk=cfg.loss_chunk, remat=cfg.remat)
     return objective.selfdistill_loss(model, teacher, views, selections, teacher_states,
                                       kl_weight=kl_weight, chunk=cfg.loss_chunk,
-                                      remat=cfg.remat, impl=impl)
+                                      remat=cfg.remat)
 
   def view_by_view(params, frozen_shared, views, selections, teacher_states, teacher):
     """micro_loss's value and gradient with the complementary views run one after the other
@@ -331,8 +330,8 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
             layout.model(state.params, frozen.shared), views, budget=mage.budget,
             dense_layers=mage.dense_layers, selection_queries=mage.selection_queries,
             alpha_includes_block=mage.alpha_includes_block, score_chunk=mage.score_chunk,
-            num_views=num_views, impl=impl)
-        teacher_states = objective.teacher_hidden(teacher, views, impl)
+            num_views=num_views)
+        teacher_states = objective.teacher_hidden(teacher, views)
       if cfg.split_views:
         metrics, grads = view_by_view(state.params, frozen.shared, views, selections,
                                       teacher_states, teacher)
@@ -363,7 +362,11 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
       new_state = jax.lax.with_sharding_constraint(new_state, shardings)
     return new_state, metrics
 
-  jitted = jax.jit(step, donate_argnums=0)
+  def step_with_kernels(state: TrainState, tokens: jax.Array, teacher_params):
+    with use_kernels(cfg.attention_impl):  # traced once per step function: one setting
+      return step(state, tokens, teacher_params)
+
+  jitted = jax.jit(step_with_kernels, donate_argnums=0)
   if mesh is None:
     return jitted
 
@@ -583,8 +586,9 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
       last = done == end or (deadline is not None and time.monotonic() > deadline)
       pending = (done, metrics)
       if cfg.probe_every and (done % cfg.probe_every == 0 or last):
-        probes = probe_lib.run_probes(layout.model(state.params, frozen.shared), tokenizer,
-                                      context=cfg.probe_context, impl=cfg.attention_impl)
+        with use_kernels(cfg.attention_impl):
+          probes = probe_lib.run_probes(layout.model(state.params, frozen.shared), tokenizer,
+                                        context=cfg.probe_context)
         log.write({"step": done, **probes}, bar.write)
       if last or done % cfg.checkpoint.every == 0:
         finish_step(*pending, last=last)

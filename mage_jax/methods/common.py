@@ -1,12 +1,14 @@
-"""Pieces the sparse methods share: config checks, per-layer selection storage, top-k over
-tokens or tiles, and the attention calls, so every method selects and attends through the same
-kernels (like-for-like comparisons)."""
+"""Pieces the sparse methods share: the sparse-method base (dense layers, per-layer selection
+storage), config checks, top-k over tokens or tiles, and the attention calls, so every method
+selects and attends through the same kernels (like-for-like comparisons). The kernels run as the
+kernel setting says (pallas_kernels.dispatch)."""
 
 from __future__ import annotations
 
+import dataclasses
 import fractions
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +16,11 @@ import jax.numpy as jnp
 from mage_jax import sharding
 from mage_jax.config import ModelConfig
 from mage_jax.kv_cache import LayerCache
-from mage_jax.methods.base import Selection
+from mage_jax.methods.base import AttentionMethod, Selection, StepInfo
 from mage_jax.sharding import (CACHE_AXES, KV_AXES, PER_HEAD_AXES, Q_AXES, ROWS_AXES,
                                SELECTION_AXES)
 from pallas_kernels.decode_attention import exact_block_attention, mask_step_attention
+from pallas_kernels.dispatch import active_impl
 from pallas_kernels.sparse_attention import sparse_block_attention
 from pallas_kernels.topk import select_kv_indices
 
@@ -69,42 +72,94 @@ class LayerSelections(NamedTuple):
                            self.counts.at[i].set(selection.counts))
 
 
+@dataclasses.dataclass(frozen=True)
+class SparseMethod(AttentionMethod):
+  """Base of the methods that keep one selection per sparse layer (MAGE, Quest, SparseD, the
+  oracle): the first ``dense_layers`` layers attend exactly; layer ``dense_layers + i`` is
+  sparse layer i, whose latest rows are ``LayerSelections`` entry i of the state. A method
+  defines only its rule: ``slots`` (static index slots) and ``attend_sparse``; one whose state
+  holds more than the selections overrides ``init_state`` and ``stored_selections``.
+
+  Attributes:
+    budget: K, cache rows per (sequence, layer, KV head).
+    dense_layers: the first layers always run exact attention (2 in the MAGE paper).
+  """
+
+  budget: int | None = 512
+  dense_layers: int = 2
+
+  def __post_init__(self):
+    if self.budget is not None:
+      check_positive(self, "budget")
+
+  def slots(self, capacity: int) -> int:
+    """Static index slots per (sparse layer, sequence, KV head)."""
+    return min(self.budget, capacity)
+
+  def sparse_index(self, layer: int) -> int | None:
+    """Layer ``layer``'s index among the sparse layers (None for a dense layer)."""
+    return layer - self.dense_layers if layer >= self.dense_layers else None
+
+  def init_state(self, cfg, batch, capacity):
+    check_dense_layers(self, cfg)
+    return LayerSelections.empty(cfg.num_layers - self.dense_layers, batch, cfg.num_kv_heads,
+                                 self.slots(capacity))
+
+  def stored_selections(self, state: Any) -> "LayerSelections":
+    return state
+
+  def attend(self, layer, q, k_block, v_block, cache, state, step):
+    i = self.sparse_index(layer)
+    if i is None:
+      return exact(q, k_block, v_block, cache), state, None
+    return self.attend_sparse(i, q, k_block, v_block, cache, state, step)
+
+  def attend_sparse(self, i: int, q, k_block, v_block, cache: LayerCache, state: Any,
+                    step: StepInfo) -> tuple[jax.Array, Any, Any]:
+    """``attend`` of sparse layer ``i``: (out, state, stats)."""
+    raise NotImplementedError(f"{type(self).__name__} does not define attend_sparse")
+
+  def selection(self, layer, state, step):
+    i = self.sparse_index(layer)
+    return None if i is None else self.stored_selections(state).get(i)
+
+
 # The kernel calls below run per (batch, KV head) shard under a mesh (sharding.shard_kernel).
 _CACHE = LayerCache(CACHE_AXES, CACHE_AXES, ("batch",))
 
 
-def exact(q, k_block, v_block, cache: LayerCache, impl: str) -> jax.Array:
+def exact(q, k_block, v_block, cache: LayerCache) -> jax.Array:
   def call(q, k_block, v_block, cache):
-    return exact_block_attention(q, cache.k, cache.v, cache.lengths, k_block, v_block, impl=impl)
+    return exact_block_attention(q, cache.k, cache.v, cache.lengths, k_block, v_block,
+                                 impl=active_impl())
 
   return sharding.shard_kernel(call, (Q_AXES, KV_AXES, KV_AXES, _CACHE), Q_AXES)(
       q, k_block, v_block, cache)
 
 
-def exact_with_alpha(q, k_block, v_block, cache: LayerCache, alpha_includes_block: bool,
-                     impl: str) -> tuple[jax.Array, jax.Array]:
+def exact_with_alpha(q, k_block, v_block, cache: LayerCache,
+                     alpha_includes_block: bool) -> tuple[jax.Array, jax.Array]:
   """(exact output, alpha [batch, kv_heads, capacity]) through the mask-step kernel."""
 
   def call(q, k_block, v_block, cache):
     return mask_step_attention(q, cache.k, cache.v, cache.lengths, k_block, v_block,
-                               alpha_includes_block=alpha_includes_block, impl=impl)
+                               alpha_includes_block=alpha_includes_block, impl=active_impl())
 
   return sharding.shard_kernel(call, (Q_AXES, KV_AXES, KV_AXES, _CACHE), (Q_AXES, ROWS_AXES))(
       q, k_block, v_block, cache)
 
 
-def attend_selected(q, k_block, v_block, cache: LayerCache, selection: Selection,
-                    impl: str) -> jax.Array:
+def attend_selected(q, k_block, v_block, cache: LayerCache, selection: Selection) -> jax.Array:
   def call(q, k_block, v_block, cache, indices, counts):
     return sparse_block_attention(q, cache.k, cache.v, indices, counts, k_block, v_block,
-                                  impl=impl)
+                                  impl=active_impl())
 
   in_axes = (Q_AXES, KV_AXES, KV_AXES, _CACHE, SELECTION_AXES, PER_HEAD_AXES)
   return sharding.shard_kernel(call, in_axes, Q_AXES)(q, k_block, v_block, cache,
                                                       selection.indices, selection.counts)
 
 
-def top_k_per_head(scores: jax.Array, lengths: jax.Array, k: int, impl: str,
+def top_k_per_head(scores: jax.Array, lengths: jax.Array, k: int,
                    budgets: jax.Array | None = None,
                    leading: tuple[str | None, ...] = ()) -> tuple[jax.Array, jax.Array]:
   """select_kv_indices over scores [*leading, batch, kv_heads, *rest, n], per shard.
@@ -119,15 +174,15 @@ def top_k_per_head(scores: jax.Array, lengths: jax.Array, k: int, impl: str,
     in_axes.append(broadcast(budgets))
 
   def call(scores, lengths, budgets=None):
-    return select_kv_indices(scores, lengths, k, budgets=budgets, impl=impl)
+    return select_kv_indices(scores, lengths, k, budgets=budgets, impl=active_impl())
 
   return sharding.shard_kernel(call, tuple(in_axes), (rows + ("slots",), rows))(*args)
 
 
-def top_rows(scores: jax.Array, lengths: jax.Array, k: int, impl: str,
+def top_rows(scores: jax.Array, lengths: jax.Array, k: int,
              budgets: jax.Array | None = None) -> Selection:
   """The k (or ``budgets``) best of scores [batch, kv_heads, n] among the first lengths[b]."""
-  return Selection(*top_k_per_head(scores, lengths[:, None], k, impl, budgets))
+  return Selection(*top_k_per_head(scores, lengths[:, None], k, budgets))
 
 
 def num_tiles(lengths: jax.Array, tile_size: int) -> jax.Array:

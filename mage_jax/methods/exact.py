@@ -11,15 +11,10 @@ from mage_jax.methods.base import AttentionMethod
 
 @dataclasses.dataclass(frozen=True)
 class ExactAttention(AttentionMethod):
-  """Dense attention through the split-KV decode kernel (reference off the GPU).
-
-  Attributes:
-    impl: kernel dispatch ("auto": Pallas on GPU, plain JAX elsewhere).
-  """
+  """Dense attention through the split-KV decode kernel (reference off the GPU)."""
 
   name: ClassVar[str] = "exact"
-  impl: str = "auto"
 
   def attend(self, layer, q, k_block, v_block, cache, state, step):
     del layer, step
-    return common.exact(q, k_block, v_block, cache, self.impl), state
+    return common.exact(q, k_block, v_block, cache), state, None

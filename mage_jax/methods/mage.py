@@ -4,11 +4,12 @@ Fixed budget (v2, eq. 5): at the first step every sparse layer runs exact attent
 mask-step kernel, which also returns alpha (the block-and-group mean attention probability of
 each cache row); the top ``budget`` rows of alpha per KV head are stored and every later step of
 the block attends only them (plus the block itself). The selection runs once for all layers,
-after the step (``after_step``): one call over layers x batch x KV heads rows keeps the GPU busy
-where one layer's few rows (2 at batch 1) leave it launch-bound, and the result is the same.
+after the step (``after_step``, from the alphas the layers returned as stats): one call over
+layers x batch x KV heads rows keeps the GPU busy where one layer's few rows (2 at batch 1)
+leave it launch-bound, and the result is the same.
 
 Layer-adaptive budget (v1, Algorithm 1), ``adaptive=True``: at the first step each layer also
-records, per KV head, the union U_h of its queries' local top-K' rows and the layer score
+measures, per KV head, the union U_h of its queries' local top-K' rows and the layer score
 s_l = max_h |U_h| (1 - log p_h), p_h = sum of alpha over U_h (alpha is already the mean over the
 G*B queries, so this is the v1 coverage). After the step (``after_step``), when every layer's
 score is known, layer l gets K_l = max(K_min, floor(s_l / sum(s) * K * L')) rows, the best of U_h
@@ -25,26 +26,25 @@ from jax import lax
 import jax.numpy as jnp
 
 from mage_jax.methods import common
-from mage_jax.methods.base import AttentionMethod
+from mage_jax.methods.base import Selection
 
 
-class FirstStepAlphas(NamedTuple):
-  """Fixed budget, between the first step's layers and its ``after_step``: the alpha of each
-  sparse layer run so far (by sparse-layer index), and the cache lengths they cover."""
+class FirstStepAlpha(NamedTuple):
+  """A sparse layer's stats at the first step (fixed budget): its alpha and the cache lengths
+  it covers."""
 
-  selections: common.LayerSelections
-  alphas: dict[int, jax.Array]  # float32 [batch, kv_heads, capacity] per sparse layer
+  alpha: jax.Array  # float32 [batch, kv_heads, capacity]
   lengths: jax.Array  # int32 [batch]
 
 
-class AdaptiveState(NamedTuple):
-  """Between the first step's layers and its ``after_step``, ``selections`` holds each layer's
-  candidates (its best ``slots`` rows by vote score, ascending) and ``candidate_scores`` their
-  scores; ``after_step`` narrows the candidates to each layer's budget."""
+class Candidates(NamedTuple):
+  """A sparse layer's stats at the first step (adaptive budget): its best ``slots`` rows by
+  vote score (ascending), their scores, and the layer score; ``after_step`` narrows them to
+  each layer's budget once every layer's score is known."""
 
-  selections: common.LayerSelections
-  candidate_scores: jax.Array  # float32 [sparse_layers, batch, kv_heads, slots]
-  layer_scores: jax.Array  # float32 [sparse_layers, batch]: s_l
+  rows: Selection
+  scores: jax.Array  # float32 [batch, kv_heads, slots]
+  layer_score: jax.Array  # float32 [batch]: s_l
 
 
 def adaptive_budgets(layer_scores: jax.Array, budget: int, min_budget: int,
@@ -62,7 +62,7 @@ def adaptive_budgets(layer_scores: jax.Array, budget: int, min_budget: int,
 
 
 @dataclasses.dataclass(frozen=True)
-class MageAttention(AttentionMethod):
+class MageAttention(common.SparseMethod):
   """MAGE, fixed or layer-adaptive budget.
 
   Attributes:
@@ -80,21 +80,18 @@ class MageAttention(AttentionMethod):
     min_budget: K_min of the adaptive budgets; default K // 4 (not published).
     max_budget_factor: adaptive K_l are capped at this many times K, the static number of
       index slots (memory and sparse-kernel work scale with it).
-    impl: kernel dispatch ("auto", "pallas", "interpret", "reference").
   """
 
   name: ClassVar[str] = "mage"
-  budget: int = 512
-  dense_layers: int = 2
   alpha_includes_block: bool = True
   adaptive: bool = False
   query_budget: int | None = None
   min_budget: int | None = None
   max_budget_factor: int = 4
-  impl: str = "auto"
 
   def __post_init__(self):
-    common.check_positive(self, "budget", "max_budget_factor")
+    super().__post_init__()
+    common.check_positive(self, "max_budget_factor")
     for field in ("query_budget", "min_budget"):
       if getattr(self, field) is not None:
         common.check_positive(self, field)
@@ -110,43 +107,19 @@ class MageAttention(AttentionMethod):
     return self.min_budget if self.min_budget is not None else max(1, self.budget // 4)
 
   def slots(self, capacity: int) -> int:
-    """Static index slots per (layer, sequence, KV head)."""
     most = self.budget * self.max_budget_factor if self.adaptive else self.budget
     return min(most, capacity)
 
-  def init_state(self, cfg, batch, capacity):
-    common.check_dense_layers(self, cfg)
-    layers = cfg.num_layers - self.dense_layers
-    slots = self.slots(capacity)
-    selections = common.LayerSelections.empty(layers, batch, cfg.num_kv_heads, slots)
-    if not self.adaptive:
-      return selections
-    return AdaptiveState(selections,
-                         jnp.zeros((layers, batch, cfg.num_kv_heads, slots), jnp.float32),
-                         jnp.zeros((layers, batch), jnp.float32))
-
-  def attend(self, layer, q, k_block, v_block, cache, state, step):
-    if layer < self.dense_layers:
-      return common.exact(q, k_block, v_block, cache, self.impl), state
-    i = layer - self.dense_layers
-    selections = state.selections if self.adaptive else state
+  def attend_sparse(self, i, q, k_block, v_block, cache, state, step):
     if not step.first:
-      return common.attend_selected(q, k_block, v_block, cache, selections.get(i), self.impl), state
-    out, alpha = common.exact_with_alpha(q, k_block, v_block, cache, self.alpha_includes_block,
-                                         self.impl)
+      return common.attend_selected(q, k_block, v_block, cache, state.get(i)), state, None
+    out, alpha = common.exact_with_alpha(q, k_block, v_block, cache, self.alpha_includes_block)
     if not self.adaptive:
-      if not isinstance(state, FirstStepAlphas):
-        state = FirstStepAlphas(state, {}, cache.lengths)
-      return out, state._replace(alphas={**state.alphas, i: alpha})
-    slots = self.slots(cache.k.shape[2])
-    candidates, scores, layer_score = self._candidates(q, cache, alpha, slots)
-    return out, AdaptiveState(state.selections.set(i, candidates),
-                              state.candidate_scores.at[i].set(scores),
-                              state.layer_scores.at[i].set(layer_score))
+      return out, state, FirstStepAlpha(alpha, cache.lengths)
+    return out, state, self._candidates(q, cache, alpha, self.slots(cache.k.shape[2]))
 
-  def _candidates(self, q, cache, alpha, slots):
-    """The first-step statistics of one layer: (best ``slots`` rows by vote score, their
-    scores, s_l [batch])."""
+  def _candidates(self, q, cache, alpha, slots) -> Candidates:
+    """The first-step statistics of one layer."""
     batch, block, q_heads, head_dim = q.shape
     kv_heads, capacity = cache.k.shape[1], cache.k.shape[2]
     group = q_heads // kv_heads
@@ -156,7 +129,7 @@ class MageAttention(AttentionMethod):
                         precision=lax.Precision.HIGHEST)
     logits = logits.reshape(batch, kv_heads, group * block, capacity)
     picked, picked_counts = common.top_k_per_head(logits, cache.lengths[:, None, None],
-                                                  self.k_query, self.impl)
+                                                  self.k_query)
     used = jnp.arange(self.k_query) < picked_counts[..., None]
     b = jnp.arange(batch)[:, None, None, None]
     h = jnp.arange(kv_heads)[None, :, None, None]
@@ -172,40 +145,34 @@ class MageAttention(AttentionMethod):
     tie = 0.5 * alpha / jnp.where(peak > 0, peak, 1.0)
     recency = (jnp.arange(capacity) - capacity).astype(jnp.float32)
     score = jnp.where(union, votes + tie, recency)
-    candidates = common.top_rows(score, cache.lengths, slots, self.impl)
-    return (candidates, jnp.take_along_axis(score, candidates.indices, axis=-1),
-            jnp.max(head_scores, axis=-1))
+    candidates = common.top_rows(score, cache.lengths, slots)
+    return Candidates(candidates, jnp.take_along_axis(score, candidates.indices, axis=-1),
+                      jnp.max(head_scores, axis=-1))
 
-  def after_step(self, state, step):
-    if isinstance(state, FirstStepAlphas):
-      return _select_all_layers(state, self.impl)
-    if not (self.adaptive and step.first):
+  def after_step(self, state, stats):
+    """Selects the rows of every sparse layer the first step ran, in one selection call."""
+    if not stats:
       return state
-    selections = state.selections
-    slots = selections.indices.shape[-1]
-    budgets = adaptive_budgets(state.layer_scores, self.budget, self.k_min, slots)
-    # Candidates are ascending by row, so the chosen slots, ascending, stay ascending by row.
-    chosen, counts = common.top_k_per_head(state.candidate_scores, selections.counts, slots,
-                                           self.impl, budgets=budgets[..., None],
-                                           leading=("layers",))
-    rows = jnp.take_along_axis(selections.indices, chosen, axis=-1)
-    rows = jnp.where(jnp.arange(slots) < counts[..., None], rows, 0)
-    return state._replace(selections=common.LayerSelections(rows, counts))
+    layers = sorted(stats)
+    at = jnp.asarray([self.sparse_index(layer) for layer in layers])
+    stack = lambda field: jnp.stack([getattr(stats[layer], field) for layer in layers])
+    slots = state.indices.shape[-1]
+    if not self.adaptive:  # every layer of a step sees the same cache lengths
+      lengths = stats[layers[0]].lengths[None, :, None]
+      indices, counts = common.top_k_per_head(stack("alpha"), lengths, slots, leading=("layers",))
+    else:
+      candidates = jnp.stack([stats[layer].rows.indices for layer in layers])
+      candidate_counts = jnp.stack([stats[layer].rows.counts for layer in layers])
+      budgets = adaptive_budgets(stack("layer_score"), self.budget, self.k_min, slots)
+      # Candidates are ascending by row, so the chosen slots, ascending, stay ascending by row.
+      chosen, counts = common.top_k_per_head(stack("scores"), candidate_counts, slots,
+                                             budgets=budgets[..., None], leading=("layers",))
+      indices = jnp.take_along_axis(candidates, chosen, axis=-1)
+      indices = jnp.where(jnp.arange(slots) < counts[..., None], indices, 0)
+    return common.LayerSelections(state.indices.at[at].set(indices),
+                                  state.counts.at[at].set(counts))
 
-  def selection(self, layer, state):
-    if layer < self.dense_layers or isinstance(state, FirstStepAlphas):
-      return None  # dense, or the first step: selected by after_step
-    selections = state.selections if self.adaptive else state
-    return selections.get(layer - self.dense_layers)
-
-
-def _select_all_layers(state: FirstStepAlphas, impl: str) -> common.LayerSelections:
-  """The top rows of alpha of every layer the first step ran, in one selection call."""
-  layers = sorted(state.alphas)
-  slots = state.selections.indices.shape[-1]
-  alphas = jnp.stack([state.alphas[i] for i in layers])  # [layers, batch, kv_heads, capacity]
-  indices, counts = common.top_k_per_head(alphas, state.lengths[None, :, None], slots, impl,
-                                          leading=("layers",))
-  at = jnp.asarray(layers)
-  return common.LayerSelections(state.selections.indices.at[at].set(indices),
-                                state.selections.counts.at[at].set(counts))
+  def selection(self, layer, state, step):
+    if step.first:
+      return None  # the first step attends exactly; after_step selects
+    return super().selection(layer, state, step)

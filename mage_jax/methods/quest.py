@@ -17,7 +17,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from mage_jax.methods import common
-from mage_jax.methods.base import AttentionMethod, WrittenRows
+from mage_jax.methods.base import WrittenRows
 
 AGGREGATES = ("max", "mean")
 
@@ -85,7 +85,7 @@ def page_bounds(q: jax.Array, key_min: jax.Array, key_max: jax.Array) -> jax.Arr
 
 
 @dataclasses.dataclass(frozen=True)
-class QuestAttention(AttentionMethod):
+class QuestAttention(common.SparseMethod):
   """Quest (page top-k by key bounds), one page set per (sequence, layer, KV head).
 
   Attributes:
@@ -95,7 +95,6 @@ class QuestAttention(AttentionMethod):
     aggregate: how the bounds of the block's queries and the group's heads combine into one page
       score: "max" (default: a page any query may need is kept, and the result is still a bound
       on every query's logits) or "mean".
-    impl: kernel dispatch.
 
   Page summaries are refreshed after every write (prefill chunk or committed block) on the
   pages the write touched (``update_page_summaries``); a write of unknown extent recomputes them
@@ -103,33 +102,35 @@ class QuestAttention(AttentionMethod):
   """
 
   name: ClassVar[str] = "quest"
-  budget: int = 512
   page_size: int = 16
-  dense_layers: int = 2
   aggregate: str = "max"
-  impl: str = "auto"
 
   def __post_init__(self):
-    common.check_positive(self, "budget", "page_size")
+    super().__post_init__()
+    common.check_positive(self, "page_size")
     common.require(self.aggregate in AGGREGATES, self, "aggregate",
                    f"must be one of {AGGREGATES}, got {self.aggregate!r}")
 
   def pages_kept(self, capacity: int) -> int:
     return min(max(3, self.budget // self.page_size), -(-capacity // self.page_size))
 
+  def slots(self, capacity):
+    return self.pages_kept(capacity) * self.page_size
+
   def init_state(self, cfg, batch, capacity):
-    common.check_dense_layers(self, cfg)
-    layers = cfg.num_layers - self.dense_layers
+    selections = super().init_state(cfg, batch, capacity)
     pages = -(-capacity // self.page_size)
-    summary = jnp.zeros((layers, batch, cfg.num_kv_heads, pages, cfg.head_dim), cfg.dtype)
-    slots = self.pages_kept(capacity) * self.page_size
-    return QuestState(summary, summary,
-                      common.LayerSelections.empty(layers, batch, cfg.num_kv_heads, slots))
+    summary = jnp.zeros((selections.indices.shape[0], batch, cfg.num_kv_heads, pages,
+                         cfg.head_dim), cfg.dtype)
+    return QuestState(summary, summary, selections)
+
+  def stored_selections(self, state):
+    return state.selections
 
   def after_write(self, layer, cache, state, written=None):
-    if layer < self.dense_layers:
+    i = self.sparse_index(layer)
+    if i is None:
       return state
-    i = layer - self.dense_layers
     if written is None:
       key_min, key_max = page_summaries(cache.k, cache.lengths, self.page_size)
     else:
@@ -138,20 +139,12 @@ class QuestAttention(AttentionMethod):
     return state._replace(key_min=state.key_min.at[i].set(key_min.astype(state.key_min.dtype)),
                           key_max=state.key_max.at[i].set(key_max.astype(state.key_max.dtype)))
 
-  def attend(self, layer, q, k_block, v_block, cache, state, step):
+  def attend_sparse(self, i, q, k_block, v_block, cache, state, step):
     del step
-    if layer < self.dense_layers:
-      return common.exact(q, k_block, v_block, cache, self.impl), state
-    i = layer - self.dense_layers
     bounds = page_bounds(q, state.key_min[i], state.key_max[i])
     scores = jnp.max(bounds, axis=(2, 3)) if self.aggregate == "max" else jnp.mean(bounds, (2, 3))
     pages = common.top_rows(scores, common.num_tiles(cache.lengths, self.page_size),
-                            self.pages_kept(cache.k.shape[2]), self.impl)
+                            self.pages_kept(cache.k.shape[2]))
     rows = common.expand_tiles(pages, self.page_size, cache.lengths)
-    out = common.attend_selected(q, k_block, v_block, cache, rows, self.impl)
-    return out, state._replace(selections=state.selections.set(i, rows))
-
-  def selection(self, layer, state):
-    if layer < self.dense_layers:
-      return None
-    return state.selections.get(layer - self.dense_layers)
+    out = common.attend_selected(q, k_block, v_block, cache, rows)
+    return out, state._replace(selections=state.selections.set(i, rows)), None

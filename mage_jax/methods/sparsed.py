@@ -4,29 +4,24 @@ The first ceil(dense_fraction * nominal_steps) steps of a block run exact attent
 them also computes, per KV head, the mean alpha of every key tile and keeps the best tiles; the
 remaining steps of the block attend only their rows. The step index is traced, so the three
 cases (dense, dense + select, sparse) are branches of one lax.switch: one compile for all steps.
+The state is the stored tile rows; whether a step attended them follows from its index.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
-import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
 from mage_jax.methods import common
-from mage_jax.methods.base import AttentionMethod, Selection
-
-
-class SparseDState(NamedTuple):
-  selections: common.LayerSelections  # the tile rows chosen at the block's last dense step
-  sparse_now: jax.Array  # bool scalar: the latest step attended the selections
+from mage_jax.methods.base import Selection
 
 
 @dataclasses.dataclass(frozen=True)
-class SparseDAttention(AttentionMethod):
+class SparseDAttention(common.SparseMethod):
   """SparseD (dense warm-up steps, then the top key tiles by mean attention).
 
   Attributes:
@@ -41,27 +36,25 @@ class SparseDAttention(AttentionMethod):
     dense_layers: the first layers always run exact (SparseD has none: default 0; 2 matches the
       other methods).
     alpha_includes_block: alpha's normaliser, as in MageAttention (default True).
-    impl: kernel dispatch.
   """
 
   name: ClassVar[str] = "sparsed"
+  budget: int | None = None
+  dense_layers: int = 0
   dense_fraction: float = 0.2
   nominal_steps: int = 32
   tile_size: int = 64
   keep_fraction: float = 0.3
-  budget: int | None = None
-  dense_layers: int = 0
   alpha_includes_block: bool = True
-  impl: str = "auto"
 
   def __post_init__(self):
+    super().__post_init__()
     common.check_positive(self, "nominal_steps", "tile_size")
     common.require(0 < self.dense_fraction <= 1, self, "dense_fraction",
                    f"must be in (0, 1], got {self.dense_fraction!r}")
     common.require(0 < self.keep_fraction <= 1, self, "keep_fraction",
                    f"must be in (0, 1], got {self.keep_fraction!r}")
     if self.budget is not None:
-      common.check_positive(self, "budget")
       common.require(self.budget >= self.tile_size, self, "budget",
                      f"must be >= tile_size={self.tile_size} (at least one tile), got "
                      f"{self.budget}")
@@ -76,12 +69,8 @@ class SparseDAttention(AttentionMethod):
       return min(self.budget // self.tile_size, tiles)
     return common.ceil_fraction(self.keep_fraction, tiles)
 
-  def init_state(self, cfg, batch, capacity):
-    common.check_dense_layers(self, cfg)
-    slots = self.tiles_kept(-(-capacity // self.tile_size)) * self.tile_size
-    return SparseDState(common.LayerSelections.empty(cfg.num_layers - self.dense_layers, batch,
-                                                     cfg.num_kv_heads, slots),
-                        jnp.zeros((), bool))
+  def slots(self, capacity):
+    return self.tiles_kept(-(-capacity // self.tile_size)) * self.tile_size
 
   def _select_tiles(self, alpha, lengths) -> Selection:
     tiles = common.tile_rows(alpha, lengths, self.tile_size, 0.0)
@@ -95,36 +84,31 @@ class SparseDAttention(AttentionMethod):
       table = np.array([common.ceil_fraction(self.keep_fraction, n)
                         for n in range(tiles.shape[2] + 1)], np.int32)
       budgets = jnp.asarray(table)[valid_tiles][:, None]
-    chosen = common.top_rows(means, valid_tiles, k, self.impl, budgets=budgets)
+    chosen = common.top_rows(means, valid_tiles, k, budgets=budgets)
     return common.expand_tiles(chosen, self.tile_size, lengths)
 
-  def attend(self, layer, q, k_block, v_block, cache, state, step):
-    if layer < self.dense_layers:
-      return common.exact(q, k_block, v_block, cache, self.impl), state
-    i = layer - self.dense_layers
+  def attend_sparse(self, i, q, k_block, v_block, cache, state, step):
 
     def dense():
-      return (common.exact(q, k_block, v_block, cache, self.impl),
-              state._replace(sparse_now=jnp.zeros((), bool)))
+      return common.exact(q, k_block, v_block, cache), state
 
     def dense_and_select():
-      out, alpha = common.exact_with_alpha(q, k_block, v_block, cache, self.alpha_includes_block,
-                                           self.impl)
-      rows = self._select_tiles(alpha, cache.lengths)
-      return out, SparseDState(state.selections.set(i, rows), jnp.zeros((), bool))
+      out, alpha = common.exact_with_alpha(q, k_block, v_block, cache, self.alpha_includes_block)
+      return out, state.set(i, self._select_tiles(alpha, cache.lengths))
 
     def sparse():
-      out = common.attend_selected(q, k_block, v_block, cache, state.selections.get(i), self.impl)
-      return out, state._replace(sparse_now=jnp.ones((), bool))
+      return common.attend_selected(q, k_block, v_block, cache, state.get(i)), state
 
     last_dense = self.dense_steps - 1
     if step.first:  # step 0, known statically
-      return dense_and_select() if last_dense == 0 else dense()
+      out, state = dense_and_select() if last_dense == 0 else dense()
+      return out, state, None
     branch = jnp.where(step.step < last_dense, 0, jnp.where(step.step == last_dense, 1, 2))
-    return lax.switch(branch, [dense, dense_and_select, sparse])
+    out, state = lax.switch(branch, [dense, dense_and_select, sparse])
+    return out, state, None
 
-  def selection(self, layer, state):
-    if layer < self.dense_layers:
+  def selection(self, layer, state, step):
+    rows = super().selection(layer, state, step)
+    if rows is None:
       return None
-    rows = state.selections.get(layer - self.dense_layers)
-    return rows._replace(whole_cache=~state.sparse_now)
+    return rows._replace(whole_cache=jnp.asarray(step.step) < self.dense_steps)

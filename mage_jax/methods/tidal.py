@@ -44,7 +44,6 @@ class TidalAttention(AttentionMethod):
       fall strictly between selection_layer and L.
     reference_depth: the depth correction_layer was chosen for.
     alpha_includes_block: alpha's normaliser, as in MageAttention (default True).
-    impl: kernel dispatch.
   """
 
   name: ClassVar[str] = "tidal"
@@ -54,7 +53,6 @@ class TidalAttention(AttentionMethod):
   correction_layer: int = 13
   reference_depth: int = 28
   alpha_includes_block: bool = True
-  impl: str = "auto"
 
   def __post_init__(self):
     common.check_positive(self, "budget", "correction_layer", "reference_depth")
@@ -79,16 +77,16 @@ class TidalAttention(AttentionMethod):
   def attend(self, layer, q, k_block, v_block, cache, state, step):
     del step
     if layer < self.selection_layer:
-      return common.exact(q, k_block, v_block, cache, self.impl), state
+      return common.exact(q, k_block, v_block, cache), state, None
     if layer in (self.selection_layer, state.correction_layer):
-      out, alpha = common.exact_with_alpha(q, k_block, v_block, cache, self.alpha_includes_block,
-                                           self.impl)
-      rows = common.top_rows(alpha, cache.lengths, state.indices.shape[-1], self.impl)
-      return out, dataclasses.replace(state, indices=rows.indices, counts=rows.counts)
+      out, alpha = common.exact_with_alpha(q, k_block, v_block, cache, self.alpha_includes_block)
+      rows = common.top_rows(alpha, cache.lengths, state.indices.shape[-1])
+      return out, dataclasses.replace(state, indices=rows.indices, counts=rows.counts), None
     rows = Selection(state.indices, state.counts)
-    return common.attend_selected(q, k_block, v_block, cache, rows, self.impl), state
+    return common.attend_selected(q, k_block, v_block, cache, rows), state, None
 
-  def selection(self, layer, state):
+  def selection(self, layer, state, step):
+    del step
     if layer <= self.selection_layer or layer == state.correction_layer:
       return None
     return Selection(state.indices, state.counts)

@@ -11,12 +11,6 @@ from mage_jax.tasks.sample import count_words
 WORDS = runner.Tokenizer(encode=lambda text: text.split(), decode=" ".join)
 
 
-def test_cache_capacity_is_prompt_answer_and_a_block_in_whole_blocks():
-  assert runner.cache_capacity(8190, 32, 32) == 8256
-  assert runner.cache_capacity(8160, 32, 32) == 8224
-  assert runner.cache_capacity(1, 1, 1) == 3
-
-
 def _config(max_positions: int) -> ModelConfig:
   return ModelConfig.preset("tiny_qwen2", block_size=32, sub_block_size=8,
                             max_position_embeddings=max_positions)
@@ -35,7 +29,8 @@ def test_8k_to_32k_prompts_fit_a_model_with_131072_positions():
 
 def test_a_prompt_fits_exactly_its_positions_and_one_fewer_is_refused():
   (sample,) = niah.niah_grid([8192], [0.5], num_samples=1, seed=0, count_tokens=count_words)
-  need = runner.cache_capacity(count_words(sample.prompt()), sample.max_new_tokens, 32)
+  # The prompt and its answer, rounded up to whole blocks of 32 (generate.plan_request).
+  need = -(-(count_words(sample.prompt()) + sample.max_new_tokens) // 32) * 32
   runner.check_positions(_config(need), WORDS, [sample])
   with pytest.raises(ValueError, match=rf"^--context_lengths: a 8192-token niah prompt needs "
                                        rf"{need} positions .* max_position_embeddings={need - 1}$"):

@@ -1,5 +1,7 @@
 """Methods inside the decoding loop: full budgets reproduce exact attention, decoding is
-deterministic."""
+deterministic, a method's state keeps its structure."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -87,3 +89,20 @@ def test_decoding_is_deterministic(method):
   np.testing.assert_array_equal(runs[0].buffer, runs[1].buffer)
   for a, b in zip(jax.tree.leaves(runs[0].method_state), jax.tree.leaves(runs[1].method_state)):
     np.testing.assert_array_equal(a, b)  # the selections too
+
+
+@dataclasses.dataclass(frozen=True)
+class _GrowingState(ExactAttention):
+  """Breaks the state contract: after_step adds an entry to the state."""
+
+  def after_step(self, state, stats):
+    return state + (jnp.zeros(()),)
+
+
+def test_after_step_that_changes_the_state_structure_is_rejected():
+  cfg = ModelConfig.preset("tiny_qwen2", dtype="float32")
+  model = build_model(cfg, seed=0)
+  cache = init_cache(cfg, 1, 2 * cfg.block_size)
+  tokens = jnp.full((1, cfg.block_size), cfg.mask_token_id, jnp.int32)
+  with pytest.raises(ValueError, match=r"_GrowingState\.after_step changed its state's structure"):
+    forward_denoise(model, tokens, cache, _GrowingState(), (), StepInfo(True, jnp.int32(0)))

@@ -11,13 +11,22 @@ from mage_jax import ModelConfig
 from mage_jax.kv_cache import LayerCache
 from mage_jax.methods import (MageAttention, OracleAttention, QuestAttention, SparseDAttention,
                               StepInfo, TidalAttention)
+from pallas_kernels.dispatch import use_kernels
 
 BATCH, BLOCK, CAPACITY = 2, 4, 45
 LENGTHS = (37, 19)
 FIRST = StepInfo(True, jnp.int32(0))
+LATER = StepInfo(False, jnp.int32(1))
 
 # The plain-JAX references and the Pallas kernels (interpreted) with the radix top-k.
-IMPLS = pytest.mark.parametrize("impl", ["reference", "interpret"])
+IMPLS = pytest.mark.parametrize("impl", ["reference", "interpret"], indirect=True)
+
+
+@pytest.fixture
+def impl(request):
+  """Runs the test under the kernel setting ``request.param``."""
+  with use_kernels(request.param) as resolved:
+    yield resolved
 
 
 def _cfg(num_layers):
@@ -110,20 +119,19 @@ def _np_top_alpha(q, k_block, cache, budget, includes_block=True):
 @IMPLS
 def test_mage_selects_top_alpha_at_the_first_step(budget, includes_block, impl):
   cfg = _cfg(3)
-  method = MageAttention(budget=budget, dense_layers=1, alpha_includes_block=includes_block,
-                         impl=impl)
+  method = MageAttention(budget=budget, dense_layers=1, alpha_includes_block=includes_block)
   q, kb, vb, cache = _inputs(0, cfg)
   state = method.init_state(cfg, BATCH, CAPACITY)
-  assert method.selection(0, state) is None
-  _, state = method.attend(2, q, kb, vb, cache, state, FIRST)
-  assert method.selection(2, state) is None  # selected after the step, all layers at once
-  state = method.after_step(state, FIRST)
-  _check(method.selection(2, state), _np_top_alpha(q, kb, cache, budget, includes_block))
+  assert method.selection(0, state, FIRST) is None
+  _, state, stats = method.attend(2, q, kb, vb, cache, state, FIRST)
+  assert method.selection(2, state, FIRST) is None  # selected after the step, all layers at once
+  state = method.after_step(state, {2: stats})
+  _check(method.selection(2, state, LATER), _np_top_alpha(q, kb, cache, budget, includes_block))
   # Later steps keep the first step's selection, whatever their queries.
   expected = _np_top_alpha(q, kb, cache, budget, includes_block)
   q2 = q[:, ::-1]
-  out, later = method.attend(2, q2, kb, vb, cache, state, StepInfo(False, jnp.int32(3)))
-  _check(method.selection(2, later), expected)
+  out, later, _ = method.attend(2, q2, kb, vb, cache, state, StepInfo(False, jnp.int32(3)))
+  _check(method.selection(2, later, LATER), expected)
   _check_output(out, q2, kb, vb, cache, expected)
 
 
@@ -132,16 +140,17 @@ def test_mage_selects_every_layer_after_the_first_step(impl):
   # Each sparse layer its own inputs (and cache lengths): one selection call over all layers
   # must give each layer its own top alpha, and leave a layer the step did not run untouched.
   cfg = _cfg(5)
-  method = MageAttention(budget=7, dense_layers=1, impl=impl)
+  method = MageAttention(budget=7, dense_layers=1)
   state = method.init_state(cfg, BATCH, CAPACITY)
   first = method.init_state(cfg, BATCH, CAPACITY)
   layer_inputs = {layer: _inputs(20 + layer, cfg) for layer in (1, 2, 4)}
+  stats = {}
   for layer, (q, kb, vb, cache) in layer_inputs.items():
-    _, state = method.attend(layer, q, kb, vb, cache, state, FIRST)
-  state = method.after_step(state, FIRST)
+    _, state, stats[layer] = method.attend(layer, q, kb, vb, cache, state, FIRST)
+  state = method.after_step(state, stats)
   for layer, (q, kb, vb, cache) in layer_inputs.items():
-    _check(method.selection(layer, state), _np_top_alpha(q, kb, cache, 7))
-  untouched = method.selection(3, state)
+    _check(method.selection(layer, state, LATER), _np_top_alpha(q, kb, cache, 7))
+  untouched = method.selection(3, state, LATER)
   np.testing.assert_array_equal(untouched.indices, first.get(2).indices)
   np.testing.assert_array_equal(untouched.counts, first.get(2).counts)
 
@@ -186,16 +195,16 @@ def _np_adaptive(layer_inputs, budget, query_budget, min_budget, max_budget):
 @IMPLS
 def test_adaptive_mage_follows_algorithm_1(budget, min_budget, impl):
   cfg = _cfg(4)
-  method = MageAttention(budget=budget, dense_layers=1, adaptive=True, min_budget=min_budget,
-                         impl=impl)
+  method = MageAttention(budget=budget, dense_layers=1, adaptive=True, min_budget=min_budget)
   layer_inputs = [_inputs(seed, cfg) for seed in (1, 2, 3)]
   state = method.init_state(cfg, BATCH, CAPACITY)
+  stats = {}
   for layer, (q, kb, vb, cache) in enumerate(layer_inputs, start=1):
-    _, state = method.attend(layer, q, kb, vb, cache, state, FIRST)
-  state = method.after_step(state, FIRST)
+    _, state, stats[layer] = method.attend(layer, q, kb, vb, cache, state, FIRST)
+  state = method.after_step(state, stats)
   expected = _np_adaptive(layer_inputs, budget, budget, method.k_min, min(4 * budget, CAPACITY))
   for layer in (1, 2, 3):
-    _check(method.selection(layer, state), expected[layer - 1])
+    _check(method.selection(layer, state, LATER), expected[layer - 1])
 
 
 def _np_quest(q, cache, budget, page_size, aggregate):
@@ -225,35 +234,34 @@ def _np_quest(q, cache, budget, page_size, aggregate):
 @IMPLS
 def test_quest_keeps_the_pages_with_the_best_bounds(budget, page_size, aggregate, impl):
   cfg = _cfg(2)
-  method = QuestAttention(budget=budget, page_size=page_size, dense_layers=1, aggregate=aggregate,
-                          impl=impl)
+  method = QuestAttention(budget=budget, page_size=page_size, dense_layers=1, aggregate=aggregate)
   q, kb, vb, cache = _inputs(4, cfg)
   state = method.init_state(cfg, BATCH, CAPACITY)
   state = method.after_write(1, cache, state)
   expected = _np_quest(q, cache, budget, page_size, aggregate)
   for step in (FIRST, StepInfo(False, jnp.int32(2))):  # recomputed at every step
-    out, state = method.attend(1, q, kb, vb, cache, state, step)
-    _check(method.selection(1, state), expected)
+    out, state, _ = method.attend(1, q, kb, vb, cache, state, step)
+    _check(method.selection(1, state, step), expected)
     _check_output(out, q, kb, vb, cache, expected)
 
 
 @IMPLS
 def test_tidal_reuses_the_latest_selection_or_correction_layer(impl):
   cfg = _cfg(8)  # correction layer floor(13 * 8 / 28 + 1/2) = 4
-  method = TidalAttention(budget=7, dense_layers=1, selection_layer=2, impl=impl)
+  method = TidalAttention(budget=7, dense_layers=1, selection_layer=2)
   state = method.init_state(cfg, BATCH, CAPACITY)
   assert state.correction_layer == 4
   latest = None
   for layer in range(cfg.num_layers):
     q, kb, vb, cache = _inputs(10 + layer, cfg)
-    out, state = method.attend(layer, q, kb, vb, cache, state, StepInfo(False, jnp.int32(1)))
+    out, state, _ = method.attend(layer, q, kb, vb, cache, state, LATER)
     if layer in (2, 4):
-      assert method.selection(layer, state) is None  # full attention here
+      assert method.selection(layer, state, LATER) is None  # full attention here
       latest = _np_top_alpha(q, kb, cache, 7)
     elif layer < 2:
-      assert method.selection(layer, state) is None
+      assert method.selection(layer, state, LATER) is None
     else:
-      _check(method.selection(layer, state), latest)
+      _check(method.selection(layer, state, LATER), latest)
       _check_output(out, q, kb, vb, cache, latest)
 
 
@@ -276,38 +284,40 @@ def _np_sparsed(q, kb, cache, tile_size, keep):
 
 # Interpreted once only: lax.switch traces all three branches on every eager call.
 @pytest.mark.parametrize("budget,impl", [(None, "reference"), (12, "reference"),
-                                         (1000, "reference"), (None, "interpret")])
+                                         (1000, "reference"), (None, "interpret")],
+                         indirect=["impl"])
 def test_sparsed_keeps_top_tiles_from_its_last_dense_step(budget, impl):
   cfg = _cfg(2)
   method = SparseDAttention(dense_fraction=0.2, nominal_steps=10, tile_size=4,
-                            keep_fraction=0.3, budget=budget, dense_layers=1, impl=impl)
+                            keep_fraction=0.3, budget=budget, dense_layers=1)
   assert method.dense_steps == 2
   q, kb, vb, cache = _inputs(5, cfg)
   state = method.init_state(cfg, BATCH, CAPACITY)
-  _, state = method.attend(1, q, kb, vb, cache, state, FIRST)
-  assert bool(method.selection(1, state).whole_cache)
-  _, state = method.attend(1, q, kb, vb, cache, state, StepInfo(False, jnp.int32(1)))
-  assert bool(method.selection(1, state).whole_cache)
+  _, state, _ = method.attend(1, q, kb, vb, cache, state, FIRST)
+  assert bool(method.selection(1, state, FIRST).whole_cache)
+  _, state, _ = method.attend(1, q, kb, vb, cache, state, LATER)
+  assert bool(method.selection(1, state, LATER).whole_cache)
   # 0.3 * 10 tiles keeps 3 (decimal ceil), 0.3 * 5 keeps 2.
   keep = (lambda n: math.ceil(round(0.3 * n, 9))) if budget is None else (lambda n: budget // 4)
   expected = _np_sparsed(q, kb, cache, 4, keep)
-  _check(method.selection(1, state), expected)
-  out, state = method.attend(1, q[:, ::-1], kb, vb, cache, state, StepInfo(False, jnp.int32(5)))
-  assert not bool(method.selection(1, state).whole_cache)
-  _check(method.selection(1, state), expected)
+  _check(method.selection(1, state, LATER), expected)
+  step = StepInfo(False, jnp.int32(5))
+  out, state, _ = method.attend(1, q[:, ::-1], kb, vb, cache, state, step)
+  assert not bool(method.selection(1, state, step).whole_cache)
+  _check(method.selection(1, state, step), expected)
   _check_output(out, q[:, ::-1], kb, vb, cache, expected)
 
 
 @IMPLS
 def test_oracle_selects_top_alpha_at_every_step(impl):
   cfg = _cfg(2)
-  method = OracleAttention(budget=9, dense_layers=1, impl=impl)
+  method = OracleAttention(budget=9, dense_layers=1)
   state = method.init_state(cfg, BATCH, CAPACITY)
   for seed, step in ((6, FIRST), (7, StepInfo(False, jnp.int32(4)))):
     q, kb, vb, cache = _inputs(seed, cfg)
-    out, state = method.attend(1, q, kb, vb, cache, state, step)
+    out, state, _ = method.attend(1, q, kb, vb, cache, state, step)
     expected = _np_top_alpha(q, kb, cache, 9)
-    _check(method.selection(1, state), expected)
+    _check(method.selection(1, state, step), expected)
     _check_output(out, q, kb, vb, cache, expected)
 
 
@@ -318,8 +328,8 @@ def test_empty_cache_selects_nothing_and_attends_the_block():
                  QuestAttention(budget=4, page_size=4, dense_layers=1)):
     state = method.init_state(cfg, BATCH, CAPACITY)
     state = method.after_write(1, cache, state)
-    out, state = method.attend(1, q, kb, vb, cache, state, FIRST)
-    state = method.after_step(state, FIRST)
-    _, state = method.attend(1, q, kb, vb, cache, state, StepInfo(False, jnp.int32(1)))
-    assert np.all(np.asarray(method.selection(1, state).counts) == 0)
+    out, state, stats = method.attend(1, q, kb, vb, cache, state, FIRST)
+    state = method.after_step(state, {} if stats is None else {1: stats})
+    _, state, _ = method.attend(1, q, kb, vb, cache, state, LATER)
+    assert np.all(np.asarray(method.selection(1, state, LATER).counts) == 0)
     assert np.all(np.isfinite(np.asarray(out)))

@@ -65,9 +65,9 @@ class _FixedRows(AttentionMethod):
     return Selection(indices, jnp.full((batch, cfg.num_kv_heads), len(self.rows), jnp.int32))
 
   def attend(self, layer, q, k_block, v_block, cache, state, step):
-    return q, state
+    return q, state, None
 
-  def selection(self, layer, state):
+  def selection(self, layer, state, step):
     return state
 
 
@@ -87,10 +87,10 @@ def test_hand_checked_recall():
   cache = LayerCache(jnp.asarray(keys), jnp.asarray(keys), jnp.asarray([4, 0], jnp.int32))
   state = probe.init_state(cfg, 2, 6)
   args = (jnp.asarray(q), jnp.asarray(k_block), jnp.asarray(k_block), cache)
-  _, state = probe.attend(0, *args, state, StepInfo(True, jnp.int32(0)))  # first step: skipped
+  _, state, _ = probe.attend(0, *args, state, StepInfo(True, jnp.int32(0)))  # first: skipped
   assert float(state[1].samples[0]) == 0
   for step in (1, 2):
-    _, state = probe.attend(0, *args, state, StepInfo(False, jnp.int32(step)))
+    _, state, _ = probe.attend(0, *args, state, StepInfo(False, jnp.int32(step)))
   report = RecallReport.from_totals(state[1])
   assert report.samples.tolist() == [2]
   assert report.index_recall[0] == pytest.approx(0.5)

@@ -7,11 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mage_jax import attention
+from pallas_kernels.dispatch import use_kernels
 from pallas_kernels.flash_attention import block_diffusion_mask, training_token_blocks
+from train import attention
 
 BLOCK = 2
 SEQ = 4
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels():
+  with use_kernels("reference"):
+    yield
 
 
 def _qkv(key, seq, q_heads=4, kv_heads=2, dim=8):
@@ -57,7 +64,7 @@ def test_training_mask_equals_hand_built_reference():
 
 def test_training_attend_applies_that_mask():
   q, k, v = _qkv(0, 2 * SEQ)
-  out, carry = attention.make_training_attend(BLOCK, impl="reference")(0, q, k, v, "carry")
+  out, carry = attention.make_training_attend(BLOCK)(0, q, k, v, "carry")
   expected, _ = _dense_attention(q, k, v, HAND_MASK[None])
   assert carry == "carry"
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
@@ -70,7 +77,7 @@ def test_noisy_block_scores_match_dense_probabilities(chunk):
   segments = training_token_blocks(1, seq, block)
   mask = np.asarray(block_diffusion_mask(segments, segments, jnp.array([2 * seq])))
   _, probs = _dense_attention(q, k, v, mask)  # [b, q_heads, 2L, 2L]
-  _, lse = attention._training_attention(q, k, v, block, "reference", return_lse=True)
+  _, lse = attention._training_attention(q, k, v, block, return_lse=True)
   scores = attention.noisy_block_scores(q[:, :seq], k[:, seq:], lse[:, :, :seq], block, chunk)
   # alpha[n, h, j]: mean over the block's queries and the 2 query heads of KV head h.
   clean_probs = probs[0, :, :seq, seq:].reshape(2, 2, seq // block, block, seq)
@@ -81,14 +88,13 @@ def test_noisy_block_scores_match_dense_probabilities(chunk):
 def test_sparse_attention_with_every_key_selected_is_exact():
   seq, block = 8, 2
   q, k, v = _qkv(2, 2 * seq)
-  _, lse = attention._training_attention(q, k, v, block, "reference", return_lse=True)
+  _, lse = attention._training_attention(q, k, v, block, return_lse=True)
   selection = attention.select_block_keys(q[:, :seq], k[:, seq:], lse[:, :, :seq],
-                                          block_size=block, budget=seq, chunk=4,
-                                          impl="reference")
+                                          block_size=block, budget=seq, chunk=4)
   np.testing.assert_array_equal(np.asarray(selection.counts[0, :, 0]), [0, 2, 4, 6])
   sparse = attention.sparse_noisy_attention(q[:, :seq], k[:, :seq], v[:, :seq], k[:, seq:],
                                             v[:, seq:], selection, block)
-  exact = attention.make_training_attend(block, "reference")(0, q, k, v, None)[0]
+  exact = attention.make_training_attend(block)(0, q, k, v, None)[0]
   np.testing.assert_allclose(np.asarray(sparse), np.asarray(exact[:, :seq]), atol=1e-5)
 
 
@@ -110,10 +116,9 @@ def test_sparse_attention_attends_only_the_selected_keys():
 def test_sparse_attention_gradients_reach_q_k_v():
   seq, block = 8, 2
   q, k, v = _qkv(4, 2 * seq)
-  _, lse = attention._training_attention(q, k, v, block, "reference", return_lse=True)
+  _, lse = attention._training_attention(q, k, v, block, return_lse=True)
   selection = attention.select_block_keys(q[:, :seq], k[:, seq:], lse[:, :, :seq],
-                                          block_size=block, budget=2, chunk=8,
-                                          impl="reference")
+                                          block_size=block, budget=2, chunk=8)
   loss = lambda q, k, v: jnp.sum(attention.sparse_noisy_attention(
       q[:, :seq], k[:, :seq], v[:, :seq], k[:, seq:], v[:, seq:], selection, block) ** 2)
   grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)

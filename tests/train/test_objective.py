@@ -7,6 +7,7 @@ import pytest
 
 from mage_jax.config import ModelConfig
 from mage_jax.model import build_model
+from pallas_kernels.dispatch import use_kernels
 from train import objective
 
 BLOCK = 8
@@ -62,14 +63,14 @@ def _selfdistill_terms(budget, seq=32):
   tokens = jax.random.randint(jax.random.key(5), (2, seq), 4, cfg.vocab_size)
   views = objective.noise_views(jax.random.key(6), tokens, block_size=cfg.block_size,
                                 mask_id=cfg.mask_token_id, eps=0.05, complementary=True)
-  selections = objective.select_keys(model, views, budget=budget, dense_layers=1,
-                                     selection_queries="all_mask", alpha_includes_block=True,
-                                     score_chunk=8, num_views=2, impl="reference")
-  teacher_states = objective.teacher_hidden(model, views, impl="reference")
-  _, metrics = objective.selfdistill_loss(model, model, views, selections, teacher_states,
-                                          kl_weight=1.0, chunk=16, remat=False,
-                                          impl="reference")
-  pretrain, _ = objective.pretrain_loss(model, views, chunk=16, remat=False, impl="reference")
+  with use_kernels("reference"):
+    selections = objective.select_keys(model, views, budget=budget, dense_layers=1,
+                                       selection_queries="all_mask", alpha_includes_block=True,
+                                       score_chunk=8, num_views=2)
+    teacher_states = objective.teacher_hidden(model, views)
+    _, metrics = objective.selfdistill_loss(model, model, views, selections, teacher_states,
+                                            kl_weight=1.0, chunk=16, remat=False)
+    pretrain, _ = objective.pretrain_loss(model, views, chunk=16, remat=False)
   return metrics, pretrain
 
 
@@ -92,10 +93,11 @@ def test_selection_options_select_within_earlier_blocks(queries, includes_block)
   tokens = jax.random.randint(jax.random.key(5), (1, 32), 4, cfg.vocab_size)
   views = objective.noise_views(jax.random.key(6), tokens, block_size=cfg.block_size,
                                 mask_id=cfg.mask_token_id, eps=0.05, complementary=True)
-  selections = objective.select_keys(model, views, budget=4, dense_layers=1,
-                                     selection_queries=queries,
-                                     alpha_includes_block=includes_block, score_chunk=8,
-                                     num_views=2, impl="reference")
+  with use_kernels("reference"):
+    selections = objective.select_keys(model, views, budget=4, dense_layers=1,
+                                       selection_queries=queries,
+                                       alpha_includes_block=includes_block, score_chunk=8,
+                                       num_views=2)
   assert selections[0] is None
   indices, counts = (np.asarray(x) for x in selections[1])
   assert indices.shape == (2, 4, cfg.num_kv_heads, 4)
@@ -111,9 +113,9 @@ def test_training_view_predicts_what_a_decoding_step_predicts():
   # over a prefilled cache: otherwise the model is trained on a view decoding never shows it.
   import importlib
   generate_lib = importlib.import_module("mage_jax.generate")  # the package exports generate()
-  from mage_jax import attention
   from mage_jax.kv_cache import init_cache
   from mage_jax.methods import ExactAttention, StepInfo
+  from train import attention
 
   cfg = ModelConfig.preset("tiny_qwen2", vocab_size=64, dtype="float32", block_size=BLOCK)
   model = build_model(cfg, seed=3)
@@ -124,8 +126,9 @@ def test_training_view_predicts_what_a_decoding_step_predicts():
   in_block = (positions >= start) & (positions < start + BLOCK)
   noisy = jnp.where(in_block & (positions >= start + tail), cfg.mask_token_id, tokens)
   clean = jnp.where(positions >= start, 0, tokens)  # later blocks do not exist yet
-  attend = attention.make_training_attend(BLOCK, "reference")
-  h_noisy, h_clean, _ = objective.doubled_forward(model, noisy, clean, attend, None)
+  attend = attention.make_training_attend(BLOCK)
+  with use_kernels("reference"):
+    h_noisy, h_clean, _ = objective.doubled_forward(model, noisy, clean, attend, None)
   hidden, _ = objective.predicting_hidden(h_noisy, h_clean, BLOCK, cfg.token_shift)
   trained = model.logits(hidden)[0, start:start + BLOCK]
 

@@ -16,7 +16,7 @@ from flax import nnx
 from mage_jax import ModelConfig, build_model
 from mage_jax import checkpoint as hf_checkpoint
 from mage_jax import lora as lora_lib
-from mage_jax.attention import make_training_attend
+from train.attention import make_training_attend
 from train import config as config_lib
 from train import trainer
 

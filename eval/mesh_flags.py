@@ -1,4 +1,5 @@
-"""The --mesh and multi-host flags shared by the eval and train CLIs.
+"""The --mesh and multi-host flags shared by the eval and train CLIs (CLI code: kept out of the
+mage_jax library, which defines no flags).
 
 Defined here once so both CLIs spell and document them the same way; ``setup`` turns them into
 a mesh at the start of a CLI's main, before anything touches a device (the multi-host join must
