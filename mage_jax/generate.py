@@ -50,7 +50,8 @@ class DecodeOptions:
     temperature, top_p: 0 = greedy; otherwise temperature / nucleus sampling with explicit keys.
     prefill_chunk: tokens per prefill chunk (rounded to a multiple of the block size).
     kernels: the kernel setting of every attention call of the decode ("auto", "pallas",
-      "interpret", "reference"; pallas_kernels.dispatch), resolved once by ``generate``.
+      "interpret", "mosaic", "mosaic_interpret", "reference"; pallas_kernels.dispatch),
+      resolved once by ``generate``.
   """
 
   policy: str = "fast_dllm_v2"

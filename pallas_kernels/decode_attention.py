@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import merge_splits
-from pallas_kernels.dispatch import PLAIN_JAX, resolve_impl
+from pallas_kernels.dispatch import MOSAIC, PLAIN_JAX, resolve_impl
 
 # Tuning keywords and their defaults (None: chosen from the shapes; see the entry points).
 _ATTENTION_TUNING = dict(block_k=64, block_q=None, num_splits=None, num_warps=None, num_stages=3,
@@ -287,7 +287,8 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
     cache_lengths: int32 [batch], valid cache rows per sequence (0..capacity).
     k_block, v_block: [batch, block, kv_heads, head_dim], always attended.
     sm_scale: logit scale, default 1/sqrt(head_dim).
-    impl: a resolved implementation or a setting (see `pallas_kernels.dispatch`).
+    impl: a resolved implementation or a setting (see `pallas_kernels.dispatch`); "mosaic" /
+      "mosaic_interpret" run pallas_kernels.tpu.decode_attention, whose tuning keywords differ.
     **tuning: block_k (keys per tile, default 64), block_q (query rows per program; default
       one tile of all G*B rows, except with fewer than FULL_TILE_MIN_PAIRS (sequence, KV head)
       pairs, where 64-row tiles are used if they save padded rows, as for the 1.5B shape's
@@ -301,12 +302,17 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
   Returns:
     [batch, block, q_heads, head_dim] in q.dtype (softmax in float32).
   """
+  impl = resolve_impl(impl)
+  if impl in MOSAIC:
+    from pallas_kernels.tpu import decode_attention as tpu  # imports this module
+    return tpu.exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block,
+                                     sm_scale=sm_scale, interpret=impl == "mosaic_interpret",
+                                     **tuning)
   batch, _, _, _, head_dim = tu.check_block_attention_inputs(q, k_cache, v_cache, k_block,
                                                              v_block, "k_cache")
   _check_lengths(cache_lengths, batch)
   tu.check_tuning(tuning, _ATTENTION_TUNING, "exact_block_attention")
   sm_scale = _resolve_scale(sm_scale, head_dim)
-  impl = resolve_impl(impl)
   if impl in PLAIN_JAX:
     return exact_block_attention_reference(q, k_cache, v_cache, cache_lengths, k_block, v_block,
                                            sm_scale=sm_scale)
@@ -338,12 +344,17 @@ def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
     (out [batch, block, q_heads, head_dim] in q.dtype, alpha float32 [batch, kv_heads,
     capacity], exactly 0 at rows >= cache_lengths).
   """
+  impl = resolve_impl(impl)
+  if impl in MOSAIC:
+    from pallas_kernels.tpu import decode_attention as tpu  # imports this module
+    return tpu.mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block,
+                                   sm_scale=sm_scale, alpha_includes_block=alpha_includes_block,
+                                   interpret=impl == "mosaic_interpret", **tuning)
   batch, _, _, _, head_dim = tu.check_block_attention_inputs(q, k_cache, v_cache, k_block,
                                                              v_block, "k_cache")
   _check_lengths(cache_lengths, batch)
   tu.check_tuning(tuning, {**_ATTENTION_TUNING, **_ALPHA_TUNING}, "mask_step_attention")
   sm_scale = _resolve_scale(sm_scale, head_dim)
-  impl = resolve_impl(impl)
   if impl in PLAIN_JAX:
     return mask_step_attention_reference(q, k_cache, v_cache, cache_lengths, k_block, v_block,
                                          sm_scale=sm_scale,

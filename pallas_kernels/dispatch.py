@@ -2,17 +2,20 @@
 
 The user-facing *setting* is one of ``SETTINGS``:
   * ``"auto"``: the fastest implementation of the backend (``AUTO``: the Triton kernels on an
-    NVIDIA GPU, the plain-JAX paths elsewhere);
+    NVIDIA GPU, the Mosaic kernels of ``pallas_kernels.tpu`` on a TPU, the plain-JAX paths
+    elsewhere);
   * ``"pallas"``: the Pallas Triton kernels, compiled for the GPU;
   * ``"interpret"``: the same kernels run by the Pallas interpreter (any backend; tests on CPU);
+  * ``"mosaic"``: the Pallas TPU (Mosaic) kernels, compiled for the TPU;
+  * ``"mosaic_interpret"``: the same kernels in Pallas' TPU interpret mode (tests on CPU);
   * ``"reference"``: the plain-JAX references (the dense oracles of the tests).
 ``resolve_impl`` turns a setting into a *resolved* value (``IMPLS``), the one every kernel entry
 point (decode / mask-step / sparse / flash attention, top-k) receives as ``impl``: "pallas",
 "interpret", "reference" as above, or "xla" ("auto" off the GPU: the fastest plain-JAX path,
 flash attention's blockwise online softmax; the other kernels' single plain-JAX path, their
-reference). Resolving a resolved value returns it unchanged. "pallas" / "interpret" are the
-Triton kernels; Mosaic TPU kernels add "mosaic" / "mosaic_interpret" to ``IMPLS`` and
-``"tpu": "mosaic"`` to ``AUTO`` (one line).
+reference), "mosaic", "mosaic_interpret". Resolving a resolved value returns it unchanged. The
+entry points of the parent package hand "mosaic" / "mosaic_interpret" to their counterparts in
+``pallas_kernels.tpu`` (same arguments and outputs; the tuning keywords are the TPU kernel's).
 
 One decode (or training run) has one setting: the jitted entry point that owns it (mage_jax's
 decoding loop from ``DecodeOptions.kernels``, the trainer from ``TrainConfig.attention_impl``)
@@ -28,10 +31,11 @@ from typing import Iterator
 
 import jax
 
-SETTINGS = ("auto", "pallas", "interpret", "reference")
-IMPLS = ("pallas", "interpret", "xla", "reference")
-AUTO = {"gpu": "pallas"}  # what "auto" runs per backend; the others run "xla"
+SETTINGS = ("auto", "pallas", "interpret", "mosaic", "mosaic_interpret", "reference")
+IMPLS = ("pallas", "interpret", "mosaic", "mosaic_interpret", "xla", "reference")
+AUTO = {"gpu": "pallas", "tpu": "mosaic"}  # what "auto" runs per backend; the others run "xla"
 PLAIN_JAX = ("xla", "reference")  # resolved values that run no Pallas kernel
+MOSAIC = ("mosaic", "mosaic_interpret")  # resolved values that run the TPU kernels
 
 _ACTIVE: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernel_impl", default=None)
 

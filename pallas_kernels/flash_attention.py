@@ -829,12 +829,20 @@ def block_diffusion_attention(
     return_lse: also return the natural-log log-sum-exp of the scaled logits,
       float32 [batch, q_heads, q_len] (-inf for rows that see no key).
     impl: a resolved implementation or a setting (see dispatch); "xla" ("auto"
-      off the GPU) runs ``block_diffusion_attention_blockwise``.
-    **tuning: fields of TileConfig overriding its defaults (kernels only).
+      off the GPU and TPU) runs ``block_diffusion_attention_blockwise``, "mosaic" /
+      "mosaic_interpret" the TPU kernel (pallas_kernels.tpu.flash_attention).
+    **tuning: fields of TileConfig overriding its defaults (Triton kernels only), or the TPU
+      kernel's tile sizes.
 
   Returns:
     out in q.dtype, [batch, q_len, q_heads, head_dim]; or (out, lse).
   """
+  impl = dispatch.resolve_impl(impl)
+  if impl in dispatch.MOSAIC:
+    from pallas_kernels.tpu import flash_attention as tpu  # imports this module
+    return tpu.block_diffusion_attention(
+        q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale, return_lse=return_lse,
+        interpret=impl == "mosaic_interpret", **tuning)
   _validate(q, k, v, q_segments, kv_segments, kv_lengths)
   unknown = set(tuning) - {f.name for f in dataclasses.fields(TileConfig)}
   if unknown:
@@ -842,7 +850,6 @@ def block_diffusion_attention(
   config = TileConfig(**tuning)
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
-  impl = dispatch.resolve_impl(impl)
   if impl == "xla":  # "auto" off the GPU: the faster portable path
     return block_diffusion_attention_blockwise(
         q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale,

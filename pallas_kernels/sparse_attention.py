@@ -24,7 +24,7 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _triton_utils as tu
 from pallas_kernels import merge_splits
-from pallas_kernels.dispatch import PLAIN_JAX, resolve_impl
+from pallas_kernels.dispatch import MOSAIC, PLAIN_JAX, resolve_impl
 
 # Tuning keywords and their defaults (None: chosen from the shapes).
 _TUNING = dict(block_k=64, block_q=64, num_splits=None, num_warps=None, num_stages=2, merge="auto")
@@ -129,12 +129,17 @@ def sparse_block_attention(q, k_cache, v_cache, indices, counts, k_block, v_bloc
   Returns:
     [batch, block, q_heads, head_dim] in q.dtype.
   """
+  impl = resolve_impl(impl)
+  if impl in MOSAIC:
+    from pallas_kernels.tpu import sparse_attention as tpu  # imports this module
+    return tpu.sparse_block_attention(q, k_cache, v_cache, indices, counts, k_block, v_block,
+                                      sm_scale=sm_scale, interpret=impl == "mosaic_interpret",
+                                      **tuning)
   batch, _, _, kv_heads, head_dim = tu.check_block_attention_inputs(q, k_cache, v_cache,
                                                                     k_block, v_block, "k_cache")
   _check_selection(indices, counts, batch, kv_heads)
   tu.check_tuning(tuning, _TUNING, "sparse_block_attention")
   sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(head_dim)
-  impl = resolve_impl(impl)
   if impl in PLAIN_JAX:
     return sparse_block_attention_reference(q, k_cache, v_cache, indices, counts, k_block,
                                             v_block, sm_scale=sm_scale)

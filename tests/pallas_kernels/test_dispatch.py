@@ -6,8 +6,8 @@ from pallas_kernels import dispatch
 
 
 @pytest.mark.parametrize("setting,backend,resolved", [
-    ("auto", "gpu", "pallas"), ("auto", "cpu", "xla"), ("auto", "tpu", "xla"),
-    ("interpret", "gpu", "interpret"), ("reference", "gpu", "reference"), ("xla", "gpu", "xla")])
+    ("auto", "gpu", "pallas"), ("auto", "cpu", "xla"), ("auto", "tpu", "mosaic"),
+    ("mosaic_interpret", "cpu", "mosaic_interpret"), ("interpret", "gpu", "interpret"), ("reference", "gpu", "reference"), ("xla", "gpu", "xla")])
 def test_resolve_impl_per_backend(setting, backend, resolved):
   assert dispatch.resolve_impl(setting, backend) == resolved
 
