@@ -326,6 +326,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *,
   for file, names in zip(files, shards):
     tensors = {n: specs[n].to_hf(_our_tensor(flat, specs[n], dtype)) for n in names}
     safetensors.numpy.save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+    _follow_umask(os.path.join(path, file))
   if len(files) > 1:
     index = {
         "metadata": {"total_size": sum(math.prod(s.hf_shape) * dtype.itemsize
@@ -336,6 +337,14 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *,
       json.dump(index, f, indent=2)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(cfg.to_hf_config(), f, indent=2)
+
+
+def _follow_umask(file: str) -> None:
+  """safetensors writes through a private temporary file (mode 0600) that it renames; give the
+  weights the mode any other file written here gets (0666 less the umask)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(file, 0o666 & ~umask)
 
 
 def _our_tensor(flat, spec: _Spec, dtype) -> np.ndarray:
@@ -393,14 +402,13 @@ def apply_chat_template(template: str, messages: Sequence[Mapping[str, Any]], *,
   """Renders a Hugging Face chat template, with the environment transformers uses.
 
   ``variables`` reach the template as globals (bos_token, eos_token, tools, enable_thinking...).
-  Needs jinja2, which is optional: only chat prompting needs it.
+
+  Raises:
+    ValueError: the template does not parse or raises while rendering (its message).
   """
-  try:
-    import jinja2
-    import jinja2.ext
-    import jinja2.sandbox
-  except ImportError as e:
-    raise ImportError("apply_chat_template needs jinja2 (pip install jinja2)") from e
+  import jinja2  # a declared dependency, imported here: only chat prompting needs it
+  import jinja2.ext
+  import jinja2.sandbox
 
   def raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
@@ -414,6 +422,9 @@ def apply_chat_template(template: str, messages: Sequence[Mapping[str, Any]], *,
                                                      extensions=[jinja2.ext.loopcontrols])
   env.filters["tojson"] = tojson
   env.globals["raise_exception"] = raise_exception
-  return env.from_string(template).render(messages=list(messages),
-                                          add_generation_prompt=add_generation_prompt,
-                                          **variables)
+  try:
+    return env.from_string(template).render(messages=list(messages),
+                                            add_generation_prompt=add_generation_prompt,
+                                            **variables)
+  except jinja2.exceptions.TemplateError as e:
+    raise ValueError(f"chat template: {type(e).__name__}: {e}") from e
