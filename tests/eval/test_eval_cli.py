@@ -243,3 +243,23 @@ def test_help_lists_the_flags(flag, tmp_path):
   assert "Unknown command line flag" not in res.stderr
   for name in ("--method", "--budget", "--checkpoint", "--context_lengths", "--output_dir"):
     assert name in res.stdout, (name, res.stdout[-2000:])
+
+
+def test_shipped_model_is_package_data_found_from_anywhere():
+  # `pip install .` (not editable) must ship the default checkpoint, and the path must not
+  # depend on the working directory.
+  import fnmatch
+  import tomllib
+
+  import models
+  from eval import __main__ as cli
+
+  assert cli.DEFAULT_CHECKPOINT == models.DEFAULT and os.path.isabs(models.DEFAULT)
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    setuptools_cfg = tomllib.load(f)["tool"]["setuptools"]
+  assert "models" in setuptools_cfg["packages"]["find"]["include"]
+  patterns = setuptools_cfg["package-data"]["models"]
+  shipped = sorted(os.listdir(models.DEFAULT))
+  assert "config.json" in shipped and "tokenizer.json" in shipped
+  for name in shipped:
+    assert any(fnmatch.fnmatch(f"default/{name}", p) for p in patterns), name
