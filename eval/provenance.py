@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 DIGEST_CHARS = 12  # hex characters kept: 48 bits, ample for the cases of one folder
 
@@ -29,7 +30,10 @@ def model_fingerprint(model) -> str:
   digest = hashlib.sha256(repr(model.config).encode())
   for path, variable in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)),
                                key=lambda item: tuple(map(str, item[0]))):
-    value = np.asarray(jax.device_get(variable.get_value()))
+    value = variable.get_value()
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:  # multi-host meshes
+      value = multihost_utils.process_allgather(value, tiled=True)
+    value = np.asarray(jax.device_get(value))
     digest.update(f"{'.'.join(map(str, path))}:{value.dtype}:{value.shape}".encode())
     digest.update(np.ascontiguousarray(value).view(np.uint8).data)
   return digest.hexdigest()
