@@ -129,39 +129,55 @@ def plot_vs_budget(rows: Iterable[Mapping[str, Any]],
   out.mkdir(parents=True, exist_ok=True)
   paths = []
   for task, panels in sorted(data.items()):
-    lengths = sorted(panels)
-    fig, axes = plt.subplots(1, len(lengths), squeeze=False,
-                             figsize=(4.0 * len(lengths), 3.2),
-                             layout="constrained")
-    for ax, length in zip(axes[0], lengths):
-      panel = panels[length]
-      methods = sorted({method for method, _ in panel})
-      for method in methods:
-        points = sorted((budget, _mean(values))
-                        for (m, budget), values in panel.items()
-                        if m == method and budget is not None)
-        if points:
-          ax.plot([b for b, _ in points], [v for _, v in points],
-                  marker="o", label=method)
-        if (method, None) in panel:
-          ax.axhline(_mean(panel[(method, None)]), linestyle="--",
-                     color="gray",
-                     label=f"{method} (dense)" if points else method)
-      budgets = sorted({b for _, b in panel if b is not None})
-      if budgets:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.minorticks_off()
-      ax.set_xlabel("KV budget k")
-      ax.set_ylabel(metric)
-      ax.set_title(f"{task}, {length} tokens")
-      ax.grid(True, alpha=0.3)
-      ax.legend(fontsize="small")
+    fig = budget_figure(task, panels, metric)
     path = out / f"{_slug(metric, 'vs_budget', task)}.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     paths.append(path)
   return paths
+
+
+def _count_label(counts: set[int]) -> str:
+  low, high = min(counts), max(counts)
+  return f"n={low}" if low == high else f"n={low}-{high}"
+
+
+def budget_figure(task: str,
+                  panels: Mapping[int, Mapping[tuple[str, int | None], Sequence[float]]],
+                  metric: str):
+  """The figure of ``plot_vs_budget`` for one task: a panel per context length, titled with
+  the cases behind each point (n), the y-axis the metric's range [0, 1]."""
+  lengths = sorted(panels)
+  fig, axes = plt.subplots(1, len(lengths), squeeze=False,
+                           figsize=(4.0 * len(lengths), 3.2),
+                           layout="constrained")
+  for ax, length in zip(axes[0], lengths):
+    panel = panels[length]
+    methods = sorted({method for method, _ in panel})
+    for method in methods:
+      points = sorted((budget, _mean(values))
+                      for (m, budget), values in panel.items()
+                      if m == method and budget is not None)
+      if points:  # markers on the 0 / 1 edges drawn whole
+        ax.plot([b for b, _ in points], [v for _, v in points],
+                marker="o", label=method, clip_on=False)
+      if (method, None) in panel:
+        ax.axhline(_mean(panel[(method, None)]), linestyle="--",
+                   color="gray",
+                   label=f"{method} (dense)" if points else method)
+    budgets = sorted({b for _, b in panel if b is not None})
+    if budgets:
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(budgets, [str(b) for b in budgets])
+      ax.minorticks_off()
+    ax.set_ylim(0.0, 1.0)  # scores and recalls are fractions
+    ax.set_xlabel("KV budget k")
+    ax.set_ylabel(metric)
+    counts = {len(values) for values in panel.values()}
+    ax.set_title(f"{task}, {length} tokens, {_count_label(counts)} per point")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+  return fig
 
 
 def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:

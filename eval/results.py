@@ -16,10 +16,13 @@ import pathlib
 from typing import Any
 
 RESULTS_FILE = "results.jsonl"
+BATCHES_FILE = "batches.jsonl"
 SUMMARY_FILE = "summary.json"
 
 # Per-case measurements averaged by `summarize`, in table order.
-SUMMARY_FIELDS = ("score", "recall", "mass_recall", "ms_per_step", "tokens_per_s")
+SUMMARY_FIELDS = ("score", "recall", "mass_recall")
+# Per-batch latency measurements (batches.jsonl) averaged by `summarize` over a group's batches.
+LATENCY_FIELDS = ("prefill_ms", "ms_per_step", "tokens_per_s")
 # Per-case lists (one value per layer) averaged elementwise by `summarize`.
 LAYER_FIELDS = ("layer_recall", "layer_mass_recall")
 
@@ -37,6 +40,9 @@ class CaseKey:
     depth: Needle depth for NIAH, None elsewhere.
     sample_index: Index of the sample within its grid cell or dataset.
     seed: Seed the sample was generated with.
+    setup: Digest of everything else that produced the result (model weights and config,
+      method options, decoding options, the prompt's token ids): a case rerun with another
+      checkpoint, dtype, tokenizer or method setting is a different case, never a reused one.
   """
 
   method: str
@@ -46,20 +52,22 @@ class CaseKey:
   depth: float | None
   sample_index: int
   seed: int
+  setup: str = ""
 
   def __post_init__(self):
-    for name in ("method", "task"):
+    for name in ("method", "task", "setup"):
       value = getattr(self, name)
-      if not value or "/" in value:
+      if (not value and name != "setup") or "/" in value:
         raise ValueError(f"{name} must be non-empty without '/', got {value!r}")
 
   @property
   def case_id(self) -> str:
-    """E.g. "mage/k512/niah/ctx8192/d0.25/i0/s0"; stable across runs."""
+    """E.g. "mage/k512/niah/ctx8192/d0.25/i0/s0/3f9a0c2b71de"; stable across runs."""
     budget = "dense" if self.budget is None else f"k{self.budget}"
     depth = "-" if self.depth is None else repr(float(self.depth))
+    setup = f"/{self.setup}" if self.setup else ""
     return (f"{self.method}/{budget}/{self.task}/ctx{self.context_length}/"
-            f"d{depth}/i{self.sample_index}/s{self.seed}")
+            f"d{depth}/i{self.sample_index}/s{self.seed}{setup}")
 
 
 _KEY_FIELDS = tuple(field.name for field in dataclasses.fields(CaseKey))
@@ -102,48 +110,71 @@ def read_results(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]
   return list(rows.values())
 
 
+def _load_log(path: pathlib.Path, parse) -> list[dict[str, Any]]:
+  """The records of a JSONL log, each line through ``parse(line, number)``.
+
+  A run killed mid-write can leave a partial last line. It is dropped here (or completed, if it
+  is a whole record missing only its newline) so that the next append starts on a line of its
+  own; any other bad line is an error (``parse`` raises).
+  """
+  if not path.exists():
+    return []
+  data = path.read_bytes()
+  lines = data.split(b"\n")
+  tail = lines.pop()  # b"" when the file ends with a newline.
+  records = [parse(line, number) for number, line in enumerate(lines, start=1) if line.strip()]
+  if not tail.strip():
+    return records
+  try:
+    records.append(parse(tail, len(lines) + 1))
+  except ValueError:
+    with open(path, "r+b") as f:
+      f.truncate(len(data) - len(tail))
+    return records
+  with open(path, "ab") as f:
+    f.write(b"\n")
+  return records
+
+
+def _append_line(path: pathlib.Path, record: Mapping[str, Any]) -> None:
+  line = json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(line)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _parse_batch_line(line: bytes, where: str) -> dict[str, Any]:
+  try:
+    record = json.loads(line.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{where}: malformed batch line: {e}") from e
+  if not isinstance(record, dict) or not isinstance(record.get("cases"), list):
+    raise ValueError(f"{where}: batch line has no list of cases")
+  return record
+
+
 class ResultStore:
-  """Append-only JSONL log of finished cases under an output directory."""
+  """Append-only JSONL logs under an output directory: finished cases (results.jsonl) and the
+  latency of each timed batch (batches.jsonl: one record per generate call, listing its cases,
+  so a batch's latency is counted once, not once per row)."""
 
   def __init__(self, out_dir: str | os.PathLike[str]):
-    """Opens (creating if needed) ``out_dir/results.jsonl``.
-
-    A run killed mid-write can leave a partial last line. It is dropped here
-    (or completed, if it is a whole record missing only its newline) so that
-    the next append starts on a line of its own.
+    """Opens (creating if needed) ``out_dir/results.jsonl`` and ``out_dir/batches.jsonl``.
 
     Raises:
-      ValueError: if a complete line is not a JSON record with a case_id.
+      ValueError: if a complete line is not a JSON record with a case_id (a list of cases).
+      OSError: if the directory cannot be created or read.
     """
     self.out_dir = pathlib.Path(out_dir)
     self.out_dir.mkdir(parents=True, exist_ok=True)
     self.path = self.out_dir / RESULTS_FILE
+    self.batches_path = self.out_dir / BATCHES_FILE
     self._rows: dict[str, dict[str, Any]] = {}
-    self._load()
-
-  def _load(self) -> None:
-    if not self.path.exists():
-      return
-    data = self.path.read_bytes()
-    lines = data.split(b"\n")
-    tail = lines.pop()  # b"" when the file ends with a newline.
-    for number, line in enumerate(lines, start=1):
-      if line.strip():
-        self._add(self._parse(line, number))
-    if not tail.strip():
-      return
-    try:
-      row = self._parse(tail, len(lines) + 1)
-    except ValueError:
-      with open(self.path, "r+b") as f:
-        f.truncate(len(data) - len(tail))
-      return
-    self._add(row)
-    with open(self.path, "ab") as f:
-      f.write(b"\n")
-
-  def _parse(self, line: bytes, number: int) -> dict[str, Any]:
-    return parse_result_line(line, f"{self.path}:{number}")
+    for row in _load_log(self.path, lambda line, n: parse_result_line(line, f"{self.path}:{n}")):
+      self._add(row)
+    self._batches = _load_log(self.batches_path,
+                              lambda line, n: _parse_batch_line(line, f"{self.batches_path}:{n}"))
 
   def _add(self, row: dict[str, Any]) -> None:
     # A case rerun after its first result (e.g. forced) replaces it.
@@ -154,9 +185,19 @@ class ResultStore:
     """Case ids with a result; a restarted run skips these."""
     return set(self._rows)
 
-  def rows(self) -> list[dict[str, Any]]:
-    """One row per finished case (the latest if a case was logged twice)."""
-    return list(self._rows.values())
+  def rows(self, case_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """One row per finished case (the latest if a case was logged twice); with ``case_ids``,
+    only those cases' rows, in that order (a requested grid, without other runs' rows)."""
+    if case_ids is None:
+      return list(self._rows.values())
+    return [self._rows[c] for c in case_ids if c in self._rows]
+
+  def batches(self, case_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Batch latency records; with ``case_ids``, those whose cases all belong to them."""
+    if case_ids is None:
+      return list(self._batches)
+    wanted = set(case_ids)
+    return [b for b in self._batches if set(b["cases"]) <= wanted]
 
   def append(self, key: CaseKey,
              measurements: Mapping[str, Any]) -> dict[str, Any]:
@@ -164,8 +205,8 @@ class ResultStore:
 
     Args:
       key: The case.
-      measurements: At least "score"; usually also "recall", "ms_per_step",
-        "tokens_per_s", the prediction and answers. JSON-serialisable.
+      measurements: At least "score"; usually also "recall", the prediction and answers.
+        JSON-serialisable.
 
     Returns:
       The row as written.
@@ -179,13 +220,24 @@ class ResultStore:
     if clash:
       raise ValueError(f"measurements reuse key field(s) {', '.join(clash)}")
     row = {"case_id": key.case_id, **dataclasses.asdict(key), **measurements}
-    line = json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(line)
-      f.flush()
-      os.fsync(f.fileno())
+    _append_line(self.path, row)
     self._add(row)
     return row
+
+  def append_batch(self, keys: Sequence[CaseKey],
+                   measurements: Mapping[str, Any]) -> dict[str, Any]:
+    """Logs the latency of one timed batch of cases (all of one method, budget, task and
+    context length), e.g. prefill_ms, ms_per_step, tokens_per_s, batch_size, devices."""
+    first = keys[0]
+    group = {"method": first.method, "budget": first.budget, "task": first.task,
+             "context_length": first.context_length}
+    if any((k.method, k.budget, k.task, k.context_length) != tuple(group.values())
+           for k in keys):
+      raise ValueError("a batch's cases must share method, budget, task and context length")
+    record = {**group, "cases": [k.case_id for k in keys], **measurements}
+    _append_line(self.batches_path, record)
+    self._batches.append(record)
+    return record
 
 
 def _mean(values: Iterable[Any]) -> float | None:
@@ -199,28 +251,44 @@ def _group_order(group: Mapping[str, Any]) -> tuple[Any, ...]:
           group["context_length"])
 
 
-def summarize(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """Means of `SUMMARY_FIELDS` per method x budget x task x context length.
+def summarize(rows: Iterable[Mapping[str, Any]],
+              batches: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+  """Means of `SUMMARY_FIELDS` per method x budget x task x context length, and of
+  `LATENCY_FIELDS` over that group's timed batches (each batch counted once).
 
   A measurement missing from some rows (e.g. recall, which dense attention
   does not have) is averaged over the rows that have it, and is None if none
   do.
 
   Returns:
-    One dict per group with the group fields, "n" and the means, sorted by
-    method, budget (dense first), task and context length.
+    One dict per group with the group fields, "n" (cases), "batches" (timed batches) and the
+    means, sorted by method, budget (dense first), task and context length. "exact_budget" is
+    True where the budget is at least the context length: every cache entry is kept, so the
+    sparse method ran as exact attention.
   """
+  key = lambda r: (r["method"], r["budget"], r["task"], r["context_length"])
   groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
   for row in rows:
-    group = (row["method"], row["budget"], row["task"], row["context_length"])
-    groups.setdefault(group, []).append(row)
+    groups.setdefault(key(row), []).append(row)
+  timed: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+  for batch in batches:
+    timed.setdefault(key(batch), []).append(batch)
   summary = []
   for (method, budget, task, context_length), members in groups.items():
     entry: dict[str, Any] = {"method": method, "budget": budget, "task": task,
                              "context_length": context_length,
                              "n": len(members)}
+    entry["exact_budget"] = budget is not None and budget >= context_length
     for field in SUMMARY_FIELDS:
       entry[field] = _mean(row.get(field) for row in members)
+    group_batches = timed.get((method, budget, task, context_length), [])
+    entry["batches"] = len(group_batches)
+    for field in LATENCY_FIELDS:
+      entry[field] = _mean(b.get(field) for b in group_batches)
+    for field in ("batch_size", "devices"):
+      values = sorted({b[field] for b in group_batches if field in b})
+      if values:
+        entry[field] = values[0] if len(values) == 1 else values
     for field in LAYER_FIELDS:
       per_layer = [row[field] for row in members if row.get(field) is not None]
       if per_layer:
@@ -239,7 +307,7 @@ def format_layer_table(summary: Sequence[Mapping[str, Any]], field: str = "layer
   lines = [header]
   for e in entries:
     cells = [_cell(v, 3) for v in e[field]] + ["-"] * (layers - len(e[field]))
-    lines.append((e["method"], "dense" if e["budget"] is None else str(e["budget"]),
+    lines.append((e["method"], _budget_cell(e),
                   str(e["context_length"]), *cells))
   widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
   return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
@@ -247,10 +315,11 @@ def format_layer_table(summary: Sequence[Mapping[str, Any]], field: str = "layer
 
 
 def write_summary(rows: Iterable[Mapping[str, Any]],
-                  out_dir: str | os.PathLike[str]) -> pathlib.Path:
-  """Writes `summarize(rows)` to ``out_dir/summary.json``; returns its path."""
+                  out_dir: str | os.PathLike[str],
+                  batches: Iterable[Mapping[str, Any]] = ()) -> pathlib.Path:
+  """Writes `summarize(rows, batches)` to ``out_dir/summary.json``; returns its path."""
   path = pathlib.Path(out_dir) / SUMMARY_FILE
-  path.write_text(json.dumps(summarize(rows), indent=2) + "\n",
+  path.write_text(json.dumps(summarize(rows, batches), indent=2) + "\n",
                   encoding="utf-8")
   return path
 
@@ -259,27 +328,47 @@ def _cell(value: float | None, digits: int) -> str:
   return "-" if value is None else f"{value:.{digits}f}"
 
 
+EXACT_BUDGET_MARK = "*"
+EXACT_BUDGET_NOTE = (f"{EXACT_BUDGET_MARK} budget >= context: every cache entry is kept, the "
+                     "method ran as exact attention")
+
+
+def _budget_cell(entry: Mapping[str, Any]) -> str:
+  if entry["budget"] is None:
+    return "dense"
+  return str(entry["budget"]) + (EXACT_BUDGET_MARK if entry.get("exact_budget") else "")
+
+
 def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
-  """A fixed-width text table of a summary, one line per group, for stdout."""
+  """A fixed-width text table of a summary, one line per group, for stdout.
+
+  Latency columns are per timed batch: prefill ms (prompt written to the cache, i.e. the time
+  before the first block's denoising starts), ms per denoising step (the decode stage's time,
+  block commits included, over its steps) and generated tokens per second of the whole call.
+  """
   header = ("method", "budget", "task", "context", "n", "score", "recall",
-            "mass", "ms/step", "tok/s")
+            "mass", "prefill ms", "ms/step", "tok/s")
   lines = [header]
   for entry in summary:
     lines.append((
         entry["method"],
-        "dense" if entry["budget"] is None else str(entry["budget"]),
+        _budget_cell(entry),
         entry["task"],
         str(entry["context_length"]),
         str(entry["n"]),
         _cell(entry["score"], 3),
         _cell(entry["recall"], 3),
         _cell(entry.get("mass_recall"), 3),
-        _cell(entry["ms_per_step"], 2),
-        _cell(entry["tokens_per_s"], 1),
+        _cell(entry.get("prefill_ms"), 1),
+        _cell(entry.get("ms_per_step"), 2),
+        _cell(entry.get("tokens_per_s"), 1),
     ))
   widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
   # Names left-aligned, numbers right-aligned.
-  return "\n".join(
+  table = "\n".join(
       "  ".join(cell.ljust(width) if i < 3 else cell.rjust(width)
                 for i, (cell, width) in enumerate(zip(line, widths)))
       for line in lines)
+  if any(entry.get("exact_budget") for entry in summary):
+    table += "\n" + EXACT_BUDGET_NOTE
+  return table

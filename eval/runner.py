@@ -1,19 +1,21 @@
 """Runs evaluation cases: builds samples, generates with each method, scores, logs line by line.
 
 Kept apart from the absl entry point so tests and other code can drive it with plain arguments.
-A case is (method, budget, task, context length, depth, sample index, seed); finished cases are
-read back from the output folder's results.jsonl and skipped, so a killed run resumes.
+A case is (method, budget, task, context length, depth, sample index, seed) plus a digest of its
+setup (eval.provenance: weights, method and decoding options, prompt ids); finished cases are
+read back from the output folder's results.jsonl and skipped, so a killed run resumes, and a
+case another model or setting produced is never taken for this one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable, Sequence
 
 import tqdm
 from jax.sharding import Mesh
 
+from eval import provenance
 from eval.results import CaseKey, ResultStore
 from mage_jax.generate import DecodeOptions, generate, plan_request
 from mage_jax.methods import METHODS, get_method
@@ -93,6 +95,10 @@ class Tokenizer:
   def count(self, text: str) -> int:
     return len(self.encode(text))
 
+  def count_prompt(self, text: str) -> int:
+    """Tokens of ``text`` as a prompt (with the chat template, if any)."""
+    return len(self.prompt_ids(text))
+
   def prompt_ids(self, text: str) -> list[int]:
     return self.encode(self.chat_template(text) if self.chat_template else text)
 
@@ -122,11 +128,12 @@ def build_samples(task: str, context_lengths: Sequence[int], *, num_samples: int
                    f"{', '.join(sorted(ruler.RULER_TASKS))}, or longbench:<path.jsonl>")
 
 
-def case_key(spec: MethodSpec, sample: Sample, index: int, seed: int) -> CaseKey:
+def case_key(spec: MethodSpec, sample: Sample, index: int, seed: int, setup: str = "") -> CaseKey:
   meta = sample.meta
   return CaseKey(method=spec.name, budget=spec.budget, task=sample.task,
                  context_length=int(meta.get("length", meta.get("context_length", 0))),
-                 depth=meta.get("depth"), sample_index=int(meta.get("index", index)), seed=seed)
+                 depth=meta.get("depth"), sample_index=int(meta.get("index", index)), seed=seed,
+                 setup=setup)
 
 
 def _batches(items: Sequence[Any], size: int):
@@ -134,43 +141,81 @@ def _batches(items: Sequence[Any], size: int):
     yield items[i:i + size]
 
 
+def check_context_fits(cfg, tokenizer: Tokenizer, samples: Sequence[Sample],
+                       checkpoint: str) -> None:
+  """Every prompt, its answer and the block it ends in must fit the model's positions.
+
+  Raises:
+    ValueError: naming --context_lengths, the length that does not fit, the positions it needs,
+      the model's max_position_embeddings and the checkpoint.
+  """
+  limit = cfg.max_position_embeddings
+  unlimited = cfg.replace(max_position_embeddings=2**62)  # sized here, refused with the flag
+  for s in samples:
+    needed = plan_request(unlimited, [tokenizer.count_prompt(s.prompt())],
+                          s.max_new_tokens).capacity
+    if needed > limit:
+      length = s.meta.get("length", s.meta.get("context_length"))
+      raise ValueError(f"--context_lengths: {length} needs {needed} positions (prompt, answer "
+                       f"and block rounding), beyond max_position_embeddings={limit} of "
+                       f"{checkpoint}")
+
+
+def _warm_up(model, batch_size: int, capacity: int, method, options, mesh) -> None:
+  """Compiles the decoding loop of (batch, capacity, method, options) outside the timed calls,
+  cheaply: one-token prompts and one new token reuse the same compiled stages (lengths and
+  max_new_tokens are arrays), so prefill writes nothing and one block is decoded."""
+  generate(model, [[0]] * batch_size, max_new_tokens=1, method=method, options=options,
+           capacity=capacity, mesh=mesh)
+
+
 def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Sequence[MethodSpec],
               *, store: ResultStore, batch_size: int, seed: int, measure: Sequence[str],
               options: DecodeOptions | None = None, progress: bool = True,
-              mesh: Mesh | None = None) -> list[dict]:
-  """Runs every unfinished (method, sample) case; returns the rows written this run.
+              mesh: Mesh | None = None, model_id: str | None = None) -> list[dict]:
+  """Runs every unfinished case of the grid ``specs`` x ``samples``; returns the grid's rows
+  (cases finished by an earlier run included), in grid order.
+
+  A case is finished only if a row with its id exists, and the id carries a digest of what
+  produces the result (``model_id``, default: a fingerprint of the model's weights and config;
+  the method's and decoding options; the prompt's token ids): rows another checkpoint or
+  setting wrote to the same folder are neither reused nor returned.
 
   Cases are grouped by context length so one compiled loop (fixed batch and capacity) serves
   a group; a short last batch is padded with copies of its first prompt and the copies dropped.
+  With "latency" each batch's prefill and decode times go to the store's batch log.
   With a ``mesh`` (see ``check_mesh``) the model must already be sharded onto it.
   """
   cfg = model.config
-  finished = store.finished()
+  options = options or DecodeOptions.for_model(cfg)
+  model_id = model_id or provenance.model_fingerprint(model)
   prompts = [tokenizer.prompt_ids(s.prompt()) for s in samples]
-  todo = [(spec, i) for spec in specs for i, s in enumerate(samples)
-          if case_key(spec, s, i, seed).case_id not in finished]
-  written = []
+  keys: dict[tuple[MethodSpec, int], CaseKey] = {}
+  for spec in specs:
+    method = spec.build()
+    for i, s in enumerate(samples):
+      setup = provenance.case_setup(model_id, method, options, prompts[i], s.max_new_tokens)
+      keys[spec, i] = case_key(spec, s, i, seed, setup)
+  finished = store.finished()
   groups: dict[tuple, list[int]] = {}
-  for spec, i in todo:
-    groups.setdefault((spec, case_key(spec, samples[i], i, seed).context_length), []).append(i)
-  bar = tqdm.tqdm(total=len(todo), desc="eval", unit="case", disable=not progress)
+  for (spec, i), key in keys.items():
+    if key.case_id not in finished:
+      groups.setdefault((spec, key.context_length), []).append(i)
+  devices = 1 if mesh is None else mesh.size
+  bar = tqdm.tqdm(total=sum(map(len, groups.values())), desc="eval", unit="case",
+                  disable=not progress)
   for (spec, _), indices in groups.items():
     method = spec.build()
     max_new = max(samples[i].max_new_tokens for i in indices)
     # One capacity for the group's batches: one compiled loop.
     capacity = plan_request(cfg, [len(prompts[i]) for i in indices], max_new).capacity
-    warm = False
+    if "latency" in measure:
+      _warm_up(model, batch_size, capacity, method, options, mesh)
     for batch in _batches(indices, batch_size):
       batch_prompts = [prompts[i] for i in batch]
       batch_prompts += [batch_prompts[0]] * (batch_size - len(batch))
-      run = lambda: generate(model, batch_prompts, max_new_tokens=max_new, method=method,
-                             options=options, capacity=capacity, mesh=mesh)
-      if "latency" in measure and not warm:
-        run()  # compile outside the timed call
-        warm = True
-      t0 = time.perf_counter()
-      result = run()
-      elapsed = time.perf_counter() - t0
+      result = generate(model, batch_prompts, max_new_tokens=max_new, method=method,
+                        options=options, capacity=capacity, mesh=mesh)
       recalls = {}
       if "recall" in measure and spec.budget is not None:
         for i in batch:
@@ -186,28 +231,19 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
         text = tokenizer.decode(result.tokens[row])
         measurements = {"score": metrics.score_sample(s, text), "prediction": text,
                         "answers": list(s.answers)}
-        if "latency" in measure:
-          measurements["ms_per_step"] = 1e3 * elapsed / max(result.num_steps, 1)
-          measurements["tokens_per_s"] = sum(len(t) for t in result.tokens[:len(batch)]) / elapsed
         measurements.update(recalls.get(i, {}))
-        written.append(store.append(case_key(spec, s, i, seed), measurements))
+        store.append(keys[spec, i], measurements)
         bar.update(1)
+      if "latency" in measure:
+        new_tokens = sum(len(t) for t in result.tokens[:len(batch)])
+        store.append_batch([keys[spec, i] for i in batch], {
+            "batch_size": len(batch), "padded_batch": batch_size, "devices": devices,
+            "prefill_ms": 1e3 * result.prefill_s,
+            "ms_per_step": 1e3 * result.decode_s / max(result.num_steps, 1),
+            "steps": result.num_steps, "new_tokens": new_tokens,
+            "tokens_per_s": new_tokens / (result.prefill_s + result.decode_s)})
   bar.close()
-  return written
-
-
-def check_positions(cfg, tokenizer: Tokenizer, samples: Sequence[Sample]) -> None:
-  """Raises ValueError, before any case runs, if a prompt needs more positions than the model's
-  ``max_position_embeddings`` (contexts up to it are fine, whatever the training length)."""
-  for s in samples:
-    need = plan_request(cfg.replace(max_position_embeddings=2**62),
-                        [len(tokenizer.prompt_ids(s.prompt()))], s.max_new_tokens).capacity
-    if need > cfg.max_position_embeddings:
-      length = s.meta.get("length", s.meta.get("context_length"))
-      raise ValueError(
-          f"--context_lengths: a {length}-token {s.task} prompt needs {need} positions (with "
-          f"{s.max_new_tokens} new tokens, in blocks of {cfg.block_size}), beyond the "
-          f"checkpoint's max_position_embeddings={cfg.max_position_embeddings}")
+  return store.rows(key.case_id for key in keys.values())
 
 
 def check_mesh(mesh: Mesh, batch_size: int, measure: Sequence[str]) -> None:

@@ -333,6 +333,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *,
   for file, names in zip(files, shards):
     tensors = {n: specs[n].to_hf(_our_tensor(flat, specs[n], dtype)) for n in names}
     safetensors.numpy.save_file(tensors, os.path.join(path, file), metadata=_METADATA)
+    _follow_umask(os.path.join(path, file))
   if len(files) > 1:
     index = {
         "metadata": {"total_size": sum(math.prod(s.hf_shape) * dtype.itemsize
@@ -371,6 +372,14 @@ def _plan_shards(shapes: Mapping[str, tuple[int, ...]], dtype,
       shards.append([])
     shards[-1].append(name)
   return shards
+
+
+def _follow_umask(file: str) -> None:
+  """safetensors writes through a private temporary file (mode 0600) that it renames; give the
+  weights the mode any other file written here gets (0666 less the umask)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(file, 0o666 & ~umask)
 
 
 def _our_tensor(flat, spec: _Spec, dtype) -> np.ndarray:
@@ -438,6 +447,7 @@ def save_pretrained_like(model: Transformer, path: str | os.PathLike,
       written.add(name)
     safetensors.numpy.save_file(tensors, os.path.join(path, short),
                                 metadata=handle.metadata() or {"format": "pt"})
+    _follow_umask(os.path.join(path, short))
   missing = [n for n in specs if n not in written]
   if missing:
     raise ValueError(f"parameter {missing[0]!r} is not in the source checkpoint {source}")
@@ -497,6 +507,7 @@ def save_adapter(path: str | os.PathLike, adapters: Mapping[str, Any], lora: Lor
              for n, v in adapters.items()}
   safetensors.numpy.save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_FILE),
                               metadata={"format": "pt"})
+  _follow_umask(os.path.join(path, ADAPTER_WEIGHTS_FILE))
   alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
   config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": lora.rank, "lora_alpha": alpha, "target_modules": list(lora.targets),
@@ -623,14 +634,13 @@ def apply_chat_template(template: str, messages: Sequence[Mapping[str, Any]], *,
   """Renders a Hugging Face chat template, with the environment transformers uses.
 
   ``variables`` reach the template as globals (bos_token, eos_token, tools, enable_thinking...).
-  Needs jinja2, which is optional: only chat prompting needs it.
+
+  Raises:
+    ValueError: the template does not parse or raises while rendering (its message).
   """
-  try:
-    import jinja2
-    import jinja2.ext
-    import jinja2.sandbox
-  except ImportError as e:
-    raise ImportError("apply_chat_template needs jinja2 (pip install jinja2)") from e
+  import jinja2  # a declared dependency, imported here: only chat prompting needs it
+  import jinja2.ext
+  import jinja2.sandbox
 
   def raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
@@ -644,6 +654,9 @@ def apply_chat_template(template: str, messages: Sequence[Mapping[str, Any]], *,
                                                      extensions=[jinja2.ext.loopcontrols])
   env.filters["tojson"] = tojson
   env.globals["raise_exception"] = raise_exception
-  return env.from_string(template).render(messages=list(messages),
-                                          add_generation_prompt=add_generation_prompt,
-                                          **variables)
+  try:
+    return env.from_string(template).render(messages=list(messages),
+                                            add_generation_prompt=add_generation_prompt,
+                                            **variables)
+  except jinja2.exceptions.TemplateError as e:
+    raise ValueError(f"chat template: {type(e).__name__}: {e}") from e

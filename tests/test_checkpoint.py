@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 
 import jax.numpy as jnp
 import numpy as np
@@ -167,6 +169,21 @@ def test_reexport_removes_stale_shards(sharded, tmp_path):
   save_pretrained(model, out, max_shard_bytes=20_000)
   save_pretrained(model, out)
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_follow_the_umask(sharded, tmp_path, umask):
+  path, _, _ = sharded
+  model, _ = load_pretrained(path)
+  old = os.umask(umask)
+  try:
+    save_pretrained(model, tmp_path / "single")
+    save_pretrained(model, tmp_path / "sharded", max_shard_bytes=20_000)
+  finally:
+    os.umask(old)
+  for out in (tmp_path / "single", tmp_path / "sharded"):
+    for file in os.listdir(out):  # weights, index and config alike
+      assert stat.S_IMODE(os.stat(out / file).st_mode) == 0o666 & ~umask, file
 
 
 def test_dtype_casts_on_load_and_export_writes_that_dtype(sharded, tmp_path):
@@ -343,7 +360,6 @@ def _write_tokenizer(path) -> None:
 
 
 def test_load_tokenizer_and_chat_template(tmp_path):
-  pytest.importorskip("jinja2")
   _write_tokenizer(tmp_path)
   tok, template = load_tokenizer(tmp_path)
   assert tok.encode("hello world foo").ids == [1, 2, 0]
@@ -357,7 +373,6 @@ def test_load_tokenizer_and_chat_template(tmp_path):
 
 
 def test_chat_template_variants(tmp_path):
-  jinja2 = pytest.importorskip("jinja2")
   _write_tokenizer(tmp_path)
   (tmp_path / "chat_template.jinja").write_text(_CHATML)
   assert load_tokenizer(tmp_path)[1] == _CHATML
@@ -365,12 +380,23 @@ def test_chat_template_variants(tmp_path):
       {"chat_template": [{"name": "tool_use", "template": "x"},
                          {"name": "default", "template": "{{ raise_exception('no') }}"}]}))
   _, template = load_tokenizer(tmp_path)
-  with pytest.raises(jinja2.exceptions.TemplateError, match="no"):
+  with pytest.raises(ValueError, match="chat template: TemplateError: no"):
     apply_chat_template(template, [])
+  with pytest.raises(ValueError, match="chat template: TemplateSyntaxError"):
+    apply_chat_template("{% if %}", [])
+
+
+def test_jinja2_is_a_declared_dependency():
+  # Fast-dLLM v2 and SDAR checkpoints ship chat templates: rendering one must not need an
+  # extra install.
+  import tomllib
+  with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "pyproject.toml"), "rb") as f:
+    dependencies = tomllib.load(f)["project"]["dependencies"]
+  assert any(re.match(r"jinja2\b", d, re.I) for d in dependencies), dependencies
 
 
 def test_chat_template_tojson_keeps_characters():
-  pytest.importorskip("jinja2")
   out = apply_chat_template("{{ tools | tojson }}", [], tools=[{"name": "a<b", "d": "é"}])
   assert out == '[{"name": "a<b", "d": "é"}]'
 

@@ -1,5 +1,7 @@
 """The jitted decoding loop: policies, EOS, ragged batches, token shift, request validation."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,3 +111,16 @@ def test_requests_that_do_not_fit_fail_before_any_work():
     generate(model, [[5] * 3, []], max_new_tokens=8)
   with pytest.raises(ValueError, match="sub_block_size"):
     generate(model, [[5]], max_new_tokens=8, options=DecodeOptions.for_model(cfg, sub_block_size=3))
+
+
+def test_prefill_and_decode_are_timed_apart():
+  cfg = ModelConfig.preset("tiny_qwen2", eos_token_ids=(1,))
+  model = build_model(cfg, seed=5)
+  options = DecodeOptions.for_model(cfg, policy="fixed_steps", steps_per_block=2)
+  prompts = _prompts(cfg, [3 * cfg.block_size + 2, 5])
+  generate(model, prompts, max_new_tokens=cfg.block_size, options=options, capacity=64)  # compile
+  start = time.perf_counter()
+  out = generate(model, prompts, max_new_tokens=cfg.block_size, options=options, capacity=64)
+  wall = time.perf_counter() - start
+  assert out.prefill_s > 0 and out.decode_s > 0 and out.prefill_s + out.decode_s <= wall
+  assert out.num_steps == 2 * out.num_blocks

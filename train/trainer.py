@@ -16,6 +16,8 @@ then stops before any save, so the last checkpoint on disk is the last good stat
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
@@ -402,10 +404,66 @@ class Checkpoints:
     """The JSON meta of a step alone (the state is not read)."""
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
+  def read_newest_meta(self) -> dict[str, Any] | None:
+    """The meta of the newest checkpoint whose meta reads; None if there is none."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      with _quiet_abandoned_reads():
+        try:
+          return self.read_meta(step)
+        except Exception:  # an unreadable step: restore_newest_intact names and moves it
+          continue
+    return None
+
   def restore(self, step: int, abstract: TrainState) -> tuple[TrainState, dict[str, Any]]:
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
+
+  def broken_dir(self) -> str:
+    """Where unreadable checkpoints are moved (beside the checkpoints, never deleted)."""
+    return os.path.join(os.path.dirname(self.directory), "broken_checkpoints")
+
+  def restore_newest_intact(self, abstract: TrainState, echo: Callable[[str], None]
+                            ) -> tuple[TrainState, dict[str, Any]] | None:
+    """The newest checkpoint that restores; None if there is none.
+
+    A newer one that cannot be read (a truncated or missing file: a job killed while writing,
+    a full disk) is named, moved to ``broken_dir()`` (so the next save cannot collide with it
+    and nothing is lost) and the one before it restored.
+
+    Raises:
+      ConfigError: no checkpoint restores (nothing is moved then: the error may be in the run's
+        configuration rather than in the files).
+    """
+    broken: list[tuple[int, str]] = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      with _quiet_abandoned_reads():
+        try:
+          restored = self.restore(step, abstract)
+        except Exception as e:  # orbax / tensorstore raise many types for unreadable data
+          broken.append((step, _first_line(e)))
+          continue
+      for bad, error in broken:
+        target = self._move_aside(bad)
+        echo(f"checkpoint step {bad} cannot be read ({error}); moved to {target}")
+      if broken:
+        self.manager.reload()
+      return restored
+    if broken:
+      step, error = broken[0]
+      raise ConfigError(f"no checkpoint in {self.directory} can be restored (step {step}: "
+                        f"{error}); move that folder aside to start over from step 0")
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    os.makedirs(self.broken_dir(), exist_ok=True)
+    target = os.path.join(self.broken_dir(), str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(self.broken_dir(), f"{step}.{suffix}")
+      suffix += 1
+    os.rename(os.path.join(self.directory, str(step)), target)
+    return target
 
   def close(self) -> None:
     """Waits for pending async saves (a save is only complete once this returns)."""
@@ -419,10 +477,37 @@ def _memory_stats() -> dict[str, int]:
   return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use") if k in stats}
 
 
-class MetricsLog:
-  """One JSON object per logged step in ``metrics.jsonl`` and a line on stdout."""
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+  """A restore that fails on one array abandons orbax's other pending reads, and Python reports
+  each one ("Exception ignored in: <coroutine ...>", a traceback apiece) when it is collected;
+  they are collected here, silently: the failure itself is reported in one line."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = hook
 
-  def __init__(self, path: str):
+
+def _first_line(error: Exception, limit: int = 200) -> str:
+  """An error's type and first line, without tensorstore's spec dump, at most ``limit`` chars."""
+  text = str(error).strip()
+  line = text.splitlines()[0].split(" See full TensorStore details")[0] if text else ""
+  line = f"{type(error).__name__}: {line}".strip()
+  return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+class MetricsLog:
+  """One JSON object per logged step in ``metrics.jsonl`` and a line on stdout.
+
+  A resumed run replays the steps after its checkpoint; their records from the interrupted run
+  (steps > ``resume_step``) are dropped when the log is opened, so each step is logged once.
+  """
+
+  def __init__(self, path: str, resume_step: int = 0):
+    _drop_records_after(path, resume_step)
     self.file = open(path, "a")
 
   def write(self, record: dict[str, Any], echo: Callable[[str], None]) -> None:
@@ -435,6 +520,31 @@ class MetricsLog:
 
   def close(self) -> None:
     self.file.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites ``path`` (atomically) without the records of steps after ``step``, and without a
+  partial last line a killed run left; other lines are kept as they are."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.read().splitlines(keepends=True)
+  kept = []
+  for number, line in enumerate(lines):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      if number == len(lines) - 1:
+        continue  # the partial line of a killed write
+      kept.append(line)
+      continue
+    if not (isinstance(record, dict) and isinstance(record.get("step"), int)
+            and record["step"] > step):
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if kept != lines:
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 ADAPTER_DIR = "adapter"  # export_dir's subdirectory for the LoRA adapters alone
@@ -465,11 +575,14 @@ def export(layout: ParamLayout, params: dict[str, jax.Array], frozen: dict[str, 
   shutil.copy(tokenizer_file, os.path.join(directory, data_lib.TOKENIZER_FILE))
 
 
-def trainable_mismatch(meta: dict[str, Any], cfg: TrainConfig) -> str | None:
-  """Why a checkpoint (its meta) cannot resume under ``cfg``'s trainable subset, or None.
+def trainable_mismatch(meta: dict[str, Any] | None, cfg: TrainConfig) -> str | None:
+  """Why a checkpoint (its meta; None: no checkpoint) cannot resume under ``cfg``'s trainable
+  subset, or None.
 
   Another subset has other master weights and optimizer moments: resuming would drop or
   invent state. Checkpoints from before the subsets trained everything."""
+  if meta is None:
+    return None
   saved = meta.get("config", {})
   saved_trainable = saved.get("trainable", "all")
   before = (saved_trainable, saved.get("lora") if saved_trainable == "lora" else None)
@@ -525,25 +638,32 @@ def train(cfg: TrainConfig, mode: str, *, stop_at_step: int | None = None,
     raise ConfigError(f"--mesh: {e}") from e
   ckpt = Checkpoints(os.path.join(cfg.workdir, "checkpoints"), cfg.checkpoint.every,
                      cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save)
-  latest = ckpt.latest_step()
-  if latest is None:
+  try:
+    # Another trainable subset has another state tree: refuse it before any restore, which
+    # would fail on it and mistake a good checkpoint for a broken one.
+    refusal = trainable_mismatch(ckpt.read_newest_meta(), cfg)
+    if refusal is not None:
+      raise ConfigError(f"workdir {cfg.workdir}: {refusal}")
+    restored = ckpt.restore_newest_intact(
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh), print)
+  except ConfigError:
+    ckpt.close()
+    raise
+  if restored is None:
     state = fresh
   else:
-    refusal = trainable_mismatch(ckpt.read_meta(latest), cfg)
-    if refusal is not None:
-      ckpt.close()
-      raise ConfigError(f"workdir {cfg.workdir}: {refusal}")
-    state, meta = ckpt.restore(latest, jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh))
+    state, meta = restored
     if meta.get("mode") != mode:
       ckpt.close()
       raise ConfigError(f"workdir {cfg.workdir} holds a {meta.get('mode')} run, not {mode}")
+    print(f"resumed from step {int(state.step)} ({ckpt.directory})")
   del fresh
 
   micro, accum = cfg.optim.batch_size, cfg.optim.grad_accum
   tokens_per_step = accum * micro * cfg.seq_len
   start = int(state.step)
   end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
-  log = MetricsLog(os.path.join(cfg.workdir, "metrics.jsonl"))
+  log = MetricsLog(os.path.join(cfg.workdir, "metrics.jsonl"), resume_step=start)
   bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=mode, disable=not cfg.progress_bar,
                   file=sys.stderr, dynamic_ncols=True)
   history = []

@@ -99,3 +99,15 @@ def test_command_line_names_bad_input(tmp_path, capsys):
   with pytest.raises(SystemExit):
     plots.main([str(bad), "--out_dir", str(tmp_path), "--metric=accuracy"])
   assert "--metric: unknown ['accuracy']" in capsys.readouterr().err
+
+
+def test_budget_figure_stays_in_the_unit_range_and_shows_n():
+  panels = {1024: {("mage", 256): [1.0, 1.0], ("mage", 512): [1.0, 1.0, 1.0],
+                   ("exact", None): [1.0, 0.0]},
+            4096: {("mage", 256): [0.5, 0.5]}}
+  fig = plots.budget_figure("niah", panels, "score")
+  first, second = fig.axes[:2]
+  assert first.get_ylim() == (0.0, 1.0) and second.get_ylim() == (0.0, 1.0)
+  assert first.get_title() == "niah, 1024 tokens, n=2-3 per point"
+  assert second.get_title() == "niah, 4096 tokens, n=2 per point"
+  plots.plt.close(fig)

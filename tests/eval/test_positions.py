@@ -24,14 +24,14 @@ def test_8k_to_32k_prompts_fit_a_model_with_131072_positions():
     samples += ruler.ruler_samples("ruler_niah_multikey", [length], num_samples=1, seed=0,
                                    count_tokens=count_words)
     assert all(0.99 * length < count_words(s.prompt()) <= length for s in samples[-3:])
-  runner.check_positions(_config(131072), WORDS, samples)
+  runner.check_context_fits(_config(131072), WORDS, samples, "ckpt")
 
 
 def test_a_prompt_fits_exactly_its_positions_and_one_fewer_is_refused():
   (sample,) = niah.niah_grid([8192], [0.5], num_samples=1, seed=0, count_tokens=count_words)
   # The prompt and its answer, rounded up to whole blocks of 32 (generate.plan_request).
   need = -(-(count_words(sample.prompt()) + sample.max_new_tokens) // 32) * 32
-  runner.check_positions(_config(need), WORDS, [sample])
-  with pytest.raises(ValueError, match=rf"^--context_lengths: a 8192-token niah prompt needs "
-                                       rf"{need} positions .* max_position_embeddings={need - 1}$"):
-    runner.check_positions(_config(need - 1), WORDS, [sample])
+  runner.check_context_fits(_config(need), WORDS, [sample], "ckpt")
+  with pytest.raises(ValueError, match=rf"^--context_lengths: 8192 needs {need} positions .* "
+                                       rf"max_position_embeddings={need - 1} of ckpt$"):
+    runner.check_context_fits(_config(need - 1), WORDS, [sample], "ckpt")

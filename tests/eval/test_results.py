@@ -1,5 +1,6 @@
 """Result store: resuming killed runs, partial lines, summaries, tables."""
 
+import dataclasses
 import json
 
 import pytest
@@ -115,34 +116,45 @@ def test_append_validates_measurements(tmp_path):
 
 def _rows():
   rows = []
-  for score, recall, ms in ((1.0, 0.8, 10.0), (0.0, 0.6, 14.0)):
+  for score, recall in ((1.0, 0.8), (0.0, 0.6)):
     rows.append({"method": "mage", "budget": 512, "task": "niah",
-                 "context_length": 4096, "score": score, "recall": recall,
-                 "ms_per_step": ms, "tokens_per_s": 100.0})
+                 "context_length": 4096, "score": score, "recall": recall})
   rows.append({"method": "dense", "budget": None, "task": "niah",
-               "context_length": 4096, "score": 1.0, "ms_per_step": 30.0,
-               "tokens_per_s": 40.0})
+               "context_length": 4096, "score": 1.0})
   rows.append({"method": "mage", "budget": 256, "task": "niah",
                "context_length": 4096, "score": 0.5, "recall": None})
   return rows
 
 
+def _batches():
+  group = {"method": "mage", "budget": 512, "task": "niah", "context_length": 4096}
+  return [  # a batch of 2 cases and, say, a rerun batch of 1: each batch counts once
+      {**group, "cases": ["a", "b"], "prefill_ms": 100.0, "ms_per_step": 10.0,
+       "tokens_per_s": 100.0, "batch_size": 2, "devices": 1},
+      {**group, "cases": ["c"], "prefill_ms": 50.0, "ms_per_step": 14.0,
+       "tokens_per_s": 60.0, "batch_size": 1, "devices": 1},
+      {"method": "dense", "budget": None, "task": "niah", "context_length": 4096,
+       "cases": ["d"], "prefill_ms": 300.0, "ms_per_step": 30.0, "tokens_per_s": 40.0,
+       "batch_size": 1, "devices": 1}]
+
+
 def test_summary_means_per_group(tmp_path):
-  summary = results.summarize(_rows())
+  summary = results.summarize(_rows(), _batches())
   assert [(e["method"], e["budget"]) for e in summary] == [
       ("dense", None), ("mage", 256), ("mage", 512)]
   dense, mage256, mage512 = summary
   assert dense["recall"] is None and dense["ms_per_step"] == 30.0
   assert mage256 == {"method": "mage", "budget": 256, "task": "niah",
-                     "context_length": 4096, "n": 1, "score": 0.5,
-                     "recall": None, "mass_recall": None, "ms_per_step": None,
-                     "tokens_per_s": None}
-  assert mage512["n"] == 2
+                     "context_length": 4096, "n": 1, "exact_budget": False, "score": 0.5,
+                     "recall": None, "mass_recall": None, "batches": 0, "prefill_ms": None,
+                     "ms_per_step": None, "tokens_per_s": None}
+  assert mage512["n"] == 2 and mage512["batches"] == 2
   assert mage512["score"] == 0.5
   assert mage512["recall"] == pytest.approx(0.7)
-  assert mage512["ms_per_step"] == 12.0
+  assert mage512["ms_per_step"] == 12.0 and mage512["prefill_ms"] == 75.0
+  assert mage512["batch_size"] == [1, 2] and mage512["devices"] == 1
 
-  path = results.write_summary(_rows(), tmp_path)
+  path = results.write_summary(_rows(), tmp_path, _batches())
   assert json.loads(path.read_text()) == summary
 
 
@@ -155,16 +167,55 @@ def test_summary_of_store_rows_uses_the_latest_result_per_case(tmp_path):
   assert entry["n"] == 1 and entry["score"] == 1.0
 
 
+def test_rows_and_batches_of_a_requested_grid(tmp_path):
+  store = results.ResultStore(tmp_path)
+  keys = _keys()
+  for key in keys:
+    store.append(key, {"score": 1.0})
+  store.append_batch(keys[:2], {"ms_per_step": 1.0})
+  store.append_batch(keys[3:5], {"ms_per_step": 2.0})
+  with open(tmp_path / results.BATCHES_FILE, "ab") as f:
+    f.write(b'{"cases": ["x"], "ms_')  # killed mid-write
+  with pytest.raises(ValueError, match="share method"):
+    store.append_batch([keys[0], results.CaseKey("quest", 512, "niah", 1024, 0.0, 0, 0)], {})
+  reopened = results.ResultStore(tmp_path)
+  wanted = [keys[3].case_id, keys[1].case_id, keys[0].case_id, "not/run"]
+  assert [r["case_id"] for r in reopened.rows(wanted)] == wanted[:3]
+  # Only batches wholly inside the grid: their latency belongs to it.
+  assert [b["ms_per_step"] for b in reopened.batches(wanted)] == [1.0]
+  assert [b["ms_per_step"] for b in reopened.batches()] == [1.0, 2.0]
+  assert reopened.batches()[0]["cases"] == [keys[0].case_id, keys[1].case_id]
+
+
 def test_format_table():
-  table = results.format_table(results.summarize(_rows()))
+  table = results.format_table(results.summarize(_rows(), _batches()))
   lines = table.splitlines()
   assert lines[0].split() == ["method", "budget", "task", "context", "n",
-                              "score", "recall", "mass", "ms/step", "tok/s"]
+                              "score", "recall", "mass", "prefill", "ms", "ms/step", "tok/s"]
   assert lines[1].split() == ["dense", "dense", "niah", "4096", "1", "1.000",
-                              "-", "-", "30.00", "40.0"]
+                              "-", "-", "300.0", "30.00", "40.0"]
   assert lines[3].split() == ["mage", "512", "niah", "4096", "2", "0.500",
-                              "0.700", "-", "12.00", "100.0"]
+                              "0.700", "-", "75.0", "12.00", "80.0"]
   assert len({len(line) for line in lines}) == 1
+
+
+def test_budget_at_least_the_context_is_marked_as_exact():
+  rows = [{"method": "mage", "budget": b, "task": "niah", "context_length": 2048, "score": 1.0}
+          for b in (64, 2048, 4096)]
+  summary = results.summarize(rows)
+  assert [e["exact_budget"] for e in summary] == [False, True, True]
+  lines = results.format_table(summary).splitlines()
+  assert [line.split()[1] for line in lines[1:4]] == ["64", "2048*", "4096*"]
+  assert lines[-1] == results.EXACT_BUDGET_NOTE
+  assert results.EXACT_BUDGET_NOTE not in results.format_table(summary[:1])
+
+
+def test_case_id_carries_the_setup_digest():
+  plain = results.CaseKey("mage", 512, "niah", 8192, 0.25, 3, 7)
+  tied = dataclasses.replace(plain, setup="3f9a0c2b71de")
+  assert tied.case_id == plain.case_id + "/3f9a0c2b71de"
+  with pytest.raises(ValueError, match="setup"):
+    dataclasses.replace(plain, setup="a/b")
 
 
 def test_per_layer_recall_is_averaged_elementwise_and_tabulated():

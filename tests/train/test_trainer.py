@@ -374,3 +374,45 @@ def test_bad_zero_depth_share_is_a_config_error(source, why):
                               "seq_len": 512, "data": {"sources": [source]}})
   with pytest.raises(config_lib.ConfigError, match=why):
     cfg.validate(ModelConfig.preset("tiny_qwen2"), "pretrain")
+
+
+def _truncate_largest_file(step_dir):
+  files = [os.path.join(root, f) for root, _, names in os.walk(step_dir) for f in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(run_config, capsys):
+  import json
+
+  cfg = run_config(steps=8, log_every=1, **{"checkpoint.every": 2, "checkpoint.max_to_keep": 3})
+  trainer.train(cfg, "pretrain", stop_at_step=5)  # checkpoints 2, 4, 5; metrics of steps 1-5
+  checkpoints = os.path.join(cfg.workdir, "checkpoints")
+  _truncate_largest_file(os.path.join(checkpoints, "5"))
+  capsys.readouterr()
+  tail = trainer.train(cfg, "pretrain")
+  out = capsys.readouterr().out
+  broken = os.path.join(cfg.workdir, "broken_checkpoints", "5")
+  assert re.search(r"checkpoint step 5 cannot be read \(.*\); moved to " + re.escape(broken), out)
+  assert "resumed from step 4" in out and len(tail) == 4
+  assert os.path.isdir(broken)  # moved aside, never deleted
+  with open(os.path.join(cfg.workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == list(range(1, 9))  # the replayed step 5 logged once
+  manager = ocp.CheckpointManager(checkpoints)
+  assert manager.all_steps() == [4, 6, 8]
+  manager.close()
+
+
+def test_no_readable_checkpoint_refuses_in_one_line_and_moves_nothing(run_config):
+  cfg = run_config(steps=4, **{"checkpoint.every": 2})
+  trainer.train(cfg, "pretrain")
+  checkpoints = os.path.join(cfg.workdir, "checkpoints")
+  for step in ("2", "4"):
+    _truncate_largest_file(os.path.join(checkpoints, step))
+  with pytest.raises(trainer.ConfigError, match=r"no checkpoint in .* can be restored \(step 4: "
+                     r".*\); move that folder aside") as error:
+    trainer.train(cfg, "pretrain")
+  assert "\n" not in str(error.value)
+  assert sorted(os.listdir(checkpoints)) == ["2", "4"]
