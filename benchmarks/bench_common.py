@@ -13,7 +13,7 @@ pretrain_step.py).
   ``kernel_summary``: per step, their count, busy time, span and the top kernels;
 * ``TrainStepSetup``: the trainer's own jitted step and its state, built from a raw config, and
   ``run_child``: one variant in its own process, its JSON result or its error (train_step.py,
-  pretrain_step.py).
+  pretrain_step.py); ``largest_fitting``: the search for the longest context that fits.
 """
 
 from __future__ import annotations
@@ -234,3 +234,22 @@ def run_child(args: list[str], timeout: float | None = None) -> dict:
   tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:] or ["no output"]
   oom = any("RESOURCE_EXHAUSTED" in l or "out of memory" in l.lower() for l in tail)
   return {"error": "OOM" if oom else tail[-1].replace("|", "/")}
+
+
+def largest_fitting(measured: dict[int, bool], candidates: list[int],
+                    fits) -> tuple[int | None, int | None]:
+  """(largest length that fits, smallest that does not), from ``measured`` (length -> fitted)
+  and those ``candidates`` above the longest fitting and below the shortest failing length,
+  tried in increasing order by ``fits(length) -> bool`` (memory grows with the length)."""
+  known = dict(measured)
+  for length in sorted(set(candidates) - set(known)):
+    fitting = [n for n, ok in known.items() if ok]
+    failing = [n for n, ok in known.items() if not ok]
+    if failing and length >= min(failing):
+      break
+    if fitting and length < max(fitting):
+      continue
+    known[length] = fits(length)
+  fitting = [n for n, ok in known.items() if ok]
+  failing = [n for n, ok in known.items() if not ok]
+  return (max(fitting) if fitting else None), (min(failing) if failing else None)

@@ -136,25 +136,6 @@ def _run_variant(model: str, trainable: str, seq_len: int) -> dict:
   return result
 
 
-def largest_fitting(measured: dict[int, bool], candidates: list[int],
-                    fits) -> tuple[int | None, int | None]:
-  """(largest length that fits, smallest that does not), from ``measured`` (length -> fitted)
-  and those ``candidates`` above the longest fitting and below the shortest failing length,
-  tried in increasing order by ``fits(length) -> bool`` (memory grows with the length)."""
-  known = dict(measured)
-  for length in sorted(set(candidates) - set(known)):
-    fitting = [n for n, ok in known.items() if ok]
-    failing = [n for n, ok in known.items() if not ok]
-    if failing and length >= min(failing):
-      break
-    if fitting and length < max(fitting):
-      continue
-    known[length] = fits(length)
-  fitting = [n for n, ok in known.items() if ok]
-  failing = [n for n, ok in known.items() if not ok]
-  return (max(fitting) if fitting else None), (min(failing) if failing else None)
-
-
 def _steps_minutes(step_s: float, steps: int = 200) -> str:
   return f"{steps * step_s / 60:.0f}"
 
@@ -213,8 +194,9 @@ def main(argv):
         results.append(row)
         return "error" not in row
 
-      largest, failing = largest_fitting({r["seq_len"]: "error" not in r for r in rows},
-                                         [int(n) for n in _FIT_LENS.value], fits_at)
+      largest, failing = bench_common.largest_fitting(
+          {r["seq_len"]: "error" not in r for r in rows}, [int(n) for n in _FIT_LENS.value],
+          fits_at)
       fits.append({"model": model, "trainable": trainable, "largest_fitting": largest,
                    "smallest_failing": failing})
   os.makedirs(_OUT.value, exist_ok=True)

@@ -159,9 +159,10 @@ def test_train_step_times_each_subset_and_searches_the_largest_fitting_length(tm
 
 
 def test_train_step_largest_fitting_length_tries_only_what_can_change_it():
+  # bench_common defines no absl flags (train_step's would collide with train.__main__'s).
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   try:
-    import train_step  # pylint: disable=import-outside-toplevel
+    import bench_common  # pylint: disable=import-outside-toplevel
   finally:
     sys.path.pop(0)
   tried = []
@@ -170,13 +171,14 @@ def test_train_step_largest_fitting_length_tries_only_what_can_change_it():
     return lambda n: tried.append(n) or n < limit
 
   candidates = [24, 48, 64, 96, 128]
-  assert train_step.largest_fitting({16: True, 32: True}, candidates, fits_below(80)) == (64, 96)
+  largest_fitting = bench_common.largest_fitting
+  assert largest_fitting({16: True, 32: True}, candidates, fits_below(80)) == (64, 96)
   assert tried == [48, 64, 96]  # not 24 (below a fitting length), not 128 (above a failure)
   tried.clear()
-  assert train_step.largest_fitting({16: True, 32: False}, candidates, fits_below(30)) == (24, 32)
+  assert largest_fitting({16: True, 32: False}, candidates, fits_below(30)) == (24, 32)
   assert tried == [24]
   tried.clear()
-  assert train_step.largest_fitting({16: False}, candidates, fits_below(0)) == (None, 16)
+  assert largest_fitting({16: False}, candidates, fits_below(0)) == (None, 16)
   assert tried == []
 
 

@@ -220,3 +220,67 @@ def vmem_limit(estimate_bytes: int) -> int:
 def compiler_params(dimension_semantics: tuple[str, ...], vmem_limit_bytes: int):
   return pltpu.CompilerParams(dimension_semantics=dimension_semantics,
                               vmem_limit_bytes=vmem_limit_bytes)
+
+
+def attention_vmem_bytes(rows: int, head_dim: int, block_k: int, block_rows: int, q_dtype,
+                         kv_dtype, out_dtype, lse_outputs: int) -> int:
+  """VMEM of one program of `block_attention_call`: the K/V tile buffers, the double-buffered
+  blocks, the softmax scratch and the score temporaries."""
+  kv_item, q_item = jnp.dtype(kv_dtype).itemsize, jnp.dtype(q_dtype).itemsize
+  buffers = 2 * 2 * block_k * head_dim * kv_item  # K and V tiles, two slots each
+  blocks = 2 * (rows * head_dim * q_item + 2 * block_rows * head_dim * kv_item
+                + rows * head_dim * jnp.dtype(out_dtype).itemsize
+                + lse_outputs * rows * LANES * 4)  # double-buffered blocks
+  scratch = rows * (head_dim + 2 * LANES) * 4
+  temporaries = 3 * rows * max(block_k, block_rows) * 4  # scores, probabilities, their cast
+  return buffers + blocks + scratch + temporaries
+
+
+def block_attention_call(kernel: Callable, prefetch: jax.Array, q_tile, k_rows, v_rows, k_cache,
+                         v_cache, *, block_k: int, num_splits: int, out_dtype, lse_outputs: int,
+                         name: str, interpret: bool, extra=()) -> list[jax.Array]:
+  """Launches a decode attention kernel on the grid (pair, split).
+
+  The kernel gets, in order: ``prefetch`` (scalar-prefetched into SMEM), each ``(spec, array)``
+  of ``extra``, the pair's query tile [rows, head_dim] and block keys / values, K and V caches
+  left in HBM, the outputs (out [rows, head_dim] in ``out_dtype``, then ``lse_outputs`` float32
+  [rows, 128] rows), and the scratch: two K and two V tile buffers [2, block_k, head_dim], their
+  DMA semaphores (2, 2), and the softmax state acc [rows, head_dim], max and sum [rows, 128].
+  Returns the outputs with a split axis: [pairs, num_splits, ...]."""
+  pairs, rows, head_dim = q_tile.shape
+  block_rows = k_rows.shape[1]
+  per_pair = lambda p, s, _: (p, 0, 0)
+  per_program = lambda p, s, _: (p, s, 0, 0)
+  out_specs = [pl.BlockSpec((None, None, rows, head_dim), per_program)]
+  out_shape = [jax.ShapeDtypeStruct((pairs, num_splits, rows, head_dim), out_dtype)]
+  out_specs += [pl.BlockSpec((None, None, rows, LANES), per_program)] * lse_outputs
+  out_shape += [jax.ShapeDtypeStruct((pairs, num_splits, rows, LANES), jnp.float32)] * lse_outputs
+  vmem = attention_vmem_bytes(rows, head_dim, block_k, block_rows, q_tile.dtype, k_cache.dtype,
+                              out_dtype, lse_outputs)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(pairs, num_splits),
+          in_specs=[
+              *(spec for spec, _ in extra),
+              pl.BlockSpec((None, rows, head_dim), per_pair),
+              pl.BlockSpec((None, block_rows, head_dim), per_pair),
+              pl.BlockSpec((None, block_rows, head_dim), per_pair),
+              pl.BlockSpec(memory_space=pl.ANY),  # k_cache stays in HBM
+              pl.BlockSpec(memory_space=pl.ANY),  # v_cache
+          ],
+          out_specs=out_specs,
+          scratch_shapes=[
+              pltpu.VMEM((2, block_k, head_dim), k_cache.dtype),
+              pltpu.VMEM((2, block_k, head_dim), v_cache.dtype),
+              pltpu.SemaphoreType.DMA((2, 2)),
+              pltpu.VMEM((rows, head_dim), jnp.float32),
+              pltpu.VMEM((rows, LANES), jnp.float32),
+              pltpu.VMEM((rows, LANES), jnp.float32),
+          ]),
+      out_shape=out_shape,
+      compiler_params=compiler_params(("parallel", "parallel"), vmem_limit(vmem)),
+      interpret=interpret_params(interpret),
+      name=name,
+  )(prefetch, *(array for _, array in extra), q_tile, k_rows, v_rows, k_cache, v_cache)

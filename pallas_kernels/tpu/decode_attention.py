@@ -92,18 +92,6 @@ def _attention_kernel(lengths_ref, q_ref, k_block_ref, v_block_ref, k_hbm, v_hbm
     lse_all_ref[...] = mu.log_sum_exp2(max_ref, sum_ref)
 
 
-def _attention_vmem_bytes(rows: int, head_dim: int, block_k: int, block_rows: int,
-                          q_dtype, kv_dtype, out_dtype, lse_outputs: int) -> int:
-  kv_item, q_item = jnp.dtype(kv_dtype).itemsize, jnp.dtype(q_dtype).itemsize
-  buffers = 2 * 2 * block_k * head_dim * kv_item  # K and V tiles, two slots each
-  blocks = 2 * (rows * head_dim * q_item + 2 * block_rows * head_dim * kv_item
-                + rows * head_dim * jnp.dtype(out_dtype).itemsize
-                + lse_outputs * rows * mu.LANES * 4)  # double-buffered blocks
-  scratch = rows * (head_dim + 2 * mu.LANES) * 4
-  temporaries = 3 * rows * max(block_k, block_rows) * 4  # scores, probabilities, their cast
-  return buffers + blocks + scratch + temporaries
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_k", "num_splits",
                                              "with_lse"))
 def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *, sm_scale: float,
@@ -113,53 +101,19 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
   [pairs, rows, 128] (-inf where no key was seen)."""
   batch, block, q_heads, head_dim = q.shape
   kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
-  pairs = batch * kv_heads
   q_tile = mu.group_query_tile(q, kv_heads)
-  rows = q_tile.shape[1]
   k_rows, v_rows = mu.group_block_keys(k_block), mu.group_block_keys(v_block)
-  block_rows = k_rows.shape[1]
   block_k = mu.fit_row_tile(block_k, capacity, "block_k")
   out_dtype = q.dtype if num_splits == 1 else jnp.float32
   lse_all = with_lse or num_splits > 1
   lse_outputs = int(lse_all) + int(with_lse)
-  per_pair = lambda p, s, lengths: (p, 0, 0)
-  per_program = lambda p, s, lengths: (p, s, 0, 0)
-  out_specs = [pl.BlockSpec((None, None, rows, head_dim), per_program)]
-  out_shape = [jax.ShapeDtypeStruct((pairs, num_splits, rows, head_dim), out_dtype)]
-  out_specs += [pl.BlockSpec((None, None, rows, mu.LANES), per_program)] * lse_outputs
-  out_shape += [jax.ShapeDtypeStruct((pairs, num_splits, rows, mu.LANES),
-                                     jnp.float32)] * lse_outputs
   kernel = functools.partial(_attention_kernel, kv_heads=kv_heads, num_splits=num_splits,
                              block_k=block_k, block_tokens=block,
                              qk_scale=sm_scale * mu.LOG2_E, lse_all=lse_all, lse_cache=with_lse)
-  vmem = _attention_vmem_bytes(rows, head_dim, block_k, block_rows, q.dtype, k_cache.dtype,
-                               out_dtype, lse_outputs)
-  results = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,  # lengths, in SMEM
-          grid=(pairs, num_splits),
-          in_specs=[
-              pl.BlockSpec((None, rows, head_dim), per_pair),
-              pl.BlockSpec((None, block_rows, head_dim), per_pair),
-              pl.BlockSpec((None, block_rows, head_dim), per_pair),
-              pl.BlockSpec(memory_space=pl.ANY),  # k_cache stays in HBM
-              pl.BlockSpec(memory_space=pl.ANY),  # v_cache
-          ],
-          out_specs=out_specs,
-          scratch_shapes=[
-              pltpu.VMEM((2, block_k, head_dim), k_cache.dtype),
-              pltpu.VMEM((2, block_k, head_dim), v_cache.dtype),
-              pltpu.SemaphoreType.DMA((2, 2)),
-              pltpu.VMEM((rows, head_dim), jnp.float32),
-              pltpu.VMEM((rows, mu.LANES), jnp.float32),
-              pltpu.VMEM((rows, mu.LANES), jnp.float32),
-          ]),
-      out_shape=out_shape,
-      compiler_params=mu.compiler_params(("parallel", "parallel"), mu.vmem_limit(vmem)),
-      interpret=mu.interpret_params(interpret),
-      name="tpu_block_split_kv_attention",
-  )(cache_lengths.astype(jnp.int32), q_tile, k_rows, v_rows, k_cache, v_cache)
+  results = mu.block_attention_call(
+      kernel, cache_lengths.astype(jnp.int32), q_tile, k_rows, v_rows, k_cache, v_cache,
+      block_k=block_k, num_splits=num_splits, out_dtype=out_dtype, lse_outputs=lse_outputs,
+      name="tpu_block_split_kv_attention", interpret=interpret)
   partial_out, *partial_lse = results
   if num_splits == 1:
     out = partial_out[:, 0]

@@ -94,54 +94,21 @@ def _sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block, *,
   budget = indices.shape[2]
   pairs = batch * kv_heads
   q_tile = mu.group_query_tile(q, kv_heads)
-  rows = q_tile.shape[1]
   k_rows, v_rows = mu.group_block_keys(k_block), mu.group_block_keys(v_block)
-  block_rows = k_rows.shape[1]
   block_k = min(block_k, mu.round_up(budget, 8))
   out_dtype = q.dtype if num_splits == 1 else jnp.float32
-  per_pair = lambda p, s, counts: (p, 0, 0)
-  per_program = lambda p, s, counts: (p, s, 0, 0)
-  out_specs = [pl.BlockSpec((None, None, rows, head_dim), per_program)]
-  out_shape = [jax.ShapeDtypeStruct((pairs, num_splits, rows, head_dim), out_dtype)]
-  if num_splits > 1:
-    out_specs.append(pl.BlockSpec((None, None, rows, mu.LANES), per_program))
-    out_shape.append(jax.ShapeDtypeStruct((pairs, num_splits, rows, mu.LANES), jnp.float32))
   kernel = functools.partial(_sparse_kernel, kv_heads=kv_heads, num_splits=num_splits,
                              block_k=block_k, block_tokens=block, qk_scale=sm_scale * mu.LOG2_E)
-  kv_item = jnp.dtype(k_cache.dtype).itemsize
-  vmem = (2 * 2 * block_k * head_dim * kv_item
-          + 2 * (rows * head_dim * (q.dtype.itemsize + jnp.dtype(out_dtype).itemsize)
-                 + 2 * block_rows * head_dim * kv_item + rows * mu.LANES * 4)
-          + rows * (head_dim + 2 * mu.LANES) * 4 + 3 * rows * max(block_k, block_rows) * 4)
-  results = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,  # counts, in SMEM
-          grid=(pairs, num_splits),
-          in_specs=[
-              pl.BlockSpec((None, 1, budget), lambda p, s, counts: (p, 0, 0),
-                           memory_space=pltpu.SMEM),
-              pl.BlockSpec((None, rows, head_dim), per_pair),
-              pl.BlockSpec((None, block_rows, head_dim), per_pair),
-              pl.BlockSpec((None, block_rows, head_dim), per_pair),
-              pl.BlockSpec(memory_space=pl.ANY),  # k_cache stays in HBM
-              pl.BlockSpec(memory_space=pl.ANY),  # v_cache
-          ],
-          out_specs=out_specs,
-          scratch_shapes=[
-              pltpu.VMEM((2, block_k, head_dim), k_cache.dtype),
-              pltpu.VMEM((2, block_k, head_dim), v_cache.dtype),
-              pltpu.SemaphoreType.DMA((2, 2)),
-              pltpu.VMEM((rows, head_dim), jnp.float32),
-              pltpu.VMEM((rows, mu.LANES), jnp.float32),
-              pltpu.VMEM((rows, mu.LANES), jnp.float32),
-          ]),
-      out_shape=out_shape,
-      compiler_params=mu.compiler_params(("parallel", "parallel"), mu.vmem_limit(vmem)),
-      interpret=mu.interpret_params(interpret),
-      name="tpu_block_sparse_attention",
-  )(counts.astype(jnp.int32).reshape(pairs), indices.astype(jnp.int32).reshape(pairs, 1, budget),
-    q_tile, k_rows, v_rows, k_cache, v_cache)
+  # The pair's index list, a pipelined SMEM block (a whole-table scalar prefetch would be
+  # batch x kv_heads x K words of SMEM).
+  index_list = (pl.BlockSpec((None, 1, budget), lambda p, s, counts: (p, 0, 0),
+                             memory_space=pltpu.SMEM),
+                indices.astype(jnp.int32).reshape(pairs, 1, budget))
+  results = mu.block_attention_call(
+      kernel, counts.astype(jnp.int32).reshape(pairs), q_tile, k_rows, v_rows, k_cache, v_cache,
+      block_k=block_k, num_splits=num_splits, out_dtype=out_dtype,
+      lse_outputs=int(num_splits > 1), name="tpu_block_sparse_attention", interpret=interpret,
+      extra=[index_list])
   if num_splits == 1:
     out = results[0][:, 0]
   else:

@@ -16,6 +16,7 @@ from flax import nnx
 from mage_jax import ModelConfig, build_model
 from mage_jax import checkpoint as hf_checkpoint
 from mage_jax import lora as lora_lib
+from pallas_kernels.dispatch import use_kernels
 from train.attention import make_training_attend
 from train import config as config_lib
 from train import trainer
@@ -29,9 +30,10 @@ def _forward(model):
   seq = 16
   tokens = (jnp.arange(2 * seq, dtype=jnp.int32).reshape(2, seq) * 7) % model.config.vocab_size
   positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
-  attend = make_training_attend(model.config.block_size, "reference")
+  attend = make_training_attend(model.config.block_size)
   doubled = lambda x: jnp.concatenate([x, x], axis=1)
-  hidden, _ = model(doubled(tokens), doubled(positions), attend, None)
+  with use_kernels("reference"):
+    hidden, _ = model(doubled(tokens), doubled(positions), attend, None)
   return hidden.astype(jnp.float32), model.logits(hidden)
 
 
