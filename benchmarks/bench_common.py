@@ -112,22 +112,27 @@ def denoise_loop(graphdef, method: AttentionMethod, *, first: bool, steps: int):
   return run
 
 
-def trace_kernels(fn, calls: int) -> list[tuple[str, int, int]]:
-  """(name, start_ns, duration_ns) of every GPU kernel ``calls`` calls of ``fn`` launch."""
+def traced_device_lines(fn, calls: int, device: str):
+  """The trace lines of the ``device`` planes ("GPU", "TPU") while ``fn()`` runs ``calls``
+  times, after one untraced call (jax.profiler)."""
   jax.block_until_ready(fn())
   trace_dir = tempfile.mkdtemp()
   jax.profiler.start_trace(trace_dir)
   for _ in range(calls):
     jax.block_until_ready(fn())
   jax.profiler.stop_trace()
-  events = []
   for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
     for plane in jax.profiler.ProfileData.from_file(path).planes:
-      if not plane.name.startswith("/device:GPU"):
-        continue
-      for line in plane.lines:
-        if line.name.startswith("Stream"):
-          events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+      if plane.name.startswith(f"/device:{device}"):
+        yield from plane.lines
+
+
+def trace_kernels(fn, calls: int) -> list[tuple[str, int, int]]:
+  """(name, start_ns, duration_ns) of every GPU kernel ``calls`` calls of ``fn`` launch."""
+  events = []
+  for line in traced_device_lines(fn, calls, "GPU"):
+    if line.name.startswith("Stream"):
+      events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
   return events
 
 

@@ -23,11 +23,9 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import glob
 import json
 import os
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pallas_kernels.tpu import decode_attention  # noqa: E402  pylint: disable=g-import-not-at-top
 from pallas_kernels.tpu import sparse_attention  # noqa: E402
 from pallas_kernels.tpu import topk  # noqa: E402
+import bench_common  # noqa: E402
 import decode_kernels  # noqa: E402
 from decode_kernels import (BATCHES, CACHES, MODELS, SPARSE_K, SPARSE_LAYERS,  # noqa: E402
                             attempt, format_table, measure_ceilings, relative_error,
@@ -64,21 +63,11 @@ def chip_of(device_kind: str) -> str | None:
 def trace_device_ops(fn, calls: int) -> dict[str, float]:
   """Mean device microseconds per call of each TPU op that ``fn()`` runs (jax.profiler trace,
   the "XLA Ops" line of the TPU planes); empty if the trace holds no such line."""
-  jax.block_until_ready(fn())
-  trace_dir = tempfile.mkdtemp()
-  jax.profiler.start_trace(trace_dir)
-  for _ in range(calls):
-    jax.block_until_ready(fn())
-  jax.profiler.stop_trace()
   totals = collections.Counter()
-  for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
-    for plane in jax.profiler.ProfileData.from_file(path).planes:
-      if not plane.name.startswith("/device:TPU"):
-        continue
-      for line in plane.lines:
-        if line.name == "XLA Ops":
-          for event in line.events:
-            totals[event.name[:60]] += event.duration_ns / 1e3 / calls
+  for line in bench_common.traced_device_lines(fn, calls, "TPU"):
+    if line.name == "XLA Ops":
+      for event in line.events:
+        totals[event.name[:60]] += event.duration_ns / 1e3 / calls
   return dict(totals.most_common())
 
 

@@ -37,6 +37,12 @@ _RUNNING_MAX_START = -1e30
 MIN_VMEM_LIMIT = 16 * MIB
 
 
+def check_num_splits(num_splits) -> None:
+  """Rejects a ``num_splits`` tuning value that is not an int >= 1."""
+  if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+    raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+
+
 def interpret_params(interpret: bool):
   """pallas_call's ``interpret``: the TPU interpreter (runs on a CPU, simulating VMEM, SMEM,
   DMAs and semaphores), or False to lower with Mosaic."""

@@ -207,11 +207,6 @@ def _mask_step(q, k_cache, v_cache, cache_lengths, k_block, v_block, *, sm_scale
   return out, alpha.reshape(batch, kv_heads, capacity)
 
 
-def _check_num_splits(num_splits) -> None:
-  if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-    raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
-
-
 def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
                           sm_scale: float | None = None, interpret: bool = False, **tuning):
   """Dense attention of a block over its cache rows [0, length) and over the block itself.
@@ -235,7 +230,7 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
   _check_lengths(cache_lengths, batch)
   tu.check_tuning(tuning, _ATTENTION_TUNING, "exact_block_attention")
   num_splits = tuning.get("num_splits", 1)
-  _check_num_splits(num_splits)
+  mu.check_num_splits(num_splits)
   return _split_kv_attention(
       q, k_cache, v_cache, cache_lengths, k_block, v_block,
       sm_scale=_resolve_scale(sm_scale, head_dim), interpret=bool(interpret),
@@ -268,7 +263,7 @@ def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
   _check_lengths(cache_lengths, batch)
   tu.check_tuning(tuning, _ATTENTION_TUNING + _ALPHA_TUNING, "mask_step_attention")
   num_splits = tuning.get("num_splits", 1)
-  _check_num_splits(num_splits)
+  mu.check_num_splits(num_splits)
   return _mask_step(
       q, k_cache, v_cache, cache_lengths, k_block, v_block,
       sm_scale=_resolve_scale(sm_scale, head_dim),

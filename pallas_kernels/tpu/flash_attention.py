@@ -47,10 +47,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
+from pallas_kernels._triton_utils import next_power_of_two
 from pallas_kernels.flash_attention import TokenBlocks, _validate
+from pallas_kernels.tpu import _mosaic_utils as mu
 from pallas_kernels.tpu import block_mask as bm
 
-_LANES = 128
 # Scoped VMEM asked of Mosaic. The default tiles (512 x 512) need ~9 MiB at head_dim 128
 # (vmem_bytes_estimate); 32 MiB leaves room for larger tiles, is above v5e's 16 MiB default
 # scope and well within every TPU's VMEM (v5e / v6e 128 MiB, v5p 95 MiB).
@@ -60,12 +61,6 @@ _VMEM_LIMIT_BYTES = 32 * 2**20
 _SMEM_LIMIT_BYTES = 256 * 2**10
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
-def _next_power_of_2(x: int) -> int:
-  return 1 << max(x - 1, 0).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,27 +81,32 @@ class TileConfig:
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if value < _LANES or value & (value - 1):
+      if value < mu.LANES or value & (value - 1):
         raise ValueError(
-            f"tuning {field.name} must be a power of 2 >= {_LANES} (tiles of per-token rows "
+            f"tuning {field.name} must be a power of 2 >= {mu.LANES} (tiles of per-token rows "
             f"are lane-aligned), got {value}")
 
   def fit(self, q_len: int, kv_len: int) -> "TileConfig":
     """Shrinks tiles longer than the (power-of-2 rounded) sequence lengths."""
-    q_cap = max(_LANES, _next_power_of_2(q_len))
-    kv_cap = max(_LANES, _next_power_of_2(kv_len))
+    q_cap = next_power_of_two(q_len, mu.LANES)
+    kv_cap = next_power_of_two(kv_len, mu.LANES)
     changes = {}
     for field in dataclasses.fields(self):
       cap = q_cap if field.name.endswith("block_q") else kv_cap
       changes[field.name] = min(getattr(self, field.name), cap)
     return dataclasses.replace(self, **changes)
 
+  def padded_lengths(self, q_len: int, kv_len: int) -> tuple[int, int]:
+    """Query and key lengths padded to whole tiles of every kernel."""
+    return (mu.round_up(q_len, max(self.block_q, self.dq_block_q, self.dkv_block_q)),
+            mu.round_up(kv_len, max(self.block_kv, self.dq_block_kv, self.dkv_block_kv)))
+
 
 def vmem_bytes_estimate(rows: int, cols: int, head_dim: int, itemsize: int) -> int:
   """Upper estimate of one kernel's VMEM: double-buffered blocks of 4 row tiles and 2 column
   tiles (or the reverse), f32 accumulators and ~6 live f32 (rows, cols) intermediates."""
   tile_bytes = 2 * (4 * rows + 2 * cols) * head_dim * itemsize
-  scratch = 4 * (2 * max(rows, cols) * head_dim + 4 * max(rows, cols) * _LANES)
+  scratch = 4 * (2 * max(rows, cols) * head_dim + 4 * max(rows, cols) * mu.LANES)
   return tile_bytes + scratch + 6 * 4 * rows * cols
 
 
@@ -116,15 +116,6 @@ class _Static:
   groups: int
   config: TileConfig
   interpret: bool
-
-
-def _compiler_params(semantics):
-  return pltpu.CompilerParams(dimension_semantics=semantics,
-                              vmem_limit_bytes=_VMEM_LIMIT_BYTES)
-
-
-def _interpret_params(interpret: bool):
-  return pltpu.InterpretParams() if interpret else False
 
 
 def _locate(runs_ref, row, step):
@@ -149,7 +140,7 @@ def _locate(runs_ref, row, step):
 
 def _as_column(row):
   """A (1, n) row as an (n, 128) lane-replicated column, by one aligned transpose."""
-  return jnp.broadcast_to(row, (_LANES, row.shape[1])).T
+  return jnp.broadcast_to(row, (mu.LANES, row.shape[1])).T
 
 
 def _as_row(column):
@@ -159,7 +150,7 @@ def _as_row(column):
 
 def _widen(column, width):
   """An (n, 128) lane-replicated column as (n, width), width a multiple of 128."""
-  return column if width == _LANES else jnp.tile(column, (1, width // _LANES))
+  return column if width == mu.LANES else jnp.tile(column, (1, width // mu.LANES))
 
 
 def _dot_nt(a, b):
@@ -273,11 +264,11 @@ def _forward_call(static: _Static, q, k, v, q_keys, kv_keys):
       in_specs=[specs.q_keys, specs.kv_keys, specs.rows, specs.kv, specs.kv],
       out_specs=[specs.rows, specs.stats],
       scratch_shapes=[
-          pltpu.VMEM((bq, _LANES), jnp.float32),
-          pltpu.VMEM((bq, _LANES), jnp.float32),
+          pltpu.VMEM((bq, mu.LANES), jnp.float32),
+          pltpu.VMEM((bq, mu.LANES), jnp.float32),
           pltpu.VMEM((bq, head_dim), jnp.float32),
-          pltpu.VMEM((bq, _LANES), jnp.int32),
-          pltpu.VMEM((bq, _LANES), jnp.int32),
+          pltpu.VMEM((bq, mu.LANES), jnp.int32),
+          pltpu.VMEM((bq, mu.LANES), jnp.int32),
       ],
   )
   return pl.pallas_call(
@@ -287,8 +278,9 @@ def _forward_call(static: _Static, q, k, v, q_keys, kv_keys):
           jax.ShapeDtypeStruct(q.shape, q.dtype),
           jax.ShapeDtypeStruct((batch, q_heads, 1, q_len), jnp.float32),
       ],
-      compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=_interpret_params(static.interpret),
+      compiler_params=mu.compiler_params(("parallel", "parallel", "parallel", "arbitrary"),
+                                         _VMEM_LIMIT_BYTES),
+      interpret=mu.interpret_params(static.interpret),
       name="block_diffusion_attention_fwd_tpu",
   )(runs, q_keys, kv_keys, q, k, v)
 
@@ -347,10 +339,10 @@ def _dq_call(static: _Static, q, k, v, q_keys, kv_keys, d_out, lse, delta):
       out_specs=specs.rows,
       scratch_shapes=[
           pltpu.VMEM((bq, head_dim), jnp.float32),
-          pltpu.VMEM((bq, _LANES), jnp.float32),
-          pltpu.VMEM((bq, _LANES), jnp.float32),
-          pltpu.VMEM((bq, _LANES), jnp.int32),
-          pltpu.VMEM((bq, _LANES), jnp.int32),
+          pltpu.VMEM((bq, mu.LANES), jnp.float32),
+          pltpu.VMEM((bq, mu.LANES), jnp.float32),
+          pltpu.VMEM((bq, mu.LANES), jnp.int32),
+          pltpu.VMEM((bq, mu.LANES), jnp.int32),
       ],
   )
   kernel = functools.partial(_dq_kernel, sm_scale=static.sm_scale, q_tiles=q_tiles)
@@ -358,8 +350,9 @@ def _dq_call(static: _Static, q, k, v, q_keys, kv_keys, d_out, lse, delta):
       kernel,
       grid_spec=grid_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=_interpret_params(static.interpret),
+      compiler_params=mu.compiler_params(("parallel", "parallel", "parallel", "arbitrary"),
+                                         _VMEM_LIMIT_BYTES),
+      interpret=mu.interpret_params(static.interpret),
       name="block_diffusion_attention_dq_tpu",
   )(runs, q_keys, kv_keys, q, k, v, d_out, lse, delta)
 
@@ -443,8 +436,8 @@ def _dkv_call(static: _Static, q, k, v, q_keys, kv_keys, d_out, lse, delta):
       scratch_shapes=[
           pltpu.VMEM((bkv, head_dim), jnp.float32),
           pltpu.VMEM((bkv, head_dim), jnp.float32),
-          pltpu.VMEM((bkv, _LANES), jnp.int32),
-          pltpu.VMEM((bkv, _LANES), jnp.int32),
+          pltpu.VMEM((bkv, mu.LANES), jnp.int32),
+          pltpu.VMEM((bkv, mu.LANES), jnp.int32),
       ],
   )
   kernel = functools.partial(_dkv_kernel, sm_scale=static.sm_scale, kv_tiles=kv_tiles)
@@ -452,9 +445,9 @@ def _dkv_call(static: _Static, q, k, v, q_keys, kv_keys, d_out, lse, delta):
       kernel,
       grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_compiler_params(
-          ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-      interpret=_interpret_params(static.interpret),
+      compiler_params=mu.compiler_params(
+          ("parallel", "parallel", "parallel", "arbitrary", "arbitrary"), _VMEM_LIMIT_BYTES),
+      interpret=mu.interpret_params(static.interpret),
       name="block_diffusion_attention_dkv_tpu",
   )(runs, q_keys, kv_keys, q, k, v, d_out, lse, delta)
 
@@ -491,9 +484,8 @@ def _kernel_attention(q, k, v, q_segments, kv_segments, kv_lengths, *, sm_scale,
   """Pads to the tile grid and head_dim to a multiple of 128, swaps to head-major, runs."""
   _, q_len, q_heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
-  q_pad = _round_up(q_len, max(config.block_q, config.dq_block_q, config.dkv_block_q))
-  kv_pad = _round_up(kv_len, max(config.block_kv, config.dq_block_kv, config.dkv_block_kv))
-  dim_pad = _round_up(head_dim, _LANES)
+  q_pad, kv_pad = config.padded_lengths(q_len, kv_len)
+  dim_pad = mu.round_up(head_dim, mu.LANES)
   head_major = lambda x, length: jnp.swapaxes(
       jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dim_pad - head_dim))), 1, 2)
   q_keys, kv_keys = bm.encode_tokens(q_segments, kv_segments, kv_lengths, q_pad, kv_pad)
@@ -507,8 +499,7 @@ def _kernel_attention(q, k, v, q_segments, kv_segments, kv_lengths, *, sm_scale,
 
 def _check_memory(config: TileConfig, batch, q_len, kv_len, head_dim, itemsize) -> None:
   """Raises ValueError if a kernel's tiles or schedule exceed the VMEM / SMEM budgets."""
-  q_pad = _round_up(q_len, max(config.block_q, config.dq_block_q, config.dkv_block_q))
-  kv_pad = _round_up(kv_len, max(config.block_kv, config.dq_block_kv, config.dkv_block_kv))
+  q_pad, kv_pad = config.padded_lengths(q_len, kv_len)
   for rows, cols, rows_len in ((config.block_q, config.block_kv, q_pad),
                                (config.dq_block_q, config.dq_block_kv, q_pad),
                                (config.dkv_block_kv, config.dkv_block_q, kv_pad)):
@@ -540,22 +531,10 @@ def block_diffusion_attention(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Block-diffusion attention on a TPU (mask in the module docstring), differentiable.
 
-  Args:
-    q: [batch, q_len, q_heads, head_dim], float32 or bfloat16.
-    k: [batch, kv_len, kv_heads, head_dim]; query head i uses key head
-      ``i // (q_heads // kv_heads)``.
-    v: like k.
-    q_segments: block ids and noisy flags of the queries.
-    kv_segments: block ids and noisy flags of the keys.
-    kv_lengths: int32 [batch]; keys at positions >= kv_lengths[b] are ignored.
-    sm_scale: logit scale, 1/sqrt(head_dim) by default.
-    return_lse: also return the natural-log log-sum-exp of the scaled logits, float32
-      [batch, q_heads, q_len] (-inf for rows that see no key).
-    interpret: run the kernels in Pallas' TPU interpret mode (any backend, e.g. the CPU).
-    **tuning: fields of TileConfig overriding its defaults.
-
-  Returns:
-    out in q.dtype, [batch, q_len, q_heads, head_dim]; or (out, lse).
+  Arguments, outputs and conventions are those of
+  `pallas_kernels.flash_attention.block_diffusion_attention`, with ``interpret`` (run the
+  kernels in Pallas' TPU interpret mode, on any backend) in place of ``impl`` and the fields of
+  this module's TileConfig as ``tuning``.
   """
   _validate(q, k, v, q_segments, kv_segments, kv_lengths)
   unknown = set(tuning) - {f.name for f in dataclasses.fields(TileConfig)}
@@ -566,7 +545,7 @@ def block_diffusion_attention(
   config = TileConfig(**tuning).fit(q_len, kv_len)
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(head_dim)
-  _check_memory(config, batch, q_len, kv_len, _round_up(head_dim, _LANES), q.dtype.itemsize)
+  _check_memory(config, batch, q_len, kv_len, mu.round_up(head_dim, mu.LANES), q.dtype.itemsize)
   return _kernel_attention(
       q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=float(sm_scale),
       return_lse=return_lse, interpret=bool(interpret), config=config)

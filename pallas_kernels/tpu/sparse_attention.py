@@ -142,8 +142,7 @@ def sparse_block_attention(q, k_cache, v_cache, indices, counts, k_block, v_bloc
   block_k, num_splits = tuning.get("block_k", DEFAULT_BLOCK_K), tuning.get("num_splits", 1)
   if isinstance(block_k, bool) or not isinstance(block_k, int) or block_k < 8 or block_k % 8:
     raise ValueError(f"block_k={block_k!r} must be a positive multiple of 8")
-  if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-    raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+  mu.check_num_splits(num_splits)
   return _sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block,
                            sm_scale=_resolve_scale(sm_scale, head_dim),
                            interpret=bool(interpret), block_k=block_k, num_splits=num_splits)
