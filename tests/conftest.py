@@ -1,10 +1,29 @@
-"""Suite-wide hygiene: one pytest process runs every module, so each module's compiled programs
-(interpret-mode kernels and whole decoding loops among them) are released when it ends."""
+"""Suite-wide hygiene and speed.
 
+- One pytest process runs many modules, so each module's compiled programs (interpret-mode
+  kernels and whole decoding loops among them) are released when it ends.
+- XLA's compilations persist on disk for the session (JAX's compilation cache, in a temporary
+  folder of each pytest process that its subprocesses inherit): a program that another module
+  (or a benchmark's or the mesh test's subprocess) compiled already is read back instead of being
+  compiled again. On the 2-core CI machine compilation is most of the suite's time.
+"""
+
+import atexit
 import gc
+import os
+import shutil
+import tempfile
 
-import jax
-import pytest
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix="mage-jax-test-xla-cache-")
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+  # Environment variables, not jax.config: subprocesses that tests start share the folder.
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+import jax  # pylint: disable=g-import-not-at-top  (reads the variables above)
+import pytest  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(autouse=True, scope="module")
