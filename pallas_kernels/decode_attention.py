@@ -129,10 +129,6 @@ def _alpha_kernel(lengths_ref, q_ref, k_ref, lse_ref, alpha_ref, *, kv_heads: in
   lax.fori_loop(0, pl.cdiv(tail_rows, block_k), zero_tile, 0)
 
 
-def _default_warps(tile_rows: int) -> int:
-  return 8 if tile_rows >= 256 else 4
-
-
 # (sequence, KV head) pairs from which one full query tile per pair beats 64-row tiles.
 FULL_TILE_MIN_PAIRS = 16
 
@@ -182,30 +178,22 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
   Returns the output, and with ``lse_of`` ("all": the cache and the block's keys, "cache": the
   cache rows only) the pair (out, float32 [batch, block * q_heads] base-2 log-sum-exp of every
   query in the [B*Hq] row order, -inf where no key was seen), computed by the merge."""
-  batch, block, q_heads, head_dim = q.shape
+  batch, block, q_heads, _ = q.shape
   kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
-  group = q_heads // kv_heads
-  tile_rows = tu.next_power_of_two(group * block)
-  if block_q is None:
-    block_q = _default_block_q(group * block, batch * kv_heads)
-  block_q = min(tu.next_power_of_two(block_q), tile_rows)
-  q_tiles = pl.cdiv(group * block, block_q)
+  rows, pairs = q_heads // kv_heads * block, batch * kv_heads
+  block_q, q_tiles = tu.query_tiling(
+      rows, _default_block_q(rows, pairs) if block_q is None else block_q)
   block_k = tu.fit_block_k(block_k, capacity)
   k_cache, v_cache = tu.pad_rows(k_cache, 2), tu.pad_rows(v_cache, 2)
-  capacity = k_cache.shape[2]
   if num_splits is None:
-    num_splits = default_attention_splits(batch * kv_heads, q_tiles, block_q, capacity, block_k)
-  kernel = functools.partial(_attention_kernel, kv_heads=kv_heads, group=group,
-                             block_tokens=block, block_q=block_q, num_splits=num_splits,
-                             block_k=block_k, qk_scale=sm_scale * tu.LOG2_E,
-                             exp2=tu.kernel_exp2(interpret))
+    num_splits = default_attention_splits(pairs, q_tiles, block_q, k_cache.shape[2], block_k)
   splits = num_splits + 1
   lengths = cache_lengths.astype(jnp.int32).reshape(batch, 1)
   partial_out, partial_lse = tu.split_kv_call(
-      kernel, [(lengths, pl.BlockSpec((None, 1), lambda t, b, h, s: (b, 0)))], q, k_cache,
-      v_cache, k_block, v_block, q_tiles=q_tiles, splits=splits,
-      num_warps=num_warps or _default_warps(block_q), num_stages=num_stages,
-      interpret=interpret, name="block_split_kv_attention")
+      _attention_kernel, [(lengths, pl.BlockSpec((None, 1), lambda t, b, h, s: (b, 0)))], q,
+      k_cache, v_cache, k_block, v_block, block_q=block_q, block_k=block_k,
+      num_splits=num_splits, grid_splits=splits, sm_scale=sm_scale, num_warps=num_warps,
+      num_stages=num_stages, interpret=interpret, name="block_split_kv_attention")
   # The last split holds the block's keys: leaving it out gives the cache-only normaliser.
   lse_splits = {None: None, "all": splits, "cache": num_splits}[lse_of]
   merged = merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
@@ -289,15 +277,13 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
     sm_scale: logit scale, default 1/sqrt(head_dim).
     impl: a resolved implementation or a setting (see `pallas_kernels.dispatch`); "mosaic" /
       "mosaic_interpret" run pallas_kernels.tpu.decode_attention, whose tuning keywords differ.
-    **tuning: block_k (keys per tile, default 64), block_q (query rows per program; default
-      one tile of all G*B rows, except with fewer than FULL_TILE_MIN_PAIRS (sequence, KV head)
-      pairs, where 64-row tiles are used if they save padded rows, as for the 1.5B shape's
-      192 = 3 x 64 rows, whose three programs share each K/V tile through L2), num_splits
-      (programs per KV head and query tile, default enough for ~264 programs), num_warps
-      (default 8 for tiles of >= 256 query rows, else 4), num_stages (default 3), merge (how the
-      splits' partial results are merged: "pallas", one kernel, "xla", three ops, or "auto",
-      the default: the kernel for at most merge_splits.PALLAS_MAX_ROWS query rows).
-      benchmarks/results/decode_kernels.md has the sweeps.
+    **tuning: block_k (keys per tile, default 64), block_q (query rows per program, default
+      `_default_block_q`), num_splits (programs per KV head and query tile, default
+      `default_attention_splits`), num_warps (default 8 for tiles of >= 256 query rows, else
+      4), num_stages (default 3), merge (how the splits' partial results are merged: "pallas",
+      one kernel, "xla", three ops, or "auto", the default: the kernel for at most
+      merge_splits.PALLAS_MAX_ROWS query rows). benchmarks/results/decode_kernels.md has the
+      sweeps.
 
   Returns:
     [batch, block, q_heads, head_dim] in q.dtype (softmax in float32).

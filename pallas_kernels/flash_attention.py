@@ -612,11 +612,19 @@ class _Static:
   interpret: bool
 
 
-def _schedule_and_token_specs(kv_tiles: int, bq: int, kv_len: int, rev):
-  """Specs of the tile schedule (order, counts) and the four token-key arrays for the kernels
-  whose grid walks query tiles (forward and dq): a program reads its query tile's schedule and
-  keys, and every key token's keys."""
-  return [
+def _query_tile_launch(q, k, tokens: _Tokens, bq: int, bkv: int):
+  """The grid, schedule and block specs of the kernels whose grid walks query tiles (forward and
+  dq): a program reads its query tile's schedule (order, counts), token keys and rows
+  (``q_spec``; ``row_spec`` for per-query rows [batch, heads, q_len]), every key token's keys,
+  and the K and V of its KV head (``kv_spec``). The heaviest (last) query tiles launch first, to
+  shorten the tail. Returns (grid, schedule, schedule_and_token_specs, q_spec, kv_spec,
+  row_spec)."""
+  batch, q_len, q_heads, head_dim = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  groups = q_heads // kv_heads
+  q_tiles, kv_tiles = q_len // bq, kv_len // bkv
+  rev = lambda i: q_tiles - 1 - i
+  schedule_and_token_specs = [
       pl.BlockSpec((None, None, kv_tiles), lambda i, b, h: (b, rev(i), 0)),
       pl.BlockSpec((None, None, 2), lambda i, b, h: (b, rev(i), 0)),
       pl.BlockSpec((None, bq), lambda i, b, h: (b, rev(i))),
@@ -624,79 +632,49 @@ def _schedule_and_token_specs(kv_tiles: int, bq: int, kv_len: int, rev):
       pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
       pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
   ]
+  return ((q_tiles, batch, q_heads), _schedule(*_tile_visibility(tokens, bq, bkv)),
+          schedule_and_token_specs,
+          pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, rev(i), h, 0)),
+          pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0)),
+          pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, rev(i))))
 
 
 def _forward_call(static: _Static, q, k, v, tokens: _Tokens):
   cfg = static.config
-  batch, q_len, q_heads, head_dim = q.shape
-  kv_len, kv_heads = k.shape[1], k.shape[2]
-  groups = q_heads // kv_heads
-  bq, bkv = cfg.block_q, cfg.block_kv
-  q_tiles, kv_tiles = q_len // bq, kv_len // bkv
-  order, counts = _schedule(*_tile_visibility(tokens, bq, bkv))
-  # Heaviest (last) query tiles launch first, to shorten the tail.
-  rev = lambda i: q_tiles - 1 - i
-  kernel = functools.partial(
-      _forward_kernel, scale_log2=static.sm_scale * tu.LOG2_E, block_kv=bkv
-  )
+  grid, schedule, token_specs, q_spec, kv_spec, row_spec = _query_tile_launch(
+      q, k, tokens, cfg.block_q, cfg.block_kv)
+  kernel = functools.partial(_forward_kernel, scale_log2=static.sm_scale * tu.LOG2_E,
+                             block_kv=cfg.block_kv)
+  batch, q_len, q_heads, _ = q.shape
   return pl.pallas_call(
       kernel,
-      grid=(q_tiles, batch, q_heads),
-      in_specs=[
-          *_schedule_and_token_specs(kv_tiles, bq, kv_len, rev),
-          pl.BlockSpec((None, bq, None, head_dim),
-                       lambda i, b, h: (b, rev(i), h, 0)),
-          pl.BlockSpec((None, kv_len, None, head_dim),
-                       lambda i, b, h: (b, 0, h // groups, 0)),
-          pl.BlockSpec((None, kv_len, None, head_dim),
-                       lambda i, b, h: (b, 0, h // groups, 0)),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, bq, None, head_dim),
-                       lambda i, b, h: (b, rev(i), h, 0)),
-          pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, rev(i))),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct(q.shape, q.dtype),
-          jax.ShapeDtypeStruct((batch, q_heads, q_len), jnp.float32),
-      ],
+      grid=grid,
+      in_specs=[*token_specs, q_spec, kv_spec, kv_spec],
+      out_specs=[q_spec, row_spec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, q_heads, q_len), jnp.float32)],
       compiler_params=tu.compiler_params(cfg.num_warps, cfg.num_stages),
       interpret=static.interpret,
       name="block_diffusion_attention_fwd",
-  )(order, counts, *tokens, q, k, v)
+  )(*schedule, *tokens, q, k, v)
 
 
 def _dq_call(static: _Static, q, k, v, tokens, d_out, lse2, delta):
   cfg = static.config
-  batch, q_len, q_heads, head_dim = q.shape
-  kv_len, kv_heads = k.shape[1], k.shape[2]
-  groups = q_heads // kv_heads
-  bq, bkv = cfg.dq_block_q, cfg.dq_block_kv
-  q_tiles, kv_tiles = q_len // bq, kv_len // bkv
-  order, counts = _schedule(*_tile_visibility(tokens, bq, bkv))
-  rev = lambda i: q_tiles - 1 - i
-  q_spec = pl.BlockSpec((None, bq, None, head_dim),
-                        lambda i, b, h: (b, rev(i), h, 0))
-  kv_spec = pl.BlockSpec((None, kv_len, None, head_dim),
-                         lambda i, b, h: (b, 0, h // groups, 0))
-  row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, rev(i)))
-  kernel = functools.partial(
-      _dq_kernel, scale_log2=static.sm_scale * tu.LOG2_E,
-      sm_scale=static.sm_scale, block_kv=bkv,
-  )
+  grid, schedule, token_specs, q_spec, kv_spec, row_spec = _query_tile_launch(
+      q, k, tokens, cfg.dq_block_q, cfg.dq_block_kv)
+  kernel = functools.partial(_dq_kernel, scale_log2=static.sm_scale * tu.LOG2_E,
+                             sm_scale=static.sm_scale, block_kv=cfg.dq_block_kv)
   return pl.pallas_call(
       kernel,
-      grid=(q_tiles, batch, q_heads),
-      in_specs=[
-          *_schedule_and_token_specs(kv_tiles, bq, kv_len, rev),
-          q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-      ],
+      grid=grid,
+      in_specs=[*token_specs, q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=tu.compiler_params(cfg.dq_num_warps, cfg.dq_num_stages),
       interpret=static.interpret,
       name="block_diffusion_attention_dq",
-  )(order, counts, *tokens, q, k, v, d_out, lse2, delta)
+  )(*schedule, *tokens, q, k, v, d_out, lse2, delta)
 
 
 def _dkv_call(static: _Static, q, k, v, tokens, d_out, lse2, delta):
@@ -772,8 +750,6 @@ def _flash_bwd(static: _Static, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-
-
 @functools.partial(
     jax.jit, static_argnames=("sm_scale", "return_lse", "interpret", "config")
 )
@@ -844,22 +820,16 @@ def block_diffusion_attention(
         q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale, return_lse=return_lse,
         interpret=impl == "mosaic_interpret", **tuning)
   _validate(q, k, v, q_segments, kv_segments, kv_lengths)
-  unknown = set(tuning) - {f.name for f in dataclasses.fields(TileConfig)}
-  if unknown:
-    raise ValueError(f"unknown tuning arguments {sorted(unknown)}")
+  tu.check_tuning(tuning, {f.name: f.default for f in dataclasses.fields(TileConfig)},
+                  "block_diffusion_attention")
   config = TileConfig(**tuning)
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
-  if impl == "xla":  # "auto" off the GPU: the faster portable path
-    return block_diffusion_attention_blockwise(
-        q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale,
-        return_lse=return_lse,
-    )
-  if impl == "reference":
-    return block_diffusion_attention_reference(
-        q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale,
-        return_lse=return_lse,
-    )
+  if impl in dispatch.PLAIN_JAX:  # "xla" ("auto" off the GPU) is the faster portable path
+    portable = {"xla": block_diffusion_attention_blockwise,
+                "reference": block_diffusion_attention_reference}[impl]
+    return portable(q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale,
+                    return_lse=return_lse)
   return _kernel_attention(
       q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=float(sm_scale),
       return_lse=return_lse, interpret=impl == "interpret", config=config,
