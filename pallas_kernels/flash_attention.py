@@ -323,10 +323,7 @@ def _blockwise_forward(q, k, v, q_segments, kv_segments, kv_lengths, sm_scale,
   return out[:, :q_len].astype(q.dtype), lse[:, :, :q_len]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _blockwise(q, k, v, q_segments, kv_segments, kv_lengths, sm_scale, q_tile, kv_tile):
-  return _blockwise_forward(q, k, v, q_segments, kv_segments, kv_lengths, sm_scale, q_tile,
-                            kv_tile)
+_blockwise = jax.custom_vjp(_blockwise_forward, nondiff_argnums=(6, 7, 8))
 
 
 def _blockwise_fwd(q, k, v, q_segments, kv_segments, kv_lengths, sm_scale, q_tile, kv_tile):
@@ -723,9 +720,7 @@ def _dkv_call(static: _Static, q, k, v, tokens, d_out, lse2, delta):
   )(order, counts, *tokens, q, k, v, d_out, lse2, delta)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(static: _Static, q, k, v, tokens: _Tokens):
-  return _forward_call(static, q, k, v, tokens)
+_flash = jax.custom_vjp(_forward_call, nondiff_argnums=(0,))
 
 
 def _flash_fwd(static: _Static, q, k, v, tokens: _Tokens):
