@@ -182,9 +182,9 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
   options = options or DecodeOptions.for_model(cfg)
   model_id = model_id or provenance.model_fingerprint(model)
   prompts = [tokenizer.prompt_ids(s.prompt()) for s in samples]
+  methods = {spec: spec.build() for spec in specs}
   keys: dict[tuple[MethodSpec, int], CaseKey] = {}
-  for spec in specs:
-    method = spec.build()
+  for spec, method in methods.items():
     for i, s in enumerate(samples):
       setup = provenance.case_setup(model_id, method, options, prompts[i], s.max_new_tokens)
       keys[spec, i] = case_key(spec, s, i, seed, setup)
@@ -197,7 +197,7 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
   bar = tqdm.tqdm(total=sum(map(len, groups.values())), desc="eval", unit="case",
                   disable=not progress)
   for (spec, _), indices in groups.items():
-    method = spec.build()
+    method = methods[spec]
     max_new = max(samples[i].max_new_tokens for i in indices)
     # One capacity for the group's batches: one compiled loop.
     capacity = plan_request(cfg, [len(prompts[i]) for i in indices], max_new).capacity

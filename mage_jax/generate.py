@@ -149,10 +149,6 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: KV
   hidden_size = model.config.hidden_size
   dtype = model.embed_tokens.embedding.dtype
 
-  def cond(carry):
-    c = carry[0]
-    return c * chunk < jnp.max(lengths)
-
   def body(carry):
     c, cache, state, last_hidden = carry
     start = c * chunk
@@ -167,7 +163,8 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: KV
     return c + 1, cache, state, jnp.where(inside[:, None], row, last_hidden)
 
   init = (jnp.int32(0), cache, method_state, jnp.zeros((batch, hidden_size), dtype))
-  _, cache, method_state, last_hidden = jax.lax.while_loop(cond, body, init)
+  _, cache, method_state, last_hidden = jax.lax.while_loop(
+      lambda carry: carry[0] * chunk < jnp.max(lengths), body, init)
   return cache, method_state, model.logits(last_hidden)
 
 
