@@ -74,22 +74,12 @@ def default_num_splits(programs_per_split: int, rows: int, block_k: int,
 
 
 def check_block_attention_inputs(q, k_rows, v_rows, k_block, v_block, rows_name: str):
-  """Validates shapes shared by the block-attention entry points.
+  """Validates the shapes shared by the block-attention entry points: q [batch, block, q_heads,
+  head_dim], k_rows and v_rows [batch, kv_heads, rows, head_dim] (the cache; ``rows_name`` names
+  k_rows in messages), k_block and v_block [batch, block, kv_heads, head_dim].
 
-  Args:
-    q: [batch, block, q_heads, head_dim].
-    k_rows: [batch, kv_heads, rows, head_dim] (the cache).
-    v_rows: same shape as ``k_rows``.
-    k_block: [batch, block, kv_heads, head_dim].
-    v_block: same shape as ``k_block``.
-    rows_name: name of ``k_rows`` in error messages.
-
-  Returns:
-    (batch, block, q_heads, kv_heads, head_dim).
-
-  Raises:
-    ValueError: naming the tensor whose rank or shape does not fit.
-  """
+  Returns (batch, block, q_heads, kv_heads, head_dim); raises ValueError naming the tensor whose
+  rank or shape does not fit."""
   for name, array in (("q", q), (rows_name, k_rows), ("v_cache", v_rows),
                       ("k_block", k_block), ("v_block", v_block)):
     if array.ndim != 4:
@@ -316,12 +306,11 @@ def split_kv_call(kernel, leading: Sequence[tuple[jax.Array, pl.BlockSpec]], q, 
   """The launch of a split-KV block kernel over the grid (query tile, batch, KV head, split).
 
   ``kernel`` takes the keywords kv_heads, group, block_tokens, block_q, num_splits, block_k,
-  qk_scale and exp2; its inputs are ``leading`` (array, BlockSpec) pairs (per-sequence lengths,
-  or a selection's counts and indices; index maps of (t, b, h, s)), then q as [batch, B*Hq, D],
-  the whole K and V cache rows of the program's KV head, and the block's K and V as
-  [batch, B*kv_heads, D]. The grid has ``grid_splits`` splits (``num_splits``, plus one where
-  the block's keys have their own); num_warps defaults to 8 for query tiles of >= 256 rows, else
-  4. Returns the partial outputs [batch, grid_splits, B*Hq, D] in q.dtype and their base-2
+  qk_scale, exp2, and as inputs the ``leading`` (array, BlockSpec) pairs (lengths, or a
+  selection's counts and indices; index maps of (t, b, h, s)), q as [batch, B*Hq, D], its KV
+  head's whole K and V cache rows, and the block's K and V as [batch, B*kv_heads, D]. The grid
+  has ``grid_splits`` splits: ``num_splits``, plus one where the block's keys have their own.
+  Returns the partial outputs [batch, grid_splits, B*Hq, D] in q.dtype and their base-2
   log-sum-exp float32 [batch, grid_splits, B*Hq], for merge_splits."""
   batch, block, q_heads, head_dim = q.shape
   kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
