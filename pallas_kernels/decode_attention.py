@@ -265,6 +265,29 @@ def _check_lengths(cache_lengths, batch: int) -> None:
     raise ValueError(f"cache_lengths must have shape ({batch},), got {cache_lengths.shape}")
 
 
+def _dispatch(entry_point: str, defaults: dict, kernel, reference, args: tuple, sm_scale, impl,
+              tuning: dict, **options):
+  """Runs ``entry_point`` (exact or mask step; ``args``: its six arrays, ``options``: its own
+  keywords) as ``impl`` says: the TPU kernel of the same name, ``reference`` off the GPU, else
+  the Triton ``kernel`` with the tuning ``defaults`` overridden by ``tuning``."""
+  impl = resolve_impl(impl)
+  if impl in MOSAIC:
+    from pallas_kernels.tpu import decode_attention as tpu  # imports this module
+    return getattr(tpu, entry_point)(*args, sm_scale=sm_scale,
+                                     interpret=impl == "mosaic_interpret", **options, **tuning)
+  q, k_cache, v_cache, cache_lengths, k_block, v_block = args
+  batch, _, _, _, head_dim = tu.check_block_attention_inputs(q, k_cache, v_cache, k_block,
+                                                             v_block, "k_cache")
+  _check_lengths(cache_lengths, batch)
+  tu.check_tuning(tuning, defaults, entry_point)
+  sm_scale = _resolve_scale(sm_scale, head_dim)
+  if impl in PLAIN_JAX:
+    return reference(*args, sm_scale=sm_scale, **options)
+  tu.check_kernel_head_dim(head_dim)
+  return kernel(*args, sm_scale=sm_scale, interpret=impl == "interpret", **options,
+                **{**defaults, **tuning})
+
+
 def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
                           sm_scale: float | None = None, impl: str = "auto", **tuning):
   """Dense attention of a block over its cache rows [0, length) and over the block itself.
@@ -288,24 +311,9 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
   Returns:
     [batch, block, q_heads, head_dim] in q.dtype (softmax in float32).
   """
-  impl = resolve_impl(impl)
-  if impl in MOSAIC:
-    from pallas_kernels.tpu import decode_attention as tpu  # imports this module
-    return tpu.exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block,
-                                     sm_scale=sm_scale, interpret=impl == "mosaic_interpret",
-                                     **tuning)
-  batch, _, _, _, head_dim = tu.check_block_attention_inputs(q, k_cache, v_cache, k_block,
-                                                             v_block, "k_cache")
-  _check_lengths(cache_lengths, batch)
-  tu.check_tuning(tuning, _ATTENTION_TUNING, "exact_block_attention")
-  sm_scale = _resolve_scale(sm_scale, head_dim)
-  if impl in PLAIN_JAX:
-    return exact_block_attention_reference(q, k_cache, v_cache, cache_lengths, k_block, v_block,
-                                           sm_scale=sm_scale)
-  tu.check_kernel_head_dim(head_dim)
-  return _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block,
-                             sm_scale=sm_scale, interpret=impl == "interpret",
-                             **{**_ATTENTION_TUNING, **tuning})
+  args = (q, k_cache, v_cache, cache_lengths, k_block, v_block)
+  return _dispatch("exact_block_attention", _ATTENTION_TUNING, _split_kv_attention,
+                   exact_block_attention_reference, args, sm_scale, impl, tuning)
 
 
 def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
@@ -330,25 +338,10 @@ def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
     (out [batch, block, q_heads, head_dim] in q.dtype, alpha float32 [batch, kv_heads,
     capacity], exactly 0 at rows >= cache_lengths).
   """
-  impl = resolve_impl(impl)
-  if impl in MOSAIC:
-    from pallas_kernels.tpu import decode_attention as tpu  # imports this module
-    return tpu.mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block,
-                                   sm_scale=sm_scale, alpha_includes_block=alpha_includes_block,
-                                   interpret=impl == "mosaic_interpret", **tuning)
-  batch, _, _, _, head_dim = tu.check_block_attention_inputs(q, k_cache, v_cache, k_block,
-                                                             v_block, "k_cache")
-  _check_lengths(cache_lengths, batch)
-  tu.check_tuning(tuning, {**_ATTENTION_TUNING, **_ALPHA_TUNING}, "mask_step_attention")
-  sm_scale = _resolve_scale(sm_scale, head_dim)
-  if impl in PLAIN_JAX:
-    return mask_step_attention_reference(q, k_cache, v_cache, cache_lengths, k_block, v_block,
-                                         sm_scale=sm_scale,
-                                         alpha_includes_block=alpha_includes_block)
-  tu.check_kernel_head_dim(head_dim)
-  return _mask_step(q, k_cache, v_cache, cache_lengths, k_block, v_block, sm_scale=sm_scale,
-                    alpha_includes_block=alpha_includes_block, interpret=impl == "interpret",
-                    **{**_ATTENTION_TUNING, **_ALPHA_TUNING, **tuning})
+  args = (q, k_cache, v_cache, cache_lengths, k_block, v_block)
+  return _dispatch("mask_step_attention", {**_ATTENTION_TUNING, **_ALPHA_TUNING}, _mask_step,
+                   mask_step_attention_reference, args, sm_scale, impl, tuning,
+                   alpha_includes_block=alpha_includes_block)
 
 
 def _reference_logits(q, k_cache, k_block, sm_scale: float):
