@@ -95,11 +95,8 @@ class Tokenizer:
   def count(self, text: str) -> int:
     return len(self.encode(text))
 
-  def count_prompt(self, text: str) -> int:
-    """Tokens of ``text`` as a prompt (with the chat template, if any)."""
-    return len(self.prompt_ids(text))
-
   def prompt_ids(self, text: str) -> list[int]:
+    """Tokens of ``text`` as a prompt (with the chat template, if any)."""
     return self.encode(self.chat_template(text) if self.chat_template else text)
 
 
@@ -136,11 +133,6 @@ def case_key(spec: MethodSpec, sample: Sample, index: int, seed: int, setup: str
                  setup=setup)
 
 
-def _batches(items: Sequence[Any], size: int):
-  for i in range(0, len(items), size):
-    yield items[i:i + size]
-
-
 def check_context_fits(cfg, tokenizer: Tokenizer, samples: Sequence[Sample],
                        checkpoint: str) -> None:
   """Every prompt, its answer and the block it ends in must fit the model's positions.
@@ -152,7 +144,7 @@ def check_context_fits(cfg, tokenizer: Tokenizer, samples: Sequence[Sample],
   limit = cfg.max_position_embeddings
   unlimited = cfg.replace(max_position_embeddings=2**62)  # sized here, refused with the flag
   for s in samples:
-    needed = plan_request(unlimited, [tokenizer.count_prompt(s.prompt())],
+    needed = plan_request(unlimited, [len(tokenizer.prompt_ids(s.prompt()))],
                           s.max_new_tokens).capacity
     if needed > limit:
       length = s.meta.get("length", s.meta.get("context_length"))
@@ -190,9 +182,9 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
   options = options or DecodeOptions.for_model(cfg)
   model_id = model_id or provenance.model_fingerprint(model)
   prompts = [tokenizer.prompt_ids(s.prompt()) for s in samples]
+  methods = {spec: spec.build() for spec in specs}
   keys: dict[tuple[MethodSpec, int], CaseKey] = {}
-  for spec in specs:
-    method = spec.build()
+  for spec, method in methods.items():
     for i, s in enumerate(samples):
       setup = provenance.case_setup(model_id, method, options, prompts[i], s.max_new_tokens)
       keys[spec, i] = case_key(spec, s, i, seed, setup)
@@ -205,13 +197,14 @@ def run_cases(model, tokenizer: Tokenizer, samples: Sequence[Sample], specs: Seq
   bar = tqdm.tqdm(total=sum(map(len, groups.values())), desc="eval", unit="case",
                   disable=not progress)
   for (spec, _), indices in groups.items():
-    method = spec.build()
+    method = methods[spec]
     max_new = max(samples[i].max_new_tokens for i in indices)
     # One capacity for the group's batches: one compiled loop.
     capacity = plan_request(cfg, [len(prompts[i]) for i in indices], max_new).capacity
     if "latency" in measure:
       _warm_up(model, batch_size, capacity, method, options, mesh)
-    for batch in _batches(indices, batch_size):
+    for first in range(0, len(indices), batch_size):
+      batch = indices[first:first + batch_size]
       batch_prompts = [prompts[i] for i in batch]
       batch_prompts += [batch_prompts[0]] * (batch_size - len(batch))
       result = generate(model, batch_prompts, max_new_tokens=max_new, method=method,

@@ -102,11 +102,6 @@ class ModelConfig:
     if self.dtype not in ("bfloat16", "float32", "float16"):
       fail("dtype", f"unsupported dtype {self.dtype!r}")
 
-  @property
-  def group_size(self) -> int:
-    """Query heads per KV head (G)."""
-    return self.num_heads // self.num_kv_heads
-
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 

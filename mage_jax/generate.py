@@ -51,9 +51,8 @@ class DecodeOptions:
     steps_per_block: sdar's schedule length and fixed_steps' exact step count.
     temperature, top_p: 0 = greedy; otherwise temperature / nucleus sampling with explicit keys.
     prefill_chunk: tokens per prefill chunk (rounded to a multiple of the block size).
-    kernels: the kernel setting of every attention call of the decode ("auto", "pallas",
-      "interpret", "mosaic", "mosaic_interpret", "reference"; pallas_kernels.dispatch),
-      resolved once by ``generate``.
+    kernels: the kernel setting of every attention call of the decode (one of
+      pallas_kernels.dispatch.SETTINGS), resolved once by ``generate``.
   """
 
   policy: str = "fast_dllm_v2"
@@ -150,10 +149,6 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: KV
   hidden_size = model.config.hidden_size
   dtype = model.embed_tokens.embedding.dtype
 
-  def cond(carry):
-    c = carry[0]
-    return c * chunk < jnp.max(lengths)
-
   def body(carry):
     c, cache, state, last_hidden = carry
     start = c * chunk
@@ -168,7 +163,8 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: KV
     return c + 1, cache, state, jnp.where(inside[:, None], row, last_hidden)
 
   init = (jnp.int32(0), cache, method_state, jnp.zeros((batch, hidden_size), dtype))
-  _, cache, method_state, last_hidden = jax.lax.while_loop(cond, body, init)
+  _, cache, method_state, last_hidden = jax.lax.while_loop(
+      lambda carry: carry[0] * chunk < jnp.max(lengths), body, init)
   return cache, method_state, model.logits(last_hidden)
 
 
@@ -199,20 +195,9 @@ class _Steps(NamedTuple):
   step: jax.Array  # int32 scalar
 
 
-def _prefill_stage(model: Transformer, buffer, prompt_lengths, cache, *,
-                   method: AttentionMethod, options: DecodeOptions, chunk: int):
-  """Stage 1 (its own jit, so its time is measured apart): the prompts' full blocks into the
-  cache. Returns (cache, method_state, logits [batch, vocab] at the last written position)."""
-  cfg = model.config
-  # Created inside the jit: without the pin XLA may replicate the selections on every device.
-  method_state = sharding.constrain_state(method.init_state(cfg, buffer.shape[0], cache.capacity))
-  full_prompt = prompt_lengths // cfg.block_size * cfg.block_size
-  return prefill(model, buffer, full_prompt, cache, method, method_state, chunk=chunk)
-
-
 def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, method_state,
             prev_logits, rng, *, method: AttentionMethod, options: DecodeOptions):
-  """Stage 2: block by block fill, denoise, commit, from the state ``_prefill_stage`` left."""
+  """Stage 2: block by block fill, denoise, commit, from the state ``_prefill_jit`` left."""
   cfg = model.config
   bs = cfg.block_size
   batch = buffer.shape[0]
@@ -291,9 +276,16 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, m
 @functools.partial(jax.jit, static_argnames=("graphdef", "method", "options", "chunk"),
                    donate_argnames=("cache",))
 def _prefill_jit(graphdef, params, buffer, prompt_lengths, cache, *, method, options, chunk):
+  """Stage 1 (its own jit, so its time is measured apart): the prompts' full blocks into the
+  cache. Returns (cache, method_state, logits [batch, vocab] at the last written position)."""
+  model = nnx.merge(graphdef, params)
+  bs = model.config.block_size
   with use_kernels(options.kernels):  # resolved by generate: part of the jit key
-    return _prefill_stage(nnx.merge(graphdef, params), buffer, prompt_lengths, cache,
-                          method=method, options=options, chunk=chunk)
+    # Created inside the jit: without the pin XLA may replicate the selections on every device.
+    method_state = sharding.constrain_state(
+        method.init_state(model.config, buffer.shape[0], cache.capacity))
+    return prefill(model, buffer, prompt_lengths // bs * bs, cache, method, method_state,
+                   chunk=chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "method", "options"),
@@ -362,9 +354,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
 
   ``capacity`` (default: the longest prompt plus the budget, rounded up to a block: see
   ``plan_request``) fixes the cache shape; keep it fixed across calls to reuse the compiled
-  loop. With a ``mesh`` the model's
-  parameters must already be on it (mage_jax.sharding.shard_model); the batch is split over its
-  "data" axis and the KV heads over "model" (see docs/sharding.md).
+  loop. With a ``mesh`` the model's parameters must already be on it (sharding.shard_model);
+  the batch is split over its "data" axis and the KV heads over "model" (docs/sharding.md).
   """
   cfg = model.config
   method = method or ExactAttention()
@@ -403,10 +394,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
   tokens, finished = [], np.zeros(len(prompts), bool)
   for i, n in enumerate(lengths):
     seq = out_buffer[i, n:n + min(int(generated[i]), max_new_tokens)].tolist()
-    for j, t in enumerate(seq):
-      if t in eos:
-        seq, finished[i] = seq[:j], True
-        break
-    tokens.append(seq)
+    end = next((j for j, t in enumerate(seq) if t in eos), None)
+    finished[i] = end is not None
+    tokens.append(seq[:end])
   return GenerationResult(tokens, finished, int(num_blocks), int(num_steps), out_buffer,
                           method_state, prefill_s=prefilled - start, decode_s=decoded - prefilled)

@@ -32,10 +32,6 @@ class KVCache:
   lengths: jax.Array  # int32 [batch]
 
   @property
-  def batch(self) -> int:
-    return self.lengths.shape[0]
-
-  @property
   def capacity(self) -> int:
     return self.layers[0][0].shape[2]
 

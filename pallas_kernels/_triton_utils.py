@@ -19,6 +19,7 @@ Scores are kept in base 2 (``qk_scale = sm_scale * log2(e)``, ``exp2``), which s
 per score inside the kernels.
 """
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -73,22 +74,12 @@ def default_num_splits(programs_per_split: int, rows: int, block_k: int,
 
 
 def check_block_attention_inputs(q, k_rows, v_rows, k_block, v_block, rows_name: str):
-  """Validates shapes shared by the block-attention entry points.
+  """Validates the shapes shared by the block-attention entry points: q [batch, block, q_heads,
+  head_dim], k_rows and v_rows [batch, kv_heads, rows, head_dim] (the cache; ``rows_name`` names
+  k_rows in messages), k_block and v_block [batch, block, kv_heads, head_dim].
 
-  Args:
-    q: [batch, block, q_heads, head_dim].
-    k_rows: [batch, kv_heads, rows, head_dim] (the cache).
-    v_rows: same shape as ``k_rows``.
-    k_block: [batch, block, kv_heads, head_dim].
-    v_block: same shape as ``k_block``.
-    rows_name: name of ``k_rows`` in error messages.
-
-  Returns:
-    (batch, block, q_heads, kv_heads, head_dim).
-
-  Raises:
-    ValueError: naming the tensor whose rank or shape does not fit.
-  """
+  Returns (batch, block, q_heads, kv_heads, head_dim); raises ValueError naming the tensor whose
+  rank or shape does not fit."""
   for name, array in (("q", q), (rows_name, k_rows), ("v_cache", v_rows),
                       ("k_block", k_block), ("v_block", v_block)):
     if array.ndim != 4:
@@ -301,18 +292,32 @@ def combine_partials(partial_out: jax.Array, partial_lse: jax.Array) -> jax.Arra
   return out / jnp.where(total > 0, total, 1.0)[..., None]
 
 
+def query_tiling(query_rows: int, block_q: int) -> tuple[int, int]:
+  """(rows per query tile, tiles) for ``query_rows`` = G*B rows in tiles of at most ``block_q``
+  (rounded to a power of two, no larger than the rows' own power-of-two tile)."""
+  block_q = min(next_power_of_two(block_q), next_power_of_two(query_rows))
+  return block_q, pl.cdiv(query_rows, block_q)
+
+
 def split_kv_call(kernel, leading: Sequence[tuple[jax.Array, pl.BlockSpec]], q, k_cache, v_cache,
-                  k_block, v_block, *, q_tiles: int, splits: int, num_warps: int,
-                  num_stages: int, interpret: bool, name: str):
+                  k_block, v_block, *, block_q: int, block_k: int, num_splits: int,
+                  grid_splits: int, sm_scale: float, num_warps: int | None, num_stages: int,
+                  interpret: bool, name: str):
   """The launch of a split-KV block kernel over the grid (query tile, batch, KV head, split).
 
-  The kernel's inputs are ``leading`` (array, BlockSpec) pairs (per-sequence lengths, or a
-  selection's counts and indices; index maps of (t, b, h, s)), then q as [batch, B*Hq, D], the
-  whole K and V cache rows of the program's KV head, and the block's K and V as
-  [batch, B*kv_heads, D]. Returns its partial outputs [batch, splits, B*Hq, D] in q.dtype and
-  their base-2 log-sum-exp float32 [batch, splits, B*Hq], for merge_splits."""
+  ``kernel`` takes the keywords kv_heads, group, block_tokens, block_q, num_splits, block_k,
+  qk_scale, exp2, and as inputs the ``leading`` (array, BlockSpec) pairs (lengths, or a
+  selection's counts and indices; index maps of (t, b, h, s)), q as [batch, B*Hq, D], its KV
+  head's whole K and V cache rows, and the block's K and V as [batch, B*kv_heads, D]. The grid
+  has ``grid_splits`` splits: ``num_splits``, plus one where the block's keys have their own.
+  Returns the partial outputs [batch, grid_splits, B*Hq, D] in q.dtype and their base-2
+  log-sum-exp float32 [batch, grid_splits, B*Hq], for merge_splits."""
   batch, block, q_heads, head_dim = q.shape
   kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+  group = q_heads // kv_heads
+  kernel = functools.partial(kernel, kv_heads=kv_heads, group=group, block_tokens=block,
+                             block_q=block_q, num_splits=num_splits, block_k=block_k,
+                             qk_scale=sm_scale * LOG2_E, exp2=kernel_exp2(interpret))
   per_batch = lambda t, b, h, s: (b, 0, 0)
   per_head = lambda t, b, h, s: (b, h, 0, 0)
   arrays, specs = zip(*leading)
@@ -320,7 +325,7 @@ def split_kv_call(kernel, leading: Sequence[tuple[jax.Array, pl.BlockSpec]], q, 
       kernel,
       # Query tiles first: the Triton launch runs the leading grid axes fastest, so programs
       # reading the same K/V rows for different query tiles run together and share L2.
-      grid=(q_tiles, batch, kv_heads, splits),
+      grid=(pl.cdiv(group * block, block_q), batch, kv_heads, grid_splits),
       in_specs=[
           *specs,
           pl.BlockSpec((None, block * q_heads, head_dim), per_batch),
@@ -334,10 +339,10 @@ def split_kv_call(kernel, leading: Sequence[tuple[jax.Array, pl.BlockSpec]], q, 
           pl.BlockSpec((None, None, block * q_heads), lambda t, b, h, s: (b, s, 0)),
       ],
       out_shape=[
-          jax.ShapeDtypeStruct((batch, splits, block * q_heads, head_dim), q.dtype),
-          jax.ShapeDtypeStruct((batch, splits, block * q_heads), jnp.float32),
+          jax.ShapeDtypeStruct((batch, grid_splits, block * q_heads, head_dim), q.dtype),
+          jax.ShapeDtypeStruct((batch, grid_splits, block * q_heads), jnp.float32),
       ],
-      compiler_params=compiler_params(num_warps, num_stages),
+      compiler_params=compiler_params(num_warps or (8 if block_q >= 256 else 4), num_stages),
       interpret=interpret,
       name=name,
   )(*arrays, q.reshape(batch, block * q_heads, head_dim), k_cache, v_cache,

@@ -129,10 +129,6 @@ def _alpha_kernel(lengths_ref, q_ref, k_ref, lse_ref, alpha_ref, *, kv_heads: in
   lax.fori_loop(0, pl.cdiv(tail_rows, block_k), zero_tile, 0)
 
 
-def _default_warps(tile_rows: int) -> int:
-  return 8 if tile_rows >= 256 else 4
-
-
 # (sequence, KV head) pairs from which one full query tile per pair beats 64-row tiles.
 FULL_TILE_MIN_PAIRS = 16
 
@@ -182,30 +178,22 @@ def _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
   Returns the output, and with ``lse_of`` ("all": the cache and the block's keys, "cache": the
   cache rows only) the pair (out, float32 [batch, block * q_heads] base-2 log-sum-exp of every
   query in the [B*Hq] row order, -inf where no key was seen), computed by the merge."""
-  batch, block, q_heads, head_dim = q.shape
+  batch, block, q_heads, _ = q.shape
   kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
-  group = q_heads // kv_heads
-  tile_rows = tu.next_power_of_two(group * block)
-  if block_q is None:
-    block_q = _default_block_q(group * block, batch * kv_heads)
-  block_q = min(tu.next_power_of_two(block_q), tile_rows)
-  q_tiles = pl.cdiv(group * block, block_q)
+  rows, pairs = q_heads // kv_heads * block, batch * kv_heads
+  block_q, q_tiles = tu.query_tiling(
+      rows, _default_block_q(rows, pairs) if block_q is None else block_q)
   block_k = tu.fit_block_k(block_k, capacity)
   k_cache, v_cache = tu.pad_rows(k_cache, 2), tu.pad_rows(v_cache, 2)
-  capacity = k_cache.shape[2]
   if num_splits is None:
-    num_splits = default_attention_splits(batch * kv_heads, q_tiles, block_q, capacity, block_k)
-  kernel = functools.partial(_attention_kernel, kv_heads=kv_heads, group=group,
-                             block_tokens=block, block_q=block_q, num_splits=num_splits,
-                             block_k=block_k, qk_scale=sm_scale * tu.LOG2_E,
-                             exp2=tu.kernel_exp2(interpret))
+    num_splits = default_attention_splits(pairs, q_tiles, block_q, k_cache.shape[2], block_k)
   splits = num_splits + 1
   lengths = cache_lengths.astype(jnp.int32).reshape(batch, 1)
   partial_out, partial_lse = tu.split_kv_call(
-      kernel, [(lengths, pl.BlockSpec((None, 1), lambda t, b, h, s: (b, 0)))], q, k_cache,
-      v_cache, k_block, v_block, q_tiles=q_tiles, splits=splits,
-      num_warps=num_warps or _default_warps(block_q), num_stages=num_stages,
-      interpret=interpret, name="block_split_kv_attention")
+      _attention_kernel, [(lengths, pl.BlockSpec((None, 1), lambda t, b, h, s: (b, 0)))], q,
+      k_cache, v_cache, k_block, v_block, block_q=block_q, block_k=block_k,
+      num_splits=num_splits, grid_splits=splits, sm_scale=sm_scale, num_warps=num_warps,
+      num_stages=num_stages, interpret=interpret, name="block_split_kv_attention")
   # The last split holds the block's keys: leaving it out gives the cache-only normaliser.
   lse_splits = {None: None, "all": splits, "cache": num_splits}[lse_of]
   merged = merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
@@ -277,6 +265,29 @@ def _check_lengths(cache_lengths, batch: int) -> None:
     raise ValueError(f"cache_lengths must have shape ({batch},), got {cache_lengths.shape}")
 
 
+def _dispatch(entry_point: str, defaults: dict, kernel, reference, args: tuple, sm_scale, impl,
+              tuning: dict, **options):
+  """Runs ``entry_point`` (exact or mask step; ``args``: its six arrays, ``options``: its own
+  keywords) as ``impl`` says: the TPU kernel of the same name, ``reference`` off the GPU, else
+  the Triton ``kernel`` with the tuning ``defaults`` overridden by ``tuning``."""
+  impl = resolve_impl(impl)
+  if impl in MOSAIC:
+    from pallas_kernels.tpu import decode_attention as tpu  # imports this module
+    return getattr(tpu, entry_point)(*args, sm_scale=sm_scale,
+                                     interpret=impl == "mosaic_interpret", **options, **tuning)
+  q, k_cache, v_cache, cache_lengths, k_block, v_block = args
+  batch, _, _, _, head_dim = tu.check_block_attention_inputs(q, k_cache, v_cache, k_block,
+                                                             v_block, "k_cache")
+  _check_lengths(cache_lengths, batch)
+  tu.check_tuning(tuning, defaults, entry_point)
+  sm_scale = _resolve_scale(sm_scale, head_dim)
+  if impl in PLAIN_JAX:
+    return reference(*args, sm_scale=sm_scale, **options)
+  tu.check_kernel_head_dim(head_dim)
+  return kernel(*args, sm_scale=sm_scale, interpret=impl == "interpret", **options,
+                **{**defaults, **tuning})
+
+
 def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
                           sm_scale: float | None = None, impl: str = "auto", **tuning):
   """Dense attention of a block over its cache rows [0, length) and over the block itself.
@@ -289,37 +300,20 @@ def exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, 
     sm_scale: logit scale, default 1/sqrt(head_dim).
     impl: a resolved implementation or a setting (see `pallas_kernels.dispatch`); "mosaic" /
       "mosaic_interpret" run pallas_kernels.tpu.decode_attention, whose tuning keywords differ.
-    **tuning: block_k (keys per tile, default 64), block_q (query rows per program; default
-      one tile of all G*B rows, except with fewer than FULL_TILE_MIN_PAIRS (sequence, KV head)
-      pairs, where 64-row tiles are used if they save padded rows, as for the 1.5B shape's
-      192 = 3 x 64 rows, whose three programs share each K/V tile through L2), num_splits
-      (programs per KV head and query tile, default enough for ~264 programs), num_warps
-      (default 8 for tiles of >= 256 query rows, else 4), num_stages (default 3), merge (how the
-      splits' partial results are merged: "pallas", one kernel, "xla", three ops, or "auto",
-      the default: the kernel for at most merge_splits.PALLAS_MAX_ROWS query rows).
-      benchmarks/results/decode_kernels.md has the sweeps.
+    **tuning: block_k (keys per tile, default 64), block_q (query rows per program, default
+      `_default_block_q`), num_splits (programs per KV head and query tile, default
+      `default_attention_splits`), num_warps (default 8 for tiles of >= 256 query rows, else
+      4), num_stages (default 3), merge (how the splits' partial results are merged: "pallas",
+      one kernel, "xla", three ops, or "auto", the default: the kernel for at most
+      merge_splits.PALLAS_MAX_ROWS query rows). benchmarks/results/decode_kernels.md has the
+      sweeps.
 
   Returns:
     [batch, block, q_heads, head_dim] in q.dtype (softmax in float32).
   """
-  impl = resolve_impl(impl)
-  if impl in MOSAIC:
-    from pallas_kernels.tpu import decode_attention as tpu  # imports this module
-    return tpu.exact_block_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block,
-                                     sm_scale=sm_scale, interpret=impl == "mosaic_interpret",
-                                     **tuning)
-  batch, _, _, _, head_dim = tu.check_block_attention_inputs(q, k_cache, v_cache, k_block,
-                                                             v_block, "k_cache")
-  _check_lengths(cache_lengths, batch)
-  tu.check_tuning(tuning, _ATTENTION_TUNING, "exact_block_attention")
-  sm_scale = _resolve_scale(sm_scale, head_dim)
-  if impl in PLAIN_JAX:
-    return exact_block_attention_reference(q, k_cache, v_cache, cache_lengths, k_block, v_block,
-                                           sm_scale=sm_scale)
-  tu.check_kernel_head_dim(head_dim)
-  return _split_kv_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block,
-                             sm_scale=sm_scale, interpret=impl == "interpret",
-                             **{**_ATTENTION_TUNING, **tuning})
+  args = (q, k_cache, v_cache, cache_lengths, k_block, v_block)
+  return _dispatch("exact_block_attention", _ATTENTION_TUNING, _split_kv_attention,
+                   exact_block_attention_reference, args, sm_scale, impl, tuning)
 
 
 def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
@@ -344,25 +338,10 @@ def mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block, *,
     (out [batch, block, q_heads, head_dim] in q.dtype, alpha float32 [batch, kv_heads,
     capacity], exactly 0 at rows >= cache_lengths).
   """
-  impl = resolve_impl(impl)
-  if impl in MOSAIC:
-    from pallas_kernels.tpu import decode_attention as tpu  # imports this module
-    return tpu.mask_step_attention(q, k_cache, v_cache, cache_lengths, k_block, v_block,
-                                   sm_scale=sm_scale, alpha_includes_block=alpha_includes_block,
-                                   interpret=impl == "mosaic_interpret", **tuning)
-  batch, _, _, _, head_dim = tu.check_block_attention_inputs(q, k_cache, v_cache, k_block,
-                                                             v_block, "k_cache")
-  _check_lengths(cache_lengths, batch)
-  tu.check_tuning(tuning, {**_ATTENTION_TUNING, **_ALPHA_TUNING}, "mask_step_attention")
-  sm_scale = _resolve_scale(sm_scale, head_dim)
-  if impl in PLAIN_JAX:
-    return mask_step_attention_reference(q, k_cache, v_cache, cache_lengths, k_block, v_block,
-                                         sm_scale=sm_scale,
-                                         alpha_includes_block=alpha_includes_block)
-  tu.check_kernel_head_dim(head_dim)
-  return _mask_step(q, k_cache, v_cache, cache_lengths, k_block, v_block, sm_scale=sm_scale,
-                    alpha_includes_block=alpha_includes_block, interpret=impl == "interpret",
-                    **{**_ATTENTION_TUNING, **_ALPHA_TUNING, **tuning})
+  args = (q, k_cache, v_cache, cache_lengths, k_block, v_block)
+  return _dispatch("mask_step_attention", {**_ATTENTION_TUNING, **_ALPHA_TUNING}, _mask_step,
+                   mask_step_attention_reference, args, sm_scale, impl, tuning,
+                   alpha_includes_block=alpha_includes_block)
 
 
 def _reference_logits(q, k_cache, k_block, sm_scale: float):

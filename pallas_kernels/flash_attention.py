@@ -67,18 +67,14 @@ class TokenBlocks(NamedTuple):
   noisy: jax.Array
 
 
-def prefill_token_blocks(
-    batch: int, length: int, block_size: int, start: int = 0
-) -> TokenBlocks:
+def prefill_token_blocks(batch: int, length: int, block_size: int, start: int = 0) -> TokenBlocks:
   """Clean tokens at positions ``start .. start + length - 1``."""
   ids = (start + jnp.arange(length, dtype=jnp.int32)) // block_size
   ids = jnp.broadcast_to(ids, (batch, length))
   return TokenBlocks(ids, jnp.zeros((batch, length), jnp.bool_))
 
 
-def training_token_blocks(
-    batch: int, seq_len: int, block_size: int
-) -> TokenBlocks:
+def training_token_blocks(batch: int, seq_len: int, block_size: int) -> TokenBlocks:
   """The doubled training sequence: ``seq_len`` noisy, then clean tokens."""
   ids = jnp.arange(seq_len, dtype=jnp.int32) // block_size
   ids = jnp.broadcast_to(jnp.concatenate([ids, ids]), (batch, 2 * seq_len))
@@ -114,17 +110,14 @@ class TileConfig:
       value = getattr(self, field.name)
       if field.name.endswith(("block_q", "block_kv")):
         if value < 16 or value & (value - 1):
-          raise ValueError(
-              f"tuning {field.name} must be a power of 2 >= 16 (Triton dots "
-              f"need dims >= 16), got {value}"
-          )
+          raise ValueError(f"tuning {field.name} must be a power of 2 >= 16 (Triton dots need "
+                           f"dims >= 16), got {value}")
       elif value < 1:
         raise ValueError(f"tuning {field.name} must be positive, got {value}")
 
   def fit(self, q_len: int, kv_len: int) -> "TileConfig":
     """Shrinks tiles larger than the (power-of-2 rounded) sequence lengths."""
-    q_cap = tu.next_power_of_two(q_len)
-    kv_cap = tu.next_power_of_two(kv_len)
+    q_cap, kv_cap = tu.next_power_of_two(q_len), tu.next_power_of_two(kv_len)
     changes = {}
     for field in dataclasses.fields(self):
       if field.name.endswith("block_q"):
@@ -137,93 +130,58 @@ class TileConfig:
 def _validate(q, k, v, q_segments, kv_segments, kv_lengths) -> None:
   """Raises ValueError naming the offending tensor."""
   if q.ndim != 4:
-    raise ValueError(
-        f"q must be [batch, q_len, q_heads, head_dim], got {q.shape}"
-    )
+    raise ValueError(f"q must be [batch, q_len, q_heads, head_dim], got {q.shape}")
   for name, x in (("k", k), ("v", v)):
     if x.ndim != 4:
-      raise ValueError(
-          f"{name} must be [batch, kv_len, kv_heads, head_dim], got {x.shape}"
-      )
+      raise ValueError(f"{name} must be [batch, kv_len, kv_heads, head_dim], got {x.shape}")
   if k.shape != v.shape:
-    raise ValueError(
-        f"k and v must have one shape, got {k.shape} and {v.shape}"
-    )
+    raise ValueError(f"k and v must have one shape, got {k.shape} and {v.shape}")
   batch, q_len, q_heads, head_dim = q.shape
   _, kv_len, kv_heads, _ = k.shape
   if k.shape[0] != batch or k.shape[3] != head_dim:
-    raise ValueError(
-        f"k must match q in batch and head_dim, got k {k.shape}, q {q.shape}"
-    )
+    raise ValueError(f"k must match q in batch and head_dim, got k {k.shape}, q {q.shape}")
   if q_heads % kv_heads:
-    raise ValueError(
-        f"q_heads ({q_heads}) must be a multiple of the kv_heads of k "
-        f"({kv_heads})"
-    )
+    raise ValueError(f"q_heads ({q_heads}) must be a multiple of the kv_heads of k ({kv_heads})")
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.dtype not in (jnp.float32, jnp.bfloat16):
       raise ValueError(f"{name} must be float32 or bfloat16, got {x.dtype}")
   if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(
-        f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-    )
-  for name, seg, length in (
-      ("q_segments", q_segments, q_len),
-      ("kv_segments", kv_segments, kv_len),
-  ):
+    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  for name, seg, length in (("q_segments", q_segments, q_len),
+                            ("kv_segments", kv_segments, kv_len)):
     if not isinstance(seg, TokenBlocks):
       raise ValueError(f"{name} must be a TokenBlocks, got {type(seg)}")
     if seg.block_ids.shape != (batch, length):
-      raise ValueError(
-          f"{name}.block_ids must be [{batch}, {length}], got "
-          f"{seg.block_ids.shape}"
-      )
+      raise ValueError(f"{name}.block_ids must be [{batch}, {length}], got "
+                       f"{seg.block_ids.shape}")
     if not jnp.issubdtype(seg.block_ids.dtype, jnp.integer):
-      raise ValueError(
-          f"{name}.block_ids must be integer, got {seg.block_ids.dtype}"
-      )
+      raise ValueError(f"{name}.block_ids must be integer, got {seg.block_ids.dtype}")
     if seg.noisy.shape != (batch, length) or seg.noisy.dtype != jnp.bool_:
-      raise ValueError(
-          f"{name}.noisy must be bool [{batch}, {length}], got "
-          f"{seg.noisy.dtype} {seg.noisy.shape}"
-      )
-  if kv_lengths.shape != (batch,) or not jnp.issubdtype(
-      kv_lengths.dtype, jnp.integer
-  ):
-    raise ValueError(
-        f"kv_lengths must be integer [{batch}], got {kv_lengths.dtype} "
-        f"{kv_lengths.shape}"
-    )
+      raise ValueError(f"{name}.noisy must be bool [{batch}, {length}], got "
+                       f"{seg.noisy.dtype} {seg.noisy.shape}")
+  if kv_lengths.shape != (batch,) or not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
+    raise ValueError(f"kv_lengths must be integer [{batch}], got {kv_lengths.dtype} "
+                     f"{kv_lengths.shape}")
 
 
-def block_diffusion_mask(
-    q_segments: TokenBlocks, kv_segments: TokenBlocks, kv_lengths: jax.Array
-) -> jax.Array:
+def block_diffusion_mask(q_segments: TokenBlocks, kv_segments: TokenBlocks,
+                         kv_lengths: jax.Array) -> jax.Array:
   """The attention mask, bool [batch, q_len, kv_len] (True = attended)."""
   q_ids = q_segments.block_ids[:, :, None]
   q_noisy = q_segments.noisy[:, :, None]
   kv_ids = kv_segments.block_ids[:, None, :]
   kv_noisy = kv_segments.noisy[:, None, :]
   clean_query = ~q_noisy & ~kv_noisy & (kv_ids <= q_ids)
-  noisy_query = q_noisy & (
-      (kv_noisy & (kv_ids == q_ids)) | (~kv_noisy & (kv_ids < q_ids))
-  )
+  noisy_query = q_noisy & ((kv_noisy & (kv_ids == q_ids)) | (~kv_noisy & (kv_ids < q_ids)))
   kv_len = kv_segments.block_ids.shape[1]
   in_range = jnp.arange(kv_len)[None, None, :] < kv_lengths[:, None, None]
   return (clean_query | noisy_query) & in_range
 
 
 def block_diffusion_attention_reference(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_segments: TokenBlocks,
-    kv_segments: TokenBlocks,
-    kv_lengths: jax.Array,
-    *,
-    sm_scale: float | None = None,
-    return_lse: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    q: jax.Array, k: jax.Array, v: jax.Array, q_segments: TokenBlocks, kv_segments: TokenBlocks,
+    kv_lengths: jax.Array, *, sm_scale: float | None = None,
+    return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Dense masked attention in float32; same contract as the kernel."""
   _validate(q, k, v, q_segments, kv_segments, kv_lengths)
   batch, q_len, q_heads, head_dim = q.shape
@@ -232,12 +190,8 @@ def block_diffusion_attention_reference(
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(head_dim)
   qg = q.astype(jnp.float32).reshape(batch, q_len, kv_heads, groups, head_dim)
-  logits = sm_scale * jnp.einsum(
-      "bqhgd,bkhd->bhgqk",
-      qg,
-      k.astype(jnp.float32),
-      precision=lax.Precision.HIGHEST,
-  )
+  logits = sm_scale * jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32),
+                                 precision=lax.Precision.HIGHEST)
   mask = block_diffusion_mask(q_segments, kv_segments, kv_lengths)
   logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -247,12 +201,8 @@ def block_diffusion_attention_reference(
   total = jnp.sum(weights, axis=-1, keepdims=True)
   seen = total > 0
   safe_total = jnp.where(seen, total, 1.0)
-  out = jnp.einsum(
-      "bhgqk,bkhd->bqhgd",
-      weights / safe_total,
-      v.astype(jnp.float32),
-      precision=lax.Precision.HIGHEST,
-  )
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", weights / safe_total, v.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST)
   out = out.reshape(q.shape).astype(q.dtype)
   if not return_lse:
     return out
@@ -323,10 +273,7 @@ def _blockwise_forward(q, k, v, q_segments, kv_segments, kv_lengths, sm_scale,
   return out[:, :q_len].astype(q.dtype), lse[:, :, :q_len]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _blockwise(q, k, v, q_segments, kv_segments, kv_lengths, sm_scale, q_tile, kv_tile):
-  return _blockwise_forward(q, k, v, q_segments, kv_segments, kv_lengths, sm_scale, q_tile,
-                            kv_tile)
+_blockwise = jax.custom_vjp(_blockwise_forward, nondiff_argnums=(6, 7, 8))
 
 
 def _blockwise_fwd(q, k, v, q_segments, kv_segments, kv_lengths, sm_scale, q_tile, kv_tile):
@@ -349,18 +296,9 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def block_diffusion_attention_blockwise(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_segments: TokenBlocks,
-    kv_segments: TokenBlocks,
-    kv_lengths: jax.Array,
-    *,
-    sm_scale: float | None = None,
-    return_lse: bool = False,
-    q_tile: int = 128,
-    kv_tile: int = 512,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    q: jax.Array, k: jax.Array, v: jax.Array, q_segments: TokenBlocks, kv_segments: TokenBlocks,
+    kv_lengths: jax.Array, *, sm_scale: float | None = None, return_lse: bool = False,
+    q_tile: int = 128, kv_tile: int = 512) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The portable path ("xla": "auto" off the GPU): plain-JAX flash attention.
 
   Same contract as the reference, without its [q_len, kv_len] score matrix: per query tile an
@@ -387,8 +325,7 @@ class _Tokens(NamedTuple):
   q_threshold: jax.Array  # block id, minus 1 for a noisy query.
   q_noisy_id: jax.Array  # block id of a noisy query, else _NOT_NOISY_Q.
   kv_clean_id: jax.Array  # block id of an in-range clean key, else _INVALID_ID.
-  kv_noisy_id: jax.Array  # block id of an in-range noisy key, else
-  # _NOT_NOISY_KV.
+  kv_noisy_id: jax.Array  # block id of an in-range noisy key, else _NOT_NOISY_KV.
 
 
 def _encode_tokens(q_segments, kv_segments, kv_lengths, q_pad, kv_pad):
@@ -399,22 +336,13 @@ def _encode_tokens(q_segments, kv_segments, kv_lengths, q_pad, kv_pad):
   kv_len = kv_ids.shape[1]
   in_range = jnp.arange(kv_len)[None, :] < kv_lengths[:, None]
   kv_noisy = kv_segments.noisy
-  pad_q = lambda x, fill: jnp.pad(
-      x, ((0, 0), (0, q_pad - x.shape[1])), constant_values=fill
-  )
-  pad_kv = lambda x, fill: jnp.pad(
-      x, ((0, 0), (0, kv_pad - x.shape[1])), constant_values=fill
-  )
+  pad_q = lambda x, fill: jnp.pad(x, ((0, 0), (0, q_pad - x.shape[1])), constant_values=fill)
+  pad_kv = lambda x, fill: jnp.pad(x, ((0, 0), (0, kv_pad - x.shape[1])), constant_values=fill)
   return _Tokens(
       q_threshold=pad_q(q_ids - q_noisy.astype(jnp.int32), -1),
       q_noisy_id=pad_q(jnp.where(q_noisy, q_ids, _NOT_NOISY_Q), _NOT_NOISY_Q),
-      kv_clean_id=pad_kv(
-          jnp.where(in_range & ~kv_noisy, kv_ids, _INVALID_ID), _INVALID_ID
-      ),
-      kv_noisy_id=pad_kv(
-          jnp.where(in_range & kv_noisy, kv_ids, _NOT_NOISY_KV), _NOT_NOISY_KV
-      ),
-  )
+      kv_clean_id=pad_kv(jnp.where(in_range & ~kv_noisy, kv_ids, _INVALID_ID), _INVALID_ID),
+      kv_noisy_id=pad_kv(jnp.where(in_range & kv_noisy, kv_ids, _NOT_NOISY_KV), _NOT_NOISY_KV))
 
 
 def _tile_visibility(tokens: _Tokens, block_q: int, block_kv: int):
@@ -451,13 +379,9 @@ def _tile_visibility(tokens: _Tokens, block_q: int, block_kv: int):
   kn_max = masked_max(kv_nid, kv_is_noisy)[:, None, :]
   kv_any_noisy = jnp.any(kv_is_noisy, axis=-1)[:, None, :]
 
-  visible = (kc_min <= thr_max) | (
-      jnp.maximum(qn_min, kn_min) <= jnp.minimum(qn_max, kn_max)
-  )
+  visible = (kc_min <= thr_max) | (jnp.maximum(qn_min, kn_min) <= jnp.minimum(qn_max, kn_max))
   one_noisy_block = (qn_min == qn_max) & (kn_min == kn_max) & (qn_min == kn_min)
-  full = (kc_max <= thr_min) & (
-      ~kv_any_noisy | (q_all_noisy & one_noisy_block)
-  )
+  full = (kc_max <= thr_min) & (~kv_any_noisy | (q_all_noisy & one_noisy_block))
   return visible, full & visible
 
 
@@ -471,9 +395,8 @@ def _schedule(visible, full):
   """
   kind = jnp.where(full, 0, jnp.where(visible, 1, 2)).astype(jnp.int32)
   order = jnp.argsort(kind, axis=-1, stable=True).astype(jnp.int32)
-  counts = jnp.stack(
-      [jnp.sum(full, axis=-1), jnp.sum(visible, axis=-1)], axis=-1
-  ).astype(jnp.int32)
+  counts = jnp.stack([jnp.sum(full, axis=-1), jnp.sum(visible, axis=-1)], axis=-1)
+  counts = counts.astype(jnp.int32)
   return order, counts
 
 
@@ -612,11 +535,19 @@ class _Static:
   interpret: bool
 
 
-def _schedule_and_token_specs(kv_tiles: int, bq: int, kv_len: int, rev):
-  """Specs of the tile schedule (order, counts) and the four token-key arrays for the kernels
-  whose grid walks query tiles (forward and dq): a program reads its query tile's schedule and
-  keys, and every key token's keys."""
-  return [
+def _query_tile_launch(q, k, tokens: _Tokens, bq: int, bkv: int):
+  """The grid, schedule and block specs of the kernels whose grid walks query tiles (forward and
+  dq): a program reads its query tile's schedule (order, counts), token keys and rows
+  (``q_spec``; ``row_spec`` for per-query rows [batch, heads, q_len]), every key token's keys,
+  and the K and V of its KV head (``kv_spec``). The heaviest (last) query tiles launch first, to
+  shorten the tail. Returns (grid, schedule, schedule_and_token_specs, q_spec, kv_spec,
+  row_spec)."""
+  batch, q_len, q_heads, head_dim = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  groups = q_heads // kv_heads
+  q_tiles, kv_tiles = q_len // bq, kv_len // bkv
+  rev = lambda i: q_tiles - 1 - i
+  schedule_and_token_specs = [
       pl.BlockSpec((None, None, kv_tiles), lambda i, b, h: (b, rev(i), 0)),
       pl.BlockSpec((None, None, 2), lambda i, b, h: (b, rev(i), 0)),
       pl.BlockSpec((None, bq), lambda i, b, h: (b, rev(i))),
@@ -624,79 +555,49 @@ def _schedule_and_token_specs(kv_tiles: int, bq: int, kv_len: int, rev):
       pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
       pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
   ]
+  return ((q_tiles, batch, q_heads), _schedule(*_tile_visibility(tokens, bq, bkv)),
+          schedule_and_token_specs,
+          pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, rev(i), h, 0)),
+          pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0)),
+          pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, rev(i))))
 
 
 def _forward_call(static: _Static, q, k, v, tokens: _Tokens):
   cfg = static.config
-  batch, q_len, q_heads, head_dim = q.shape
-  kv_len, kv_heads = k.shape[1], k.shape[2]
-  groups = q_heads // kv_heads
-  bq, bkv = cfg.block_q, cfg.block_kv
-  q_tiles, kv_tiles = q_len // bq, kv_len // bkv
-  order, counts = _schedule(*_tile_visibility(tokens, bq, bkv))
-  # Heaviest (last) query tiles launch first, to shorten the tail.
-  rev = lambda i: q_tiles - 1 - i
-  kernel = functools.partial(
-      _forward_kernel, scale_log2=static.sm_scale * tu.LOG2_E, block_kv=bkv
-  )
+  grid, schedule, token_specs, q_spec, kv_spec, row_spec = _query_tile_launch(
+      q, k, tokens, cfg.block_q, cfg.block_kv)
+  kernel = functools.partial(_forward_kernel, scale_log2=static.sm_scale * tu.LOG2_E,
+                             block_kv=cfg.block_kv)
+  batch, q_len, q_heads, _ = q.shape
   return pl.pallas_call(
       kernel,
-      grid=(q_tiles, batch, q_heads),
-      in_specs=[
-          *_schedule_and_token_specs(kv_tiles, bq, kv_len, rev),
-          pl.BlockSpec((None, bq, None, head_dim),
-                       lambda i, b, h: (b, rev(i), h, 0)),
-          pl.BlockSpec((None, kv_len, None, head_dim),
-                       lambda i, b, h: (b, 0, h // groups, 0)),
-          pl.BlockSpec((None, kv_len, None, head_dim),
-                       lambda i, b, h: (b, 0, h // groups, 0)),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, bq, None, head_dim),
-                       lambda i, b, h: (b, rev(i), h, 0)),
-          pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, rev(i))),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct(q.shape, q.dtype),
-          jax.ShapeDtypeStruct((batch, q_heads, q_len), jnp.float32),
-      ],
+      grid=grid,
+      in_specs=[*token_specs, q_spec, kv_spec, kv_spec],
+      out_specs=[q_spec, row_spec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, q_heads, q_len), jnp.float32)],
       compiler_params=tu.compiler_params(cfg.num_warps, cfg.num_stages),
       interpret=static.interpret,
       name="block_diffusion_attention_fwd",
-  )(order, counts, *tokens, q, k, v)
+  )(*schedule, *tokens, q, k, v)
 
 
 def _dq_call(static: _Static, q, k, v, tokens, d_out, lse2, delta):
   cfg = static.config
-  batch, q_len, q_heads, head_dim = q.shape
-  kv_len, kv_heads = k.shape[1], k.shape[2]
-  groups = q_heads // kv_heads
-  bq, bkv = cfg.dq_block_q, cfg.dq_block_kv
-  q_tiles, kv_tiles = q_len // bq, kv_len // bkv
-  order, counts = _schedule(*_tile_visibility(tokens, bq, bkv))
-  rev = lambda i: q_tiles - 1 - i
-  q_spec = pl.BlockSpec((None, bq, None, head_dim),
-                        lambda i, b, h: (b, rev(i), h, 0))
-  kv_spec = pl.BlockSpec((None, kv_len, None, head_dim),
-                         lambda i, b, h: (b, 0, h // groups, 0))
-  row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, rev(i)))
-  kernel = functools.partial(
-      _dq_kernel, scale_log2=static.sm_scale * tu.LOG2_E,
-      sm_scale=static.sm_scale, block_kv=bkv,
-  )
+  grid, schedule, token_specs, q_spec, kv_spec, row_spec = _query_tile_launch(
+      q, k, tokens, cfg.dq_block_q, cfg.dq_block_kv)
+  kernel = functools.partial(_dq_kernel, scale_log2=static.sm_scale * tu.LOG2_E,
+                             sm_scale=static.sm_scale, block_kv=cfg.dq_block_kv)
   return pl.pallas_call(
       kernel,
-      grid=(q_tiles, batch, q_heads),
-      in_specs=[
-          *_schedule_and_token_specs(kv_tiles, bq, kv_len, rev),
-          q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-      ],
+      grid=grid,
+      in_specs=[*token_specs, q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=tu.compiler_params(cfg.dq_num_warps, cfg.dq_num_stages),
       interpret=static.interpret,
       name="block_diffusion_attention_dq",
-  )(order, counts, *tokens, q, k, v, d_out, lse2, delta)
+  )(*schedule, *tokens, q, k, v, d_out, lse2, delta)
 
 
 def _dkv_call(static: _Static, q, k, v, tokens, d_out, lse2, delta):
@@ -707,20 +608,13 @@ def _dkv_call(static: _Static, q, k, v, tokens, d_out, lse2, delta):
   bq, bkv = cfg.dkv_block_q, cfg.dkv_block_kv
   q_tiles, kv_tiles = q_len // bq, kv_len // bkv
   visible, full = _tile_visibility(tokens, bq, bkv)
-  order, counts = _schedule(
-      jnp.swapaxes(visible, 1, 2), jnp.swapaxes(full, 1, 2)
-  )
+  order, counts = _schedule(jnp.swapaxes(visible, 1, 2), jnp.swapaxes(full, 1, 2))
   # Blocks of `groups` heads: block h holds query heads h*G .. h*G+G-1.
-  group_q_spec = pl.BlockSpec((None, q_len, groups, head_dim),
-                              lambda j, b, h: (b, 0, h, 0))
-  group_row_spec = pl.BlockSpec((None, groups, q_len),
-                                lambda j, b, h: (b, h, 0))
-  kv_spec = pl.BlockSpec((None, bkv, None, head_dim),
-                         lambda j, b, h: (b, j, h, 0))
-  kernel = functools.partial(
-      _dkv_kernel, scale_log2=static.sm_scale * tu.LOG2_E,
-      sm_scale=static.sm_scale, block_q=bq, groups=groups,
-  )
+  group_q_spec = pl.BlockSpec((None, q_len, groups, head_dim), lambda j, b, h: (b, 0, h, 0))
+  group_row_spec = pl.BlockSpec((None, groups, q_len), lambda j, b, h: (b, h, 0))
+  kv_spec = pl.BlockSpec((None, bkv, None, head_dim), lambda j, b, h: (b, j, h, 0))
+  kernel = functools.partial(_dkv_kernel, scale_log2=static.sm_scale * tu.LOG2_E,
+                             sm_scale=static.sm_scale, block_q=bq, groups=groups)
   return pl.pallas_call(
       kernel,
       grid=(kv_tiles, batch, kv_heads),
@@ -731,23 +625,17 @@ def _dkv_call(static: _Static, q, k, v, tokens, d_out, lse2, delta):
           pl.BlockSpec((None, q_len), lambda j, b, h: (b, 0)),
           pl.BlockSpec((None, bkv), lambda j, b, h: (b, j)),
           pl.BlockSpec((None, bkv), lambda j, b, h: (b, j)),
-          group_q_spec, kv_spec, kv_spec, group_q_spec,
-          group_row_spec, group_row_spec,
+          group_q_spec, kv_spec, kv_spec, group_q_spec, group_row_spec, group_row_spec,
       ],
       out_specs=[kv_spec, kv_spec],
-      out_shape=[
-          jax.ShapeDtypeStruct(k.shape, k.dtype),
-          jax.ShapeDtypeStruct(v.shape, v.dtype),
-      ],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=tu.compiler_params(cfg.dkv_num_warps, cfg.dkv_num_stages),
       interpret=static.interpret,
       name="block_diffusion_attention_dkv",
   )(order, counts, *tokens, q, k, v, d_out, lse2, delta)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(static: _Static, q, k, v, tokens: _Tokens):
-  return _forward_call(static, q, k, v, tokens)
+_flash = jax.custom_vjp(_forward_call, nondiff_argnums=(0,))
 
 
 def _flash_fwd(static: _Static, q, k, v, tokens: _Tokens):
@@ -759,9 +647,8 @@ def _flash_bwd(static: _Static, residuals, cotangents):
   q, k, v, tokens, out, lse = residuals
   d_out, d_lse = cotangents
   # d lse_i / d logit_ij = p_ij, so an lse cotangent only shifts delta.
-  delta = jnp.einsum(
-      "bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32)
-  ) - d_lse
+  delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32),
+                     d_out.astype(jnp.float32)) - d_lse
   # Rows that saw no key: p = exp2(-inf - inf) = 0 instead of NaN.
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse) * tu.LOG2_E
   dq = _dq_call(static, q, k, v, tokens, d_out, lse2, delta)
@@ -772,49 +659,29 @@ def _flash_bwd(static: _Static, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-
-
-@functools.partial(
-    jax.jit, static_argnames=("sm_scale", "return_lse", "interpret", "config")
-)
-def _kernel_attention(
-    q, k, v, q_segments, kv_segments, kv_lengths, *, sm_scale, return_lse,
-    interpret, config,
-):
+@functools.partial(jax.jit, static_argnames=("sm_scale", "return_lse", "interpret", "config"))
+def _kernel_attention(q, k, v, q_segments, kv_segments, kv_lengths, *, sm_scale, return_lse,
+                      interpret, config):
   """Pads to the tile grid (and head_dim to a power of 2), runs the kernels."""
   _, q_len, _, head_dim = q.shape
   kv_len = k.shape[1]
   cfg = config.fit(q_len, kv_len)
   q_pad = _round_up(q_len, max(cfg.block_q, cfg.dq_block_q, cfg.dkv_block_q))
-  kv_pad = _round_up(
-      kv_len, max(cfg.block_kv, cfg.dq_block_kv, cfg.dkv_block_kv)
-  )
+  kv_pad = _round_up(kv_len, max(cfg.block_kv, cfg.dq_block_kv, cfg.dkv_block_kv))
   dim_pad = tu.next_power_of_two(head_dim)
   pad = lambda x, length: jnp.pad(
-      x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dim_pad - head_dim))
-  )
+      x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dim_pad - head_dim)))
   tokens = _encode_tokens(q_segments, kv_segments, kv_lengths, q_pad, kv_pad)
   static = _Static(sm_scale=sm_scale, config=cfg, interpret=interpret)
-  out, lse = _flash(
-      static, pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad), tokens
-  )
+  out, lse = _flash(static, pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad), tokens)
   out = out[:, :q_len, :, :head_dim]
   return (out, lse[:, :, :q_len]) if return_lse else out
 
 
 def block_diffusion_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_segments: TokenBlocks,
-    kv_segments: TokenBlocks,
-    kv_lengths: jax.Array,
-    *,
-    sm_scale: float | None = None,
-    return_lse: bool = False,
-    impl: str = "auto",
-    **tuning: int,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    q: jax.Array, k: jax.Array, v: jax.Array, q_segments: TokenBlocks, kv_segments: TokenBlocks,
+    kv_lengths: jax.Array, *, sm_scale: float | None = None, return_lse: bool = False,
+    impl: str = "auto", **tuning: int) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Block-diffusion attention (mask in the module docstring), differentiable.
 
   Args:
@@ -844,23 +711,16 @@ def block_diffusion_attention(
         q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale, return_lse=return_lse,
         interpret=impl == "mosaic_interpret", **tuning)
   _validate(q, k, v, q_segments, kv_segments, kv_lengths)
-  unknown = set(tuning) - {f.name for f in dataclasses.fields(TileConfig)}
-  if unknown:
-    raise ValueError(f"unknown tuning arguments {sorted(unknown)}")
+  tu.check_tuning(tuning, {f.name: f.default for f in dataclasses.fields(TileConfig)},
+                  "block_diffusion_attention")
   config = TileConfig(**tuning)
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
-  if impl == "xla":  # "auto" off the GPU: the faster portable path
-    return block_diffusion_attention_blockwise(
-        q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale,
-        return_lse=return_lse,
-    )
-  if impl == "reference":
-    return block_diffusion_attention_reference(
-        q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale,
-        return_lse=return_lse,
-    )
-  return _kernel_attention(
-      q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=float(sm_scale),
-      return_lse=return_lse, interpret=impl == "interpret", config=config,
-  )
+  if impl in dispatch.PLAIN_JAX:  # "xla" ("auto" off the GPU) is the faster portable path
+    portable = {"xla": block_diffusion_attention_blockwise,
+                "reference": block_diffusion_attention_reference}[impl]
+    return portable(q, k, v, q_segments, kv_segments, kv_lengths, sm_scale=sm_scale,
+                    return_lse=return_lse)
+  return _kernel_attention(q, k, v, q_segments, kv_segments, kv_lengths,
+                           sm_scale=float(sm_scale), return_lse=return_lse,
+                           interpret=impl == "interpret", config=config)

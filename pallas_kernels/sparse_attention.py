@@ -69,11 +69,9 @@ def _sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block, *,
                       sm_scale: float, interpret: bool, block_k: int, block_q: int,
                       num_splits: int | None, num_warps: int | None, num_stages: int,
                       merge: str):
-  batch, block, q_heads, head_dim = q.shape
+  batch, block, q_heads, _ = q.shape
   kv_heads = k_cache.shape[1]
-  group = q_heads // kv_heads
-  block_q = min(tu.next_power_of_two(block_q), tu.next_power_of_two(group * block))
-  q_tiles = pl.cdiv(group * block, block_q)
+  block_q, q_tiles = tu.query_tiling(q_heads // kv_heads * block, block_q)
   block_k = tu.fit_block_k(block_k, indices.shape[2])
   indices = tu.pad_rows(indices.astype(jnp.int32), 2)
   k_cache, v_cache = tu.pad_rows(k_cache, 2), tu.pad_rows(v_cache, 2)
@@ -82,18 +80,15 @@ def _sparse_attention(q, k_cache, v_cache, indices, counts, k_block, v_block, *,
     # One tile per split, as long as the grid stays within TARGET_PROGRAMS.
     num_splits = max(1, min(pl.cdiv(budget, block_k),
                             tu.TARGET_PROGRAMS // (batch * kv_heads * q_tiles)))
-  kernel = functools.partial(_sparse_kernel, kv_heads=kv_heads, group=group,
-                             block_tokens=block, block_q=block_q, num_splits=num_splits,
-                             block_k=block_k, qk_scale=sm_scale * tu.LOG2_E,
-                             exp2=tu.kernel_exp2(interpret))
   per_head = lambda t, b, h, s: (b, h, 0)
   leading = [(counts.astype(jnp.int32).reshape(batch, kv_heads, 1),
               pl.BlockSpec((None, None, 1), per_head)),
              (indices, pl.BlockSpec((None, None, budget), per_head))]
   partial_out, partial_lse = tu.split_kv_call(
-      kernel, leading, q, k_cache, v_cache, k_block, v_block, q_tiles=q_tiles,
-      splits=num_splits, num_warps=num_warps or (8 if block_q >= 256 else 4),
-      num_stages=num_stages, interpret=interpret, name="block_sparse_attention")
+      _sparse_kernel, leading, q, k_cache, v_cache, k_block, v_block, block_q=block_q,
+      block_k=block_k, num_splits=num_splits, grid_splits=num_splits, sm_scale=sm_scale,
+      num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+      name="block_sparse_attention")
   if num_splits == 1:
     return partial_out.reshape(q.shape)
   return merge_splits.merge(partial_out, partial_lse, how=merge, interpret=interpret,
@@ -114,13 +109,9 @@ def sparse_block_attention(q, k_cache, v_cache, indices, counts, k_block, v_bloc
   """Attention of a block over the selected cache rows of each KV head plus the block itself.
 
   Args:
-    q: [batch, block, q_heads, head_dim]; query head h*G + g uses KV head h.
-    k_cache, v_cache: [batch, kv_heads, capacity, head_dim].
+    q, k_cache, v_cache, k_block, v_block, sm_scale, impl: as for `exact_block_attention`.
     indices: int32 [batch, kv_heads, K] cache row ids; only the first counts[b, h] are used.
     counts: int32 [batch, kv_heads], 0..K.
-    k_block, v_block: [batch, block, kv_heads, head_dim], always attended.
-    sm_scale: logit scale, default 1/sqrt(head_dim).
-    impl: a resolved implementation or a setting (see `pallas_kernels.dispatch`).
     **tuning: block_k (rows gathered per tile, default 64), block_q (query rows per program,
       default 64), num_splits (parts of the index list, default one tile each within ~264
       programs), num_warps, num_stages, merge ("auto", "pallas" or "xla", as

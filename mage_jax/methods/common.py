@@ -59,11 +59,6 @@ class LayerSelections(NamedTuple):
   # Logical axes per field (mage_jax.sharding.constrain_state).
   AXES = (("layers",) + SELECTION_AXES, ("layers",) + PER_HEAD_AXES)
 
-  @classmethod
-  def empty(cls, layers: int, batch: int, kv_heads: int, slots: int) -> "LayerSelections":
-    return cls(jnp.zeros((layers, batch, kv_heads, slots), jnp.int32),
-               jnp.zeros((layers, batch, kv_heads), jnp.int32))
-
   def get(self, i: int) -> Selection:
     return Selection(self.indices[i], self.counts[i])
 
@@ -102,8 +97,9 @@ class SparseMethod(AttentionMethod):
 
   def init_state(self, cfg, batch, capacity):
     check_dense_layers(self, cfg)
-    return LayerSelections.empty(cfg.num_layers - self.dense_layers, batch, cfg.num_kv_heads,
-                                 self.slots(capacity))
+    per_head = (cfg.num_layers - self.dense_layers, batch, cfg.num_kv_heads)
+    return LayerSelections(jnp.zeros(per_head + (self.slots(capacity),), jnp.int32),
+                           jnp.zeros(per_head, jnp.int32))
 
   def stored_selections(self, state: Any) -> "LayerSelections":
     return state
