@@ -52,13 +52,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mage_jax.config import ModelConfig, list_presets  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "fast_dllm_v2_1.5b", "model preset (random weights)")
-flags.DEFINE_list("contexts", ["32768", "131072"], "cache lengths in tokens")
-flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
-flags.DEFINE_integer("repeats", 10, "timed steps per cell (median)")
-flags.DEFINE_string("out", os.environ.get("OUT", "/tmp"), "output folder")
-
 KV_ITEMSIZE = 2  # bfloat16 cache
+
+
+def define_flags() -> None:
+  """The script's flags, defined only when it runs as a script: tests import its helpers into
+  a process where other modules define flags of the same names."""
+  flags.DEFINE_string("preset", "fast_dllm_v2_1.5b", "model preset (random weights)")
+  flags.DEFINE_list("contexts", ["32768", "131072"], "cache lengths in tokens")
+  flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
+  flags.DEFINE_integer("repeats", 10, "timed steps per cell (median)")
+  flags.DEFINE_string("out", os.environ.get("OUT", "/tmp"), "output folder")
 
 
 def hf_config_dict(cfg: ModelConfig, max_positions: int) -> dict:
@@ -235,4 +239,5 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
