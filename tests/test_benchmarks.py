@@ -281,3 +281,27 @@ def test_hf_sdpa_step_config_matches_the_preset_and_floor_counts_weights_and_cac
   assert hf_sdpa_step.kv_cache_bytes(cfg, 32768, 8) == 8 * 32768 * 28 * 1024
   floor = hf_sdpa_step.step_floor_seconds(3 * 10**9, cfg, 131072, 1, 3e12)
   assert floor == pytest.approx((3e9 + 131072 * 28 * 1024) / 3e12)  # ~2.25 ms (docs/gpu.md)
+
+
+def test_compare_e2e_joins_the_three_benchmarks_by_batch_and_context(tmp_path):
+  def save(name, rows_key, rows):
+    meta = dict(device="GPU X", date="2026-12-08", preset="p")
+    (tmp_path / name).write_text(json.dumps({"meta": meta, rows_key: rows}))
+    return str(tmp_path / name)
+
+  decode = save("decode.json", "steps", [
+      dict(method=m, batch=1, context=64, step_ms=s, first_step_ms=f, floor_step_ms=1.0)
+      for m, s, f in (("exact", 4.0, 4.0), ("mage", 1.0, 32.0), ("none", 0.5, 0.5))])
+  generation = save("generation.json", "rows", [
+      dict(method=m, batch=1, context=64, decode_s=d, steps_per_block=31.0)
+      for m, d in (("exact", 0.9), ("mage", 0.3))])
+  hf = save("hf.json", "rows", [dict(batch=1, context=64, step_ms=12.0, floor_ms=1.0),
+                                 dict(batch=8, context=64, floor_ms=3.0, error="out of memory")])
+  out = _run("compare_e2e.py", f"--decode_e2e={decode}", f"--generation_e2e={generation}",
+             f"--hf_sdpa_step={hf}", f"--out={tmp_path}")
+  table = (tmp_path / "compare_e2e.md").read_text()
+  assert table in out and "decode.json: p, GPU X, 2026-12-08" in table
+  # MAGE block mean: (32 + 31 x 1) / 32 ms; sdpa / exact = 12 / 4; exact / MAGE decode = 3.
+  assert ("| 1 | 64 | 12.00 | 4.00 | 1.00 | 1.00 | 1.97 | 3.0 | 6.1 | 0.900 | 0.300 | 3.0 |"
+          in table)
+  assert "| 8 | 64 | out of memory | - | - | - | - | - | - | - | - | - |" in table
