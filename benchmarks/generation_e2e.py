@@ -25,7 +25,8 @@ decoder never proposes [MASK], so no random sequence stops early and every reque
 exactly --new_tokens tokens.
 
 Memory: one cell at a time; its cache lives inside generate and is freed when the call
-returns, so two 128K batch-8 caches never coexist. The JSON and markdown are rewritten after
+returns, so two 128K batch-8 caches never coexist. A cell that runs out of device memory is
+recorded as "out of memory" and the run goes on. The JSON and markdown are rewritten after
 every cell (a run cut short keeps what it measured). Writes generation_e2e.json and
 generation_e2e.md under --out.
 """
@@ -160,7 +161,12 @@ def main(argv):
   for batch in map(int, FLAGS.batches):
     for context in contexts:
       for name in FLAGS.methods:
-        rows.append(time_cell(model, cfg, top, name, options, batch, context))
+        try:
+          rows.append(time_cell(model, cfg, top, name, options, batch, context))
+        except jax.errors.JaxRuntimeError as e:
+          if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+          rows.append(dict(method=name, batch=batch, context=context, error="out of memory"))
         print(json.dumps(rows[-1]), flush=True)
         gc.collect()
         write_results(meta, rows)
@@ -189,8 +195,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
            "| method | batch | context | wall s | prefill s | decode s | decoded tok/s | "
            "steps / block | exact / this (wall) | exact / this (decode) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-  exact = {(r["batch"], r["context"]): r for r in rows if r["method"] == "exact"}
+  exact = {(r["batch"], r["context"]): r for r in rows
+           if r["method"] == "exact" and "error" not in r}
   for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['method']} | {r['batch']} | {r['context']} | {r['error']} |"
+                   + " - |" * 6)
+      continue
     ref = exact.get((r["batch"], r["context"]))
     wall = "-" if ref is None else f"{ref['wall_s'] / r['wall_s']:.2f}"
     decode = "-" if ref is None else f"{ref['decode_s'] / r['decode_s']:.2f}"

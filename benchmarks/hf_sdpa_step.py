@@ -200,7 +200,9 @@ def main(argv):
       torch.cuda.reset_peak_memory_stats()
       try:
         row.update(time_step(torch, transformers, model, cfg, context, batch))
-      except torch.cuda.OutOfMemoryError:
+      except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or cuBLAS failing to allocate
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "ALLOC_FAILED" not in str(e):
+          raise
         row["error"] = "out of memory"
       gc.collect()
       torch.cuda.empty_cache()
