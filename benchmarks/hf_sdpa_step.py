@@ -24,7 +24,8 @@ the 128K-token prefill; the values do not change the step's time). The forward a
 block's K/V to the cache (DynamicCache concatenates: it rewrites every layer's cache each step,
 part of the measured time); after each timed step the cache is cropped back to ``context`` rows,
 so every repeat sees the same cache. Time: median of --repeats forwards after two warm-ups,
-each between torch.cuda.synchronize() calls.
+each between torch.cuda.synchronize() calls; eager PyTorch, so the host's kernel launches are
+part of it, as they are for a user.
 
 Floor of the step: (weight bytes + the cache's K/V bytes) / the device-to-device copy bandwidth
 measured in the script (a 1 GiB tensor copy, bytes read + written per second), as decode_e2e's
@@ -136,7 +137,8 @@ def copy_bandwidth(torch) -> float:
 
 
 def time_step(torch, transformers, model, cfg: ModelConfig, context: int, batch: int) -> dict:
-  """Median seconds of one block forward over a DynamicCache of ``context`` random rows."""
+  """Median milliseconds of one block forward over a DynamicCache of ``context`` random rows,
+  and the peak GPU memory of the cell."""
   block = cfg.block_size
   cache = transformers.DynamicCache(config=model.config)
   for layer in range(cfg.num_layers):
