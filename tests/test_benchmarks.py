@@ -188,3 +188,121 @@ def test_train_step_names_a_bad_flag_before_any_work(tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert done.returncode != 0 and "--trainable: unknown ['mlp']" in done.stderr
   assert not (tmp_path / "train_step.json").exists()
+
+
+def test_generation_e2e_times_whole_generate_calls_per_method_and_batch(tmp_path):
+  out = _run("generation_e2e.py", "--preset=tiny_qwen2", "--contexts=40", "--new_tokens=16",
+             "--batches=1,2", "--methods=exact,mage", "--budget=8", "--dense_layers=1",
+             "--repeats=1", "--prefill_chunk=64", f"--out={tmp_path}")
+  with open(tmp_path / "generation_e2e.json") as f:
+    saved = json.load(f)
+  rows = saved["rows"]
+  assert [(r["batch"], r["method"]) for r in rows] == [
+      (b, m) for b in (1, 2) for m in ("exact", "mage")]
+  assert saved["meta"]["policy"] == "fast_dllm_v2"  # the family's threshold policy by default
+  for r in rows:
+    assert r["context"] == 40 and r["wall_s"] > 0 and r["prefill_s"] > 0 and r["decode_s"] > 0
+    assert r["wall_s"] >= r["prefill_s"] + r["decode_s"], r
+    assert r["wall_s"] < r["warmup_s"], r  # the timed calls reuse the warm-up's compile
+    # [MASK] is the only EOS: every sequence decodes all 16 tokens, 2 blocks of 8.
+    assert r["generated_tokens"] == 16 * r["batch"] and r["blocks"] == 2, r
+    # Token shift decides each block's first token: 7 masks, at least one unmasked per step.
+    assert 1 <= r["steps_per_block"] <= 7, r
+  table = (tmp_path / "generation_e2e.md").read_text()
+  assert "| mage | 2 | 40 |" in table and "exact / this (decode)" in table
+  assert table in out
+
+
+def test_generation_e2e_fixed_steps_policy_takes_its_steps_and_bad_flags_stop_it(tmp_path):
+  _run("generation_e2e.py", "--preset=tiny_qwen2", "--contexts=24", "--new_tokens=8",
+       "--batches=1", "--methods=exact", "--policy=fixed_steps", "--steps_per_block=3",
+       "--repeats=1", "--prefill_chunk=64", f"--out={tmp_path}")
+  with open(tmp_path / "generation_e2e.json") as f:
+    (row,) = json.load(f)["rows"]
+  assert row["steps_per_block"] == 3 and row["generated_tokens"] == 8
+  for bad, message in (("--methods=exact,quest", "--methods: unknown ['quest']"),
+                       ("--policy=greedy", "--policy: unknown 'greedy'")):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "generation_e2e.py"),
+                           bad, f"--out={tmp_path / 'bad'}"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode != 0 and message in done.stderr
+  assert not (tmp_path / "bad").exists()
+
+
+def _hf_sdpa_step_with(tmp_path, modules: dict[str, str]):
+  """hf_sdpa_step.py run with stand-in packages (name -> __init__ source) first on the path."""
+  tmp_path.mkdir()
+  for name, source in modules.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(source)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+  return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "hf_sdpa_step.py"),
+                         f"--out={tmp_path / 'out'}"], capture_output=True, text=True,
+                        timeout=120, cwd=ROOT, env=env)
+
+
+def test_hf_sdpa_step_exits_2_naming_a_missing_package(tmp_path):
+  missing = "raise ImportError('not installed')\n"
+  done = _hf_sdpa_step_with(tmp_path / "a", {"torch": missing})
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines()[-1] == (
+      "hf_sdpa_step.py: the 'torch' package is not installed (this benchmark needs torch and "
+      "transformers)")
+  done = _hf_sdpa_step_with(tmp_path / "b", {"torch": "", "transformers": missing})
+  assert done.returncode == 2 and "the 'transformers' package is not installed" in done.stderr
+  assert not (tmp_path / "a" / "out").exists() and not (tmp_path / "b" / "out").exists()
+
+
+def _hf_sdpa_step_module():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import hf_sdpa_step  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  return hf_sdpa_step
+
+
+def test_hf_sdpa_step_config_matches_the_preset_and_floor_counts_weights_and_cache():
+  hf_sdpa_step = _hf_sdpa_step_module()
+  from mage_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  for preset in ("fast_dllm_v2_1.5b", "sdar_1.7b"):
+    cfg = ModelConfig.preset(preset)
+    hf = hf_sdpa_step.hf_config_dict(cfg, 131072 + 64)
+    assert hf["model_type"] == ("qwen3" if cfg.qk_norm else "qwen2")
+    assert hf["max_position_embeddings"] == max(131136, cfg.max_position_embeddings)
+    assert "block_diffusion" not in hf and "architectures" not in hf
+    back = ModelConfig.from_hf_config(hf, family=cfg.family)
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                  "num_kv_heads", "head_dim", "rope_theta", "tie_word_embeddings",
+                  "attention_bias", "qk_norm"):
+      assert getattr(back, field) == getattr(cfg, field), (preset, field)
+  cfg = ModelConfig.preset("fast_dllm_v2_1.5b")
+  # 28 layers x (K + V) x 2 KV heads x 128 dims x 2 bytes = 28 KiB per cached token.
+  assert hf_sdpa_step.kv_cache_bytes(cfg, 131072, 1) == 131072 * 28 * 1024
+  assert hf_sdpa_step.kv_cache_bytes(cfg, 32768, 8) == 8 * 32768 * 28 * 1024
+  floor = hf_sdpa_step.step_floor_seconds(3 * 10**9, cfg, 131072, 1, 3e12)
+  assert floor == pytest.approx((3e9 + 131072 * 28 * 1024) / 3e12)  # ~2.25 ms (docs/gpu.md)
+
+
+def test_compare_e2e_joins_the_three_benchmarks_by_batch_and_context(tmp_path):
+  def save(name, rows_key, rows):
+    meta = dict(device="GPU X", date="2026-12-08", preset="p")
+    (tmp_path / name).write_text(json.dumps({"meta": meta, rows_key: rows}))
+    return str(tmp_path / name)
+
+  decode = save("decode.json", "steps", [
+      dict(method=m, batch=1, context=64, step_ms=s, first_step_ms=f, floor_step_ms=1.0)
+      for m, s, f in (("exact", 4.0, 4.0), ("mage", 1.0, 32.0), ("none", 0.5, 0.5))])
+  generation = save("generation.json", "rows", [
+      dict(method=m, batch=1, context=64, decode_s=d, steps_per_block=31.0)
+      for m, d in (("exact", 0.9), ("mage", 0.3))])
+  hf = save("hf.json", "rows", [dict(batch=1, context=64, step_ms=12.0, floor_ms=1.0),
+                                 dict(batch=8, context=64, floor_ms=3.0, error="out of memory")])
+  out = _run("compare_e2e.py", f"--decode_e2e={decode}", f"--generation_e2e={generation}",
+             f"--hf_sdpa_step={hf}", f"--out={tmp_path}")
+  table = (tmp_path / "compare_e2e.md").read_text()
+  assert table in out and "decode.json: p, GPU X, 2026-12-08" in table
+  # MAGE block mean: (32 + 31 x 1) / 32 ms; sdpa / exact = 12 / 4; exact / MAGE decode = 3.
+  assert ("| 1 | 64 | 12.00 | 4.00 | 1.00 | 1.00 | 1.97 | 3.0 | 6.1 | 0.900 | 0.300 | 3.0 |"
+          in table)
+  assert "| 8 | 64 | out of memory | - | - | - | - | - | - | - | - | - |" in table
