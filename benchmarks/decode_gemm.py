@@ -20,11 +20,13 @@ rates measured in the same run (decode_kernels.measure_ceilings).
 * table: per shape XLA, the kernel's defaults and the sweep's best against the floor, the
   per-layer sums, and the device kernels each timed program launches (profiler trace).
 
-Timing (as decode_kernels.py): REPS calls inside one jitted program, each on its own x (and
-residual), cycling through enough weight copies to pass the 50 MB L2; the median of TIMINGS
+Timing (as decode_kernels.py): --reps calls inside one jitted program, each on its own x (and
+residual), cycling through enough weight copies to pass the 50 MB L2; the median of --timings
 programs / calls ("wall", which includes the harness's own per-call cost, reported as
-harness_us). Results are rewritten under --out (decode_gemm.json / .md) after every shape, so a
-run cut short keeps what it measured; --budget_s stops the sweep (not the defaults) in time.
+harness_us). Every case's harness, XLA and default-kernel timings run first, then the sweep,
+batch 1 first, until --budget_s seconds from the start. Results are rewritten under --out
+(decode_gemm.json / .md, log in decode_gemm.log) after every step, so a run cut short keeps
+what it measured.
 --toy runs tiny shapes through the interpret-mode kernel (the CPU test).
 """
 
@@ -246,49 +248,59 @@ def run_checks(log, all_cases: list[Case], impl: str) -> list[dict]:
   return rows
 
 
-def measure_case(log, case: Case, ceilings: dict, grid: list[dict], impl: str, reps: int,
-                 timings: int, trace: bool, deadline: float) -> dict:
-  """One table row: harness, XLA, kernel defaults, the sweep (until ``deadline``)."""
-  problem = Problem(case, reps, sets=2 if impl == "interpret" else None)
+class CaseTimer:
+  """Times one case's programs on one Problem (built once, reused by the sweep)."""
+
+  def __init__(self, log, case: Case, impl: str, reps: int, timings: int):
+    self.log, self.case, self.impl, self.timings = log, case, impl, timings
+    self.problem = Problem(case, reps, sets=2 if impl == "interpret" else None)
+
+  def __call__(self, label: str, call, trace: bool = False):
+    """(us per call or None if it failed, {kernel: device us per call} if ``trace``)."""
+    program, calls = timed_program(call, self.problem.per_call, self.problem.sets)
+    seconds = attempt(self.log, f"{self.case} {label}",
+                      lambda: median_per_call(program, calls, self.timings))
+    if seconds is None or not trace:
+      return (None if seconds is None else seconds * 1e6), {}
+    launches = attempt(self.log, f"trace {label}", lambda: kernels_per_call(program, calls))
+    return seconds * 1e6, launches or {}
+
+
+def measure_baseline(timer: CaseTimer, ceilings: dict, trace: bool) -> dict:
+  """One table row before the sweep: floor, harness, XLA, the kernel's defaults."""
+  case, problem = timer.case, timer.problem
   floor_s = max(case.bytes_moved() / ceilings["copy_bytes_per_s"],
                 case.flops() / ceilings["matmul_flops_per_s"])
   row = dict(model=case.model, op=case.op, rows=case.rows, k=case.k, n=case.n,
              weight_sets=len(problem.sets), floor_us=floor_s * 1e6,
              floor_us_3tbs=max(case.bytes_moved() / 3.0e12,
                                case.flops() / ceilings["matmul_flops_per_s"]) * 1e6)
-
-  def timed(label, call):
-    program, calls = timed_program(call, problem.per_call, problem.sets)
-    seconds = attempt(log, f"{case} {label}", lambda: median_per_call(program, calls, timings))
-    if seconds is None:
-      return None, {}
-    launches = attempt(log, f"trace {label}", lambda: kernels_per_call(program, calls)) if (
-        trace) else None
-    return seconds * 1e6, launches or {}
-
-  row["harness_us"], _ = timed("harness", problem.harness())
-  row["xla_us"], row["xla_kernels"] = timed("xla", problem.xla())
-  row["kernel_us"], row["kernel_kernels"] = timed("kernel", problem.kernel(impl))
+  row["harness_us"], _ = timer("harness", problem.harness())
+  row["xla_us"], row["xla_kernels"] = timer("xla", problem.xla(), trace)
+  row["kernel_us"], row["kernel_kernels"] = timer("kernel", problem.kernel(timer.impl), trace)
   row["kernel_tuning"] = dict(resolved(case, {}))
-  seen = {resolved(case, {})}
-  row["sweep"] = []
-  best = (row["kernel_us"], {})
+  row["sweep"], row["best_us"], row["best_tuning"] = [], row["kernel_us"], {}
+  return row
+
+
+def sweep_case(timer: CaseTimer, row: dict, grid: list[dict], deadline: float) -> None:
+  """Times ``grid``'s launches not yet timed for this case into ``row`` (sweep, best_us,
+  best_tuning) until ``deadline``."""
+  seen = {resolved(timer.case, {})}
   for tuning in grid:
-    key = resolved(case, tuning)
+    key = resolved(timer.case, tuning)
     if key in seen:
       continue
     if time.monotonic() > deadline:
       row["sweep_cut"] = True
-      log(f"{case}: sweep stopped at --budget_s")
-      break
+      timer.log(f"{timer.case}: sweep stopped at --budget_s")
+      return
     seen.add(key)
-    us, _ = timed(json.dumps(tuning), problem.kernel(impl, **tuning))
+    us, _ = timer(json.dumps(tuning), timer.problem.kernel(timer.impl, **tuning))
     if us is not None:
       row["sweep"].append({**tuning, "us": us})
-      if best[0] is None or us < best[0]:
-        best = (us, tuning)
-  row["best_us"], row["best_tuning"] = best
-  return row
+      if row["best_us"] is None or us < row["best_us"]:
+        row["best_us"], row["best_tuning"] = us, tuning
 
 
 def format_table(rows: list[dict], ceilings: dict) -> str:
@@ -340,8 +352,9 @@ def main() -> None:
                       help=f"sweep grid: {sorted(GRIDS)} or a JSON list of tuning dicts")
   parser.add_argument("--reps", type=int, default=32, help="calls per timed program")
   parser.add_argument("--timings", type=int, default=7, help="timed programs (median)")
-  parser.add_argument("--budget_s", type=float, default=420.0,
-                      help="seconds after which the sweep stops (defaults still run)")
+  parser.add_argument("--budget_s", type=float, default=200.0,
+                      help="seconds from the start after which the sweep stops (the table's "
+                      "baselines all run before it)")
   parser.add_argument("--trace", default=True, action=argparse.BooleanOptionalAction,
                       help="record each timed program's device kernels (profiler)")
   parser.add_argument("--toy", action="store_true",
@@ -384,15 +397,21 @@ def main() -> None:
     report["checks"] = run_checks(log, all_cases, impl)
     write()
   if "table" in modes:
-    report["table"] = []
-    deadline = started + flags.budget_s
+    # Every case's baseline first, then the sweep, batch 1 (fewest rows) first, until
+    # --budget_s: a short budget still leaves a whole table.
+    report["table"], timers = [], []
     for case in all_cases:
-      row = measure_case(log, case, report["ceilings"], grid if "sweep" in modes else [],
-                         impl, flags.reps, flags.timings, flags.trace and not flags.toy,
-                         deadline)
-      report["table"].append(row)
-      log(json.dumps({k: v for k, v in row.items() if k != "sweep"}))
+      timers.append(CaseTimer(log, case, impl, flags.reps, flags.timings))
+      report["table"].append(measure_baseline(timers[-1], report["ceilings"],
+                                              flags.trace and not flags.toy))
+      log(json.dumps(report["table"][-1]))
       write()
+    if "sweep" in modes:
+      deadline = started + flags.budget_s
+      for timer, row in sorted(zip(timers, report["table"]), key=lambda tr: tr[0].case.rows):
+        sweep_case(timer, row, grid, deadline)
+        log(json.dumps({k: row[k] for k in ("model", "op", "rows", "sweep")}))
+        write()
     print(format_table(report["table"], report["ceilings"]))
   report["seconds"] = time.monotonic() - started
   write()
