@@ -69,6 +69,9 @@ def kernel_tuning(rows: int, k: int, n: int, weight_bytes: int, **tuning) -> dic
   for name, value in (("block_n", t["block_n"]), ("block_k", block_k)):
     if value < 16 or value & (value - 1):
       raise ValueError(f"{name}={value} must be a power of two >= 16")
+  for name in ("split_k", "num_warps"):
+    if t[name] is not None and t[name] < 1:
+      raise ValueError(f"{name}={t[name]} must be >= 1 (or None: chosen from the shapes)")
   block_k = tu.fit_block_k(block_k, k)
   block_n = tu.fit_block_k(t["block_n"], n)
   n_tiles, k_tiles = pl.cdiv(n, block_n), pl.cdiv(k, block_k)

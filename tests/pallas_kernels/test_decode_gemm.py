@@ -122,6 +122,9 @@ def test_tuning_fills_the_gpu_and_keeps_every_split_nonempty():
     (lambda a: decode_gemm.matmul_residual(a["x"], a["w"], a["r"], impl="interpret",
                                            block_n=48),
      "block_n=48 must be a power of two >= 16"),
+    (lambda a: decode_gemm.matmul_residual(a["x"], a["w"], a["r"], impl="interpret",
+                                           split_k=0),
+     "split_k=0 must be >= 1"),
 ])
 def test_bad_input_fails_with_a_message_naming_it(call, message):
   x, g, w, b, r = _inputs(8, 24, 16, jnp.float32)
