@@ -1,0 +1,423 @@
+"""Do the fused decode GEMMs of pallas_kernels/decode_gemm.py beat XLA? One GPU call decides.
+
+  python benchmarks/decode_gemm.py --mode=check,sweep,table --out=$OUT
+
+For the four weight reads of a decoder layer at the Fast-dLLM v2 1.5B and 7B shapes and 32 /
+256 rows (one 32-token block at batch 1 / 8):
+  * qkv:     rmsnorm(x) * g @ [q|k|v] + bias  (norm_matmul, N = (q_heads + 2 kv_heads) * 128)
+  * gate_up: rmsnorm(x) * g @ [gate|up]       (norm_matmul, N = 2 * intermediate)
+  * o_proj:  residual + attn @ o              (matmul_residual, K = q_heads * 128)
+  * down:    residual + act @ down            (matmul_residual, K = intermediate)
+it times the Triton kernel against XLA's jitted equivalent, written as mage_jax/model.py
+computes it (RMSNorm in float32 rounded to bf16, a bf16 dot, the bias / residual added in
+bf16), and against the floor max(bytes moved / copy bandwidth, FLOPs / matmul rate) with both
+rates measured in the same run (decode_kernels.measure_ceilings).
+
+* check: kernel (default tuning) vs its float32 reference on the GPU, and XLA's model path vs
+  the same reference for scale, at every shape and at 96 rows (batch 3: padded rows).
+* sweep: the kernel's tuning grid (--grid: "small", "full" or a JSON list of tuning dicts),
+  variants that resolve to the same launch timed once.
+* table: per shape XLA, the kernel's defaults and the sweep's best against the floor, the
+  per-layer sums, and the device kernels each timed program launches (profiler trace).
+
+Timing (as decode_kernels.py): --reps calls inside one jitted program, each on its own x (and
+residual), cycling through enough weight copies to pass the 50 MB L2; the median of --timings
+programs / calls ("wall", which includes the harness's own per-call cost, reported as
+harness_us). Every case's harness, XLA and default-kernel timings run first, then the sweep,
+batch 1 first, until --budget_s seconds from the start. Results are rewritten under --out
+(decode_gemm.json / .md, log in decode_gemm.log) after every step, so a run cut short keeps
+what it measured.
+--toy runs tiny shapes through the interpret-mode kernel (the CPU test).
+"""
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pallas_kernels import decode_gemm  # noqa: E402
+from bench_common import trace_kernels  # noqa: E402
+from decode_kernels import attempt, measure_ceilings, relative_error  # noqa: E402
+
+MODELS = {
+    "1.5B": dict(hidden=1536, q_heads=12, kv_heads=2, intermediate=8960),
+    "7B": dict(hidden=3584, q_heads=28, kv_heads=4, intermediate=18944),
+    "toy": dict(hidden=64, q_heads=2, kv_heads=1, intermediate=48),
+}
+HEAD_DIM = {"toy": 16}  # 128 for the real models
+OPS = ("qkv", "gate_up", "o_proj", "down")
+EPS = 1e-6
+L2_BYTES = 50e6
+MAX_SETS = 16
+GRIDS = {
+    "small": [dict(block_n=bn, split_k=s) for bn in (32, 128) for s in (1, 4)],
+    "full": [dict(block_n=bn, split_k=s, num_warps=w, num_stages=st)
+             for bn, s, w, st in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (4, 8),
+                                                   (3, 4))],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One weight read: x [rows, k] @ w [k, n], with a norm (+ bias) before or a residual after."""
+  model: str
+  op: str
+  rows: int
+  k: int
+  n: int
+
+  @property
+  def normalize(self) -> bool:
+    return self.op in ("qkv", "gate_up")
+
+  @property
+  def bias(self) -> bool:
+    return self.op == "qkv"  # Qwen2.5: q/k/v have a bias, the rest none
+
+  def bytes_moved(self) -> int:
+    """bf16 bytes the op must read and write: w, x, the output, and g / bias / residual."""
+    extra = self.k * self.normalize + self.n * self.bias + self.rows * self.n * (
+        not self.normalize)
+    return 2 * (self.k * self.n + self.rows * self.k + self.rows * self.n + extra)
+
+  def flops(self) -> int:
+    return 2 * self.rows * self.k * self.n
+
+
+def cases(models, rows_list, ops=OPS) -> list[Case]:
+  out = []
+  for model in models:
+    m = MODELS[model]
+    hd = HEAD_DIM.get(model, 128)
+    shapes = {"qkv": (m["hidden"], (m["q_heads"] + 2 * m["kv_heads"]) * hd),
+              "gate_up": (m["hidden"], 2 * m["intermediate"]),
+              "o_proj": (m["q_heads"] * hd, m["hidden"]),
+              "down": (m["intermediate"], m["hidden"])}
+    out += [Case(model, op, rows, *shapes[op]) for rows in rows_list for op in ops]
+  return out
+
+
+def xla_norm_matmul(x, g, w, bias):
+  """mage_jax/model.py's path: RMSNorm in float32 rounded to x.dtype, a bf16 dot, the bias."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + EPS)
+  h = (x32 * g.astype(jnp.float32)).astype(x.dtype)
+  y = jnp.dot(h, w)
+  return y if bias is None else y + bias
+
+
+def xla_matmul_residual(x, w, residual):
+  return residual + jnp.dot(x, w)
+
+
+class Problem:
+  """Random bf16 inputs of one case: ``reps`` inputs and enough weight copies to pass L2."""
+
+  def __init__(self, case: Case, reps: int, sets: int | None = None, seed: int = 0):
+    self.case = case
+    keys = iter(jax.random.split(jax.random.key(seed), 4 * MAX_SETS + 4))
+    normal = lambda shape, scale=1.0: (jax.random.normal(next(keys), shape, jnp.float32)
+                                       * scale).astype(jnp.bfloat16)
+    weight_bytes = 2 * case.k * case.n
+    if sets is None:
+      sets = max(2, min(MAX_SETS, math.ceil(2 * L2_BYTES / weight_bytes)))
+    self.per_call = (normal((reps, case.rows, case.k), 3.0),)
+    if not case.normalize:
+      self.per_call += (normal((reps, case.rows, case.n)),)
+    self.sets = []
+    for _ in range(sets):
+      w = normal((case.k, case.n), 1 / math.sqrt(case.k))
+      if case.normalize:
+        self.sets.append((1.0 + normal((case.k,), 0.2), w,
+                          normal((case.n,)) if case.bias else None))
+      else:
+        self.sets.append((w,))
+
+  def kernel(self, impl: str, **tuning):
+    if self.case.normalize:
+      return lambda x, g, w, b: decode_gemm.norm_matmul(x, g, w, b, eps=EPS, impl=impl, **tuning)
+    return lambda x, r, w: decode_gemm.matmul_residual(x, w, r, impl=impl, **tuning)
+
+  def xla(self):
+    if self.case.normalize:
+      return xla_norm_matmul
+    return lambda x, r, w: xla_matmul_residual(x, w, r)
+
+  def harness(self):
+    """The scan's own per-call work: an output of the right shape from the call's inputs."""
+    n = self.case.n
+    return lambda x, *rest: jnp.broadcast_to(x[:, :1], (x.shape[0], n))
+
+  def one_call_args(self, rows: int | None = None):
+    """Arguments of one call (the first input, the first weight set), rows cut or tiled."""
+    args = tuple(a[0] for a in self.per_call) + self.sets[0]
+    if rows is None:
+      return args
+    grow = lambda a: jnp.resize(a, (rows, a.shape[1]))
+    return tuple(grow(a) for a in args[:len(self.per_call)]) + args[len(self.per_call):]
+
+
+def timed_program(call, per_call: tuple, sets: list):
+  """(jitted program, calls per program): one ``call(*per_call[i], *sets[i % S])`` per input.
+  A scan runs the calls back to back; each step makes one call per weight set (unrolled: a
+  conditional would cost a host sync), so successive calls read different weights."""
+  num_sets = len(sets)
+  steps = per_call[0].shape[0] // num_sets
+
+  def program(per_call, sets):
+    def body(total, args):
+      for j, shared in enumerate(sets):
+        mine = tuple(a[j] for a in args)
+        result = lax.optimization_barrier(call(*mine, *shared))
+        total = total + result.reshape(-1)[0].astype(jnp.float32)
+      return total, None
+    grouped = tuple(a[:steps * num_sets].reshape(steps, num_sets, *a.shape[1:])
+                    for a in per_call)
+    return lax.scan(body, jnp.float32(0), grouped)[0]
+
+  run = jax.jit(program)
+  return (lambda: run(per_call, sets)), steps * num_sets
+
+
+def median_per_call(program, calls: int, timings: int) -> float:
+  """Median seconds per call over ``timings`` programs, after one warm-up (the compile)."""
+  jax.block_until_ready(program())
+  times = []
+  for _ in range(timings):
+    t0 = time.perf_counter()
+    jax.block_until_ready(program())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) / calls
+
+
+def kernels_per_call(program, calls: int) -> dict[str, float]:
+  """Device microseconds per call of each GPU kernel the program launches (profiler trace)."""
+  totals = collections.Counter()
+  for name, _, duration_ns in trace_kernels(program, 2):
+    totals[name[:60]] += duration_ns / 1e3 / (2 * calls)
+  return {name: round(us, 2) for name, us in totals.most_common(8)}
+
+
+def resolved(case: Case, tuning: dict) -> tuple:
+  """The launch a tuning resolves to (variants with the same launch are timed once)."""
+  t = decode_gemm.kernel_tuning(case.rows, case.k, case.n, 2, **tuning)
+  return tuple(sorted((k, v) for k, v in t.items()))
+
+
+def run_checks(log, all_cases: list[Case], impl: str) -> list[dict]:
+  """Kernel and XLA's model path, each against the float32 reference, bf16 inputs, at every
+  row count of the run and at 96 rows (batch 3: padded rows)."""
+  rows = []
+  row_counts = sorted({c.rows for c in all_cases} | {96})
+  for case in {(c.model, c.op): c for c in all_cases}.values():
+    problem = Problem(case, reps=1, sets=1, seed=7)
+    for rows_count in row_counts:
+      args = problem.one_call_args(rows_count)
+      if case.normalize:
+        x, g, w, b = args
+        ref = decode_gemm.norm_matmul_reference(x, g, w, b, eps=EPS)
+      else:
+        x, r, w = args
+        ref = decode_gemm.matmul_residual_reference(x, w, r)
+      row = dict(model=case.model, op=case.op, rows=rows_count, k=case.k, n=case.n)
+      out = attempt(log, f"check {row}", lambda: problem.kernel(impl)(*args))
+      if out is None:
+        row.update(kernel_rel_err=None, ok=False)
+        rows.append(row)
+        continue
+      row["kernel_rel_err"] = relative_error(out, ref)
+      row["xla_rel_err"] = relative_error(jax.jit(problem.xla())(*args), ref)
+      row["ok"] = row["kernel_rel_err"] <= max(2 * row["xla_rel_err"], 1e-2)
+      rows.append(row)
+      log(json.dumps(row))
+  return rows
+
+
+class CaseTimer:
+  """Times one case's programs on one Problem (built once, reused by the sweep)."""
+
+  def __init__(self, log, case: Case, impl: str, reps: int, timings: int):
+    self.log, self.case, self.impl, self.timings = log, case, impl, timings
+    self.problem = Problem(case, reps, sets=2 if impl == "interpret" else None)
+
+  def __call__(self, label: str, call, trace: bool = False):
+    """(us per call or None if it failed, {kernel: device us per call} if ``trace``)."""
+    program, calls = timed_program(call, self.problem.per_call, self.problem.sets)
+    seconds = attempt(self.log, f"{self.case} {label}",
+                      lambda: median_per_call(program, calls, self.timings))
+    if seconds is None or not trace:
+      return (None if seconds is None else seconds * 1e6), {}
+    launches = attempt(self.log, f"trace {label}", lambda: kernels_per_call(program, calls))
+    return seconds * 1e6, launches or {}
+
+
+def measure_baseline(timer: CaseTimer, ceilings: dict, trace: bool) -> dict:
+  """One table row before the sweep: floor, harness, XLA, the kernel's defaults."""
+  case, problem = timer.case, timer.problem
+  floor_s = max(case.bytes_moved() / ceilings["copy_bytes_per_s"],
+                case.flops() / ceilings["matmul_flops_per_s"])
+  row = dict(model=case.model, op=case.op, rows=case.rows, k=case.k, n=case.n,
+             weight_sets=len(problem.sets), floor_us=floor_s * 1e6,
+             floor_us_3tbs=max(case.bytes_moved() / 3.0e12,
+                               case.flops() / ceilings["matmul_flops_per_s"]) * 1e6)
+  row["harness_us"], _ = timer("harness", problem.harness())
+  row["xla_us"], row["xla_kernels"] = timer("xla", problem.xla(), trace)
+  row["kernel_us"], row["kernel_kernels"] = timer("kernel", problem.kernel(timer.impl), trace)
+  row["kernel_tuning"] = dict(resolved(case, {}))
+  row["sweep"], row["best_us"], row["best_tuning"] = [], row["kernel_us"], {}
+  return row
+
+
+def sweep_case(timer: CaseTimer, row: dict, grid: list[dict], deadline: float) -> None:
+  """Times ``grid``'s launches not yet timed for this case into ``row`` (sweep, best_us,
+  best_tuning) until ``deadline``."""
+  seen = {resolved(timer.case, {})}
+  for tuning in grid:
+    key = resolved(timer.case, tuning)
+    if key in seen:
+      continue
+    if time.monotonic() > deadline:
+      row["sweep_cut"] = True
+      timer.log(f"{timer.case}: sweep stopped at --budget_s")
+      return
+    seen.add(key)
+    us, _ = timer(json.dumps(tuning), timer.problem.kernel(timer.impl, **tuning))
+    if us is not None:
+      row["sweep"].append({**tuning, "us": us})
+      if row["best_us"] is None or us < row["best_us"]:
+        row["best_us"], row["best_tuning"] = us, tuning
+
+
+def format_table(rows: list[dict], ceilings: dict) -> str:
+  fmt = lambda v: "-" if v is None else f"{v:.1f}"
+  ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"
+  lines = [
+      f"Floor: max(bytes / {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, FLOPs / "
+      f"{ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s), both measured in this run; "
+      "times are us per call (wall in a jitted loop, harness included).",
+      "",
+      "| model | op | rows | K x N | floor | XLA | kernel (defaults) | kernel (best) | best tuning"
+      " | XLA / floor | best / floor | XLA / best | harness |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(
+        f"| {r['model']} | {r['op']} | {r['rows']} | {r['k']} x {r['n']} | "
+        f"{fmt(r['floor_us'])} | {fmt(r['xla_us'])} | {fmt(r['kernel_us'])} | "
+        f"{fmt(r['best_us'])} | {json.dumps(r['best_tuning'])} | "
+        f"{ratio(r['xla_us'], r['floor_us'])} | {ratio(r['best_us'], r['floor_us'])} | "
+        f"{ratio(r['xla_us'], r['best_us'])} | {fmt(r['harness_us'])} |")
+  layers = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+  for r in rows:
+    if r["xla_us"] is not None and r["best_us"] is not None:
+      total = layers[(r["model"], r["rows"])]
+      total[0] += r["floor_us"]
+      total[1] += r["xla_us"]
+      total[2] += r["best_us"]
+      total[3] += 1
+  layers = {key: total[:3] for key, total in layers.items() if total[3] == len(OPS)}
+  if layers:
+    lines += ["", "Per layer (the four weight reads; x 28 layers per step):", "",
+              "| model | rows | floor | XLA | kernels (best) | XLA / kernels |",
+              "|---|---|---|---|---|---|"]
+    for (model, rows_count), (floor, xla, best) in sorted(layers.items()):
+      lines.append(f"| {model} | {rows_count} | {floor:.1f} | {xla:.1f} | {best:.1f} | "
+                   f"{xla / best:.2f} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--mode", default="check,sweep,table",
+                      help="comma list of check, sweep, table (sweep: tune inside the table)")
+  parser.add_argument("--out", default=os.environ.get("OUT", "."))
+  parser.add_argument("--models", default="1.5B,7B", help=f"comma list of {sorted(MODELS)}")
+  parser.add_argument("--ops", default=",".join(OPS), help=f"comma list of {OPS}")
+  parser.add_argument("--rows", default="32,256", help="rows per call (batch x 32 tokens)")
+  parser.add_argument("--grid", default="small",
+                      help=f"sweep grid: {sorted(GRIDS)} or a JSON list of tuning dicts")
+  parser.add_argument("--reps", type=int, default=32, help="calls per timed program")
+  parser.add_argument("--timings", type=int, default=7, help="timed programs (median)")
+  parser.add_argument("--budget_s", type=float, default=200.0,
+                      help="seconds from the start after which the sweep stops (the table's "
+                      "baselines all run before it)")
+  parser.add_argument("--trace", default=True, action=argparse.BooleanOptionalAction,
+                      help="record each timed program's device kernels (profiler)")
+  parser.add_argument("--toy", action="store_true",
+                      help="the kernel in interpret mode, fixed ceilings (CPU test)")
+  flags = parser.parse_args()
+  started = time.monotonic()
+  modes = flags.mode.split(",")
+  models, ops = flags.models.split(","), flags.ops.split(",")
+  unknown = (sorted(set(models) - set(MODELS)) + sorted(set(ops) - set(OPS))
+             + sorted(set(modes) - {"check", "sweep", "table"}))
+  if unknown:
+    parser.error(f"unknown --models / --ops / --mode entries {unknown}")
+  grid = GRIDS.get(flags.grid) if flags.grid in GRIDS else json.loads(flags.grid)
+  impl = "interpret" if flags.toy else "pallas"
+  os.makedirs(flags.out, exist_ok=True)
+  log_file = open(os.path.join(flags.out, "decode_gemm.log"), "a")
+
+  def log(message: str) -> None:
+    print(message, flush=True)
+    log_file.write(message + "\n")
+    log_file.flush()
+
+  report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "args": vars(flags)}
+  report["ceilings"] = (dict(copy_bytes_per_s=3.0e12, matmul_flops_per_s=7.0e14) if flags.toy
+                        else measure_ceilings())
+  log(json.dumps(report))
+  all_cases = cases(models, [int(r) for r in flags.rows.split(",")], ops)
+
+  def write():
+    with open(os.path.join(flags.out, "decode_gemm.json"), "w") as f:
+      json.dump(report, f, indent=1)
+    if report.get("table"):
+      with open(os.path.join(flags.out, "decode_gemm.md"), "w") as f:
+        f.write(f"Device: {report['device']}, jax {report['jax']}, {report['date']}\n\n")
+        f.write(format_table(report["table"], report["ceilings"]) + "\n")
+
+  if "check" in modes:
+    report["checks"] = run_checks(log, all_cases, impl)
+    write()
+  if "table" in modes:
+    # Every case's baseline first, then the sweep, batch 1 (fewest rows) first, until
+    # --budget_s: a short budget still leaves a whole table.
+    report["table"], timers = [], []
+    for case in all_cases:
+      timers.append(CaseTimer(log, case, impl, flags.reps, flags.timings))
+      report["table"].append(measure_baseline(timers[-1], report["ceilings"],
+                                              flags.trace and not flags.toy))
+      log(json.dumps(report["table"][-1]))
+      write()
+    if "sweep" in modes:
+      deadline = started + flags.budget_s
+      for timer, row in sorted(zip(timers, report["table"]), key=lambda tr: tr[0].case.rows):
+        sweep_case(timer, row, grid, deadline)
+        log(json.dumps({k: row[k] for k in ("model", "op", "rows", "sweep")}))
+        write()
+    print(format_table(report["table"], report["ceilings"]))
+  report["seconds"] = time.monotonic() - started
+  write()
+  if "check" in modes:
+    failed = [c for c in report["checks"] if not c["ok"]]
+    print(f"checks: {len(report['checks']) - len(failed)} ok, {len(failed)} failed")
+
+
+if __name__ == "__main__":
+  main()
