@@ -2,10 +2,12 @@
 
 - One pytest process runs many modules, so each module's compiled programs (interpret-mode
   kernels and whole decoding loops among them) are released when it ends.
-- XLA's compilations persist on disk for the session (JAX's compilation cache, in a temporary
-  folder of each pytest process that its subprocesses inherit): a program that another module
-  (or a benchmark's or the mesh test's subprocess) compiled already is read back instead of being
-  compiled again. On the 2-core CI machine compilation is most of the suite's time.
+- XLA's compilations persist on disk for the session (JAX's compilation cache in one temporary
+  folder, made by the first pytest process; xdist's workers and the subprocesses tests start
+  inherit it through the environment): a program that another module, worker or subprocess
+  compiled already is read back instead of being compiled again. On the 2-core CI machine
+  compilation is most of the suite's time. JAX writes entries without a lock; a torn read would
+  be a warning and a recompilation, not an error.
 """
 
 import atexit
