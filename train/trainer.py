@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import json
 import math
 import os
@@ -488,7 +489,21 @@ def _quiet_abandoned_reads():
     yield
   finally:
     gc.collect()
+    _close_abandoned_reads()
     sys.unraisablehook = hook
+
+
+def _close_abandoned_reads() -> None:
+  """Closes orbax's read coroutines that a failed restore left suspended. The event loop that
+  holds them may outlive this process's use of them; finalised later (at exit, say), each would
+  print "Exception ignored in: <coroutine ...>" with a traceback, after a one-line error."""
+  for obj in gc.get_objects():
+    if (inspect.iscoroutine(obj) and obj.cr_frame is not None and not obj.cr_running
+        and obj.cr_code.co_name == "_read_array_index_and_device_put"):
+      try:
+        obj.close()
+      except BaseException:  # pylint: disable=broad-except  (orbax re-raises GeneratorExit)
+        pass
 
 
 def _first_line(error: Exception, limit: int = 200) -> str:
