@@ -87,6 +87,19 @@ def median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
+def run_log(path: str):
+  """A ``log(message)`` that prints each message and appends it to ``path`` (flushed at once,
+  so a run killed at the device's time limit keeps what it logged)."""
+  log_file = open(path, "a")  # pylint: disable=consider-using-with  (open for the run)
+
+  def log(message: str) -> None:
+    print(message, flush=True)
+    log_file.write(message + "\n")
+    log_file.flush()
+
+  return log
+
+
 def denoise_loop(graphdef, method: AttentionMethod, *, first: bool, steps: int):
   """A jitted ``(params, block, cache, state) -> (tokens, state)`` running ``steps`` denoising
   steps of one block in a while_loop. Step i's tokens are the previous tokens with the first i

@@ -38,7 +38,6 @@ import itertools
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -50,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pallas_kernels import decode_gemm  # noqa: E402
-from bench_common import trace_kernels  # noqa: E402
+from bench_common import median_seconds, run_log, trace_kernels  # noqa: E402
 from decode_kernels import attempt, measure_ceilings, relative_error  # noqa: E402
 
 MODELS = {
@@ -193,17 +192,6 @@ def timed_program(call, per_call: tuple, sets: list):
   return (lambda: run(per_call, sets)), steps * num_sets
 
 
-def median_per_call(program, calls: int, timings: int) -> float:
-  """Median seconds per call over ``timings`` programs, after one warm-up (the compile)."""
-  jax.block_until_ready(program())
-  times = []
-  for _ in range(timings):
-    t0 = time.perf_counter()
-    jax.block_until_ready(program())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times) / calls
-
-
 def kernels_per_call(program, calls: int) -> dict[str, float]:
   """Device microseconds per call of each GPU kernel the program launches (profiler trace)."""
   totals = collections.Counter()
@@ -258,7 +246,7 @@ class CaseTimer:
     """(us per call or None if it failed, {kernel: device us per call} if ``trace``)."""
     program, calls = timed_program(call, self.problem.per_call, self.problem.sets)
     seconds = attempt(self.log, f"{self.case} {label}",
-                      lambda: median_per_call(program, calls, self.timings))
+                      lambda: median_seconds(program, self.timings) / calls)
     if seconds is None or not trace:
       return (None if seconds is None else seconds * 1e6), {}
     launches = attempt(self.log, f"trace {label}", lambda: kernels_per_call(program, calls))
@@ -369,12 +357,7 @@ def main() -> None:
   grid = GRIDS.get(flags.grid) if flags.grid in GRIDS else json.loads(flags.grid)
   impl = "interpret" if flags.toy else "pallas"
   os.makedirs(flags.out, exist_ok=True)
-  log_file = open(os.path.join(flags.out, "decode_gemm.log"), "a")
-
-  def log(message: str) -> None:
-    print(message, flush=True)
-    log_file.write(message + "\n")
-    log_file.flush()
+  log = run_log(os.path.join(flags.out, "decode_gemm.log"))
 
   report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

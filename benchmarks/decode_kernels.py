@@ -45,7 +45,7 @@ from pallas_kernels import sparse_attention
 from pallas_kernels import topk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import median_seconds, trace_kernels  # noqa: E402
+from bench_common import median_seconds, run_log, trace_kernels  # noqa: E402
 
 MODELS = {"1.5B": (12, 2), "7B": (28, 4)}
 HEAD_DIM = 128
@@ -467,12 +467,7 @@ def main() -> None:
   if not set(models) <= set(MODELS):
     raise ValueError(f"--models: unknown {sorted(set(models) - set(MODELS))}, expected a "
                      f"comma list of {sorted(MODELS)}")
-  log_file = open(os.path.join(flags.out, "decode_kernels.log"), "a")
-
-  def log(message: str) -> None:
-    print(message, flush=True)
-    log_file.write(message + "\n")
-    log_file.flush()
+  log = run_log(os.path.join(flags.out, "decode_kernels.log"))
 
   report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

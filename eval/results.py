@@ -80,13 +80,7 @@ def parse_result_line(line: bytes, where: str) -> dict[str, Any]:
     ValueError: starting with ``where`` (file:line), if the line is not a
       JSON record with a case_id.
   """
-  try:
-    row = json.loads(line.decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{where}: malformed result line: {e}") from e
-  if not isinstance(row, dict) or not isinstance(row.get("case_id"), str):
-    raise ValueError(f"{where}: result line has no case_id")
-  return row
+  return _parse_json_line(line, where, "result", "case_id", str, "no case_id")
 
 
 def read_results(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
@@ -145,12 +139,19 @@ def _append_line(path: pathlib.Path, record: Mapping[str, Any]) -> None:
 
 
 def _parse_batch_line(line: bytes, where: str) -> dict[str, Any]:
+  return _parse_json_line(line, where, "batch", "cases", list, "no list of cases")
+
+
+def _parse_json_line(line: bytes, where: str, kind: str, key: str, key_type: type,
+                     missing: str) -> dict[str, Any]:
+  """A JSON object whose ``key`` holds a ``key_type``; else a ValueError starting with
+  ``where`` ("<where>: <kind> line has <missing>" when the key is absent or of another type)."""
   try:
     record = json.loads(line.decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{where}: malformed batch line: {e}") from e
-  if not isinstance(record, dict) or not isinstance(record.get("cases"), list):
-    raise ValueError(f"{where}: batch line has no list of cases")
+    raise ValueError(f"{where}: malformed {kind} line: {e}") from e
+  if not isinstance(record, dict) or not isinstance(record.get(key), key_type):
+    raise ValueError(f"{where}: {kind} line has {missing}")
   return record
 
 
