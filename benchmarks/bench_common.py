@@ -35,7 +35,8 @@ import jax.numpy as jnp
 
 from flax import nnx
 
-from mage_jax import KVCache, StepInfo, forward_denoise
+from mage_jax import DecodeOptions, KVCache, StepInfo
+from mage_jax.generate import block_proposals, denoise_hidden
 from mage_jax.methods.base import AttentionMethod
 
 
@@ -100,24 +101,33 @@ def run_log(path: str):
   return log
 
 
-def denoise_loop(graphdef, method: AttentionMethod, *, first: bool, steps: int):
+def denoise_loop(graphdef, method: AttentionMethod, *, first: bool, steps: int,
+                 layer_kernels: str = "xla"):
   """A jitted ``(params, block, cache, state) -> (tokens, state)`` running ``steps`` denoising
-  steps of one block in a while_loop. Step i's tokens are the previous tokens with the first i
-  positions replaced by the previous step's argmax, so every step depends on the one before
-  (nothing is hoisted or skipped). ``first`` makes every step a first (All-[MASK]) step, as
-  MAGE's selection step; otherwise later steps (step index 1..steps). The method state is
-  returned too: a loop-carried value nothing reads would be dead code (MAGE's selection)."""
+  steps of one block in a while_loop, each as the generate loop's greedy step: the model
+  (``layer_kernels``), then the proposals (mage_jax.generate.block_proposals: the LM head,
+  [MASK] excluded, token shift, softmax confidence; with "fused" the fused greedy head). Step
+  i's tokens are the previous tokens with the first i positions replaced by the previous
+  step's proposals, so every step depends on the one before (nothing is hoisted or skipped).
+  ``first`` makes every step a first (All-[MASK]) step, as MAGE's selection step; otherwise
+  later steps (step index 1..steps). The method state is returned too: a loop-carried value
+  nothing reads would be dead code (MAGE's selection)."""
+  options = DecodeOptions(layer_kernels=layer_kernels)
 
   @jax.jit
   def run(params, block, cache: KVCache, state):
     model = nnx.merge(graphdef, params)
     positions = jnp.arange(block.shape[1])[None, :]
+    prev_logits = jnp.zeros((block.shape[0], model.config.vocab_size), jnp.float32)
+    key = jax.random.key(0)
 
     def body(carry):
       i, tokens, state = carry
       info = StepInfo(first, jnp.int32(0) if first else i)
-      logits, state = forward_denoise(model, tokens, cache, method, state, info)
-      tokens = jnp.where(positions < i, jnp.argmax(logits, -1).astype(tokens.dtype), tokens)
+      hidden, state = denoise_hidden(model, tokens, cache, method, state, info,
+                                     layer_kernels=layer_kernels)
+      proposals, _ = block_proposals(model, hidden, prev_logits, key, options)
+      tokens = jnp.where(positions < i, proposals.astype(tokens.dtype), tokens)
       return i + 1, tokens, state
 
     return jax.lax.while_loop(lambda c: c[0] <= steps, body, (jnp.int32(1), block, state))[1:]

@@ -10,6 +10,7 @@ none did. Columns: the transformers sdpa step (hf_sdpa_step.py), our exact and M
 steps and MAGE's mean over a 32-step block (decode_e2e.py, inside the jitted loop), the exact
 step's floor, the step ratios, and the whole generate calls' decode seconds (generation_e2e.py).
 The header names each input's preset, device and date: compare rows only where they match.
+--layers picks the layer path (xla or fused) of our rows when the inputs timed both.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ flags.DEFINE_list("decode_e2e", [], "decode_e2e.json files")
 flags.DEFINE_list("generation_e2e", [], "generation_e2e.json files")
 flags.DEFINE_list("hf_sdpa_step", [], "hf_sdpa_step.json files")
 flags.DEFINE_string("out", os.environ.get("OUT", "/tmp"), "output folder")
+flags.DEFINE_string("layers", "xla", "which layer path's rows of decode_e2e / generation_e2e to "
+                    "join (their layers column: xla or fused; rows without it ran xla)")
 
 STEPS_PER_BLOCK = 32  # decode_e2e's block: one first step and 31 later steps
 
@@ -82,7 +85,7 @@ def _value(x, digits: int = 2) -> str:
 
 def markdown(table: list[dict], sources: list[str]) -> str:
   lines = ["# compare_e2e: transformers sdpa vs our exact and MAGE steps, and whole generations",
-           "", "Inputs: " + "; ".join(sources) + ".", "",
+           "", "Inputs: " + "; ".join(sources) + f"; our layers: {FLAGS.layers}.", "",
            "| batch | context | transformers sdpa step ms | exact step ms | exact floor ms | "
            "MAGE step ms | MAGE block mean ms | sdpa / exact | sdpa / MAGE block | "
            "exact decode s | MAGE decode s | exact / MAGE decode |",
@@ -110,6 +113,8 @@ def main(argv):
     raise app.UsageError("give at least one of --decode_e2e, --generation_e2e, --hf_sdpa_step")
   decode_steps, decode_sources = _load(FLAGS.decode_e2e, "steps")
   generations, generation_sources = _load(FLAGS.generation_e2e, "rows")
+  ours = lambda rows: [r for r in rows if r.get("layers", "xla") == FLAGS.layers]
+  decode_steps, generations = ours(decode_steps), ours(generations)
   hf_steps, hf_sources = _load(FLAGS.hf_sdpa_step, "rows")
   text = markdown(compare(decode_steps, generations, hf_steps),
                   decode_sources + generation_sources + hf_sources)

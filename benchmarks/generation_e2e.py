@@ -35,6 +35,7 @@ compiles (~20-30 s each: one per batch, capacity and method) and the 128K batch-
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import json
@@ -53,6 +54,7 @@ from flax import nnx  # noqa: E402
 
 from mage_jax import DecodeOptions, ModelConfig, build_model, get_method  # noqa: E402
 from mage_jax.generate import generate, plan_request  # noqa: E402
+from mage_jax.model import LAYER_KERNELS  # noqa: E402
 from mage_jax.sampling import POLICIES  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -70,6 +72,8 @@ flags.DEFINE_integer("steps_per_block", None, "fixed_steps / sdar steps per bloc
                      "model family's)")
 flags.DEFINE_integer("repeats", 2, "timed generate calls per cell (median)")
 flags.DEFINE_integer("prefill_chunk", 4096, "prefill chunk in tokens")
+flags.DEFINE_list("layer_kernels", ["xla"], "layer paths, one or both of xla, fused "
+                  "(DecodeOptions.layer_kernels): every cell runs with each")
 flags.DEFINE_string("out", os.environ.get("OUT", "/tmp"), "output folder")
 
 
@@ -78,6 +82,9 @@ def check_flags() -> None:
   unknown = sorted(set(FLAGS.methods) - set(METHODS))
   if unknown:
     raise app.UsageError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+  unknown = sorted(set(FLAGS.layer_kernels) - set(LAYER_KERNELS))
+  if unknown:
+    raise app.UsageError(f"--layer_kernels: unknown {unknown}; choose from {list(LAYER_KERNELS)}")
   if FLAGS.policy is not None and FLAGS.policy not in POLICIES:
     raise app.UsageError(f"--policy: unknown {FLAGS.policy!r}; one of {sorted(POLICIES)}")
   for name in ("contexts", "batches"):
@@ -130,7 +137,8 @@ def time_cell(model, cfg: ModelConfig, top: int, method_name: str, options: Deco
   blocks, steps, generated = results[-1]
   decode_s = statistics.median(decodes)
   prefill_s = statistics.median(prefills)
-  return dict(method=method_name, batch=batch, context=context, warmup_s=warmup_s,
+  return dict(method=method_name, layers=options.layer_kernels, batch=batch, context=context,
+              warmup_s=warmup_s,
               wall_s=statistics.median(walls), prefill_s=prefill_s, decode_s=decode_s,
               generated_tokens=generated, decoded_tokens_per_s=generated / decode_s,
               prefill_tokens_per_s=batch * context / prefill_s, blocks=blocks, steps=steps,
@@ -163,15 +171,18 @@ def main(argv):
   for batch in map(int, FLAGS.batches):
     for context in contexts:
       for name in FLAGS.methods:
-        try:
-          rows.append(time_cell(model, cfg, top, name, options, batch, context))
-        except jax.errors.JaxRuntimeError as e:
-          if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-          rows.append(dict(method=name, batch=batch, context=context, error="out of memory"))
-        print(json.dumps(rows[-1]), flush=True)
-        gc.collect()
-        write_results(meta, rows)
+        for layers in FLAGS.layer_kernels:
+          cell_options = dataclasses.replace(options, layer_kernels=layers)
+          try:
+            rows.append(time_cell(model, cfg, top, name, cell_options, batch, context))
+          except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+              raise
+            rows.append(dict(method=name, layers=layers, batch=batch, context=context,
+                             error="out of memory"))
+          print(json.dumps(rows[-1]), flush=True)
+          gc.collect()
+          write_results(meta, rows)
   print(markdown(meta, rows))
 
 
@@ -194,20 +205,23 @@ def markdown(meta: dict, rows: list[dict]) -> str:
            f"{meta['budget']}, first {meta['dense_layers']} layers dense. Medians of "
            f"{meta['repeats']} calls after a compile warm-up. Weights "
            f"{meta['weight_bytes'] / 1e9:.2f} GB.", "",
-           "| method | batch | context | wall s | prefill s | decode s | decoded tok/s | "
+           "| method | layers | batch | context | wall s | prefill s | decode s | decoded tok/s | "
            "steps / block | exact / this (wall) | exact / this (decode) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-  exact = {(r["batch"], r["context"]): r for r in rows
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  # Ratios to exact attention with the same layers (rows saved before the layers column: xla).
+  layers = lambda r: r.get("layers", "xla")
+  exact = {(r["batch"], r["context"], layers(r)): r for r in rows
            if r["method"] == "exact" and "error" not in r}
   for r in rows:
     if "error" in r:
-      lines.append(f"| {r['method']} | {r['batch']} | {r['context']} | {r['error']} |"
-                   + " - |" * 6)
+      lines.append(f"| {r['method']} | {layers(r)} | {r['batch']} | {r['context']} | "
+                   f"{r['error']} |" + " - |" * 6)
       continue
-    ref = exact.get((r["batch"], r["context"]))
+    ref = exact.get((r["batch"], r["context"], layers(r)))
     wall = "-" if ref is None else f"{ref['wall_s'] / r['wall_s']:.2f}"
     decode = "-" if ref is None else f"{ref['decode_s'] / r['decode_s']:.2f}"
-    lines.append(f"| {r['method']} | {r['batch']} | {r['context']} | {r['wall_s']:.3f} | "
+    lines.append(f"| {r['method']} | {layers(r)} | {r['batch']} | {r['context']} | "
+                 f"{r['wall_s']:.3f} | "
                  f"{r['prefill_s']:.3f} | {r['decode_s']:.3f} | {r['decoded_tokens_per_s']:.0f} | "
                  f"{r['steps_per_block']:.1f} | {wall} | {decode} |")
   lines += ["", "wall: the whole generate call (host packing, prefill, decode, output); decode: "

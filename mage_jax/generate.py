@@ -36,7 +36,7 @@ from mage_jax.config import ModelConfig
 from mage_jax.kv_cache import KVCache, init_cache
 from mage_jax.methods.base import AttentionMethod, StepInfo, check_state
 from mage_jax.methods.exact import ExactAttention
-from mage_jax.model import Transformer
+from mage_jax.model import LAYER_KERNELS, Transformer
 from pallas_kernels.dispatch import IMPLS, SETTINGS, resolve_impl, use_kernels
 
 
@@ -53,6 +53,9 @@ class DecodeOptions:
     prefill_chunk: tokens per prefill chunk (rounded to a multiple of the block size).
     kernels: the kernel setting of every attention call of the decode (one of
       pallas_kernels.dispatch.SETTINGS), resolved once by ``generate``.
+    layer_kernels: how the layers outside attention run in the denoising steps and commits
+      (mage_jax.model.LAYER_KERNELS): "xla", or "fused" (pallas_kernels.decode_gemm's kernels
+      under ``kernels``; with greedy decoding also the LM head's fused argmax, no logits).
   """
 
   policy: str = "fast_dllm_v2"
@@ -63,6 +66,7 @@ class DecodeOptions:
   top_p: float = 1.0
   prefill_chunk: int = 2048
   kernels: str = "auto"
+  layer_kernels: str = "xla"
 
   @classmethod
   def for_model(cls, cfg: ModelConfig, **overrides) -> "DecodeOptions":
@@ -88,6 +92,9 @@ class DecodeOptions:
       raise ValueError(f"DecodeOptions.prefill_chunk must be >= 1, got {self.prefill_chunk}")
     if self.kernels not in SETTINGS + IMPLS:
       raise ValueError(f"DecodeOptions.kernels: must be one of {SETTINGS}, got {self.kernels!r}")
+    if self.layer_kernels not in LAYER_KERNELS:
+      raise ValueError(f"DecodeOptions.layer_kernels: must be one of {LAYER_KERNELS}, got "
+                       f"{self.layer_kernels!r}")
 
 
 class GenerationResult(NamedTuple):
@@ -106,30 +113,40 @@ class GenerationResult(NamedTuple):
 
 
 def forward_write(model: Transformer, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
-                  cache: KVCache, method: AttentionMethod,
-                  method_state: Any) -> tuple[jax.Array, KVCache, Any]:
+                  cache: KVCache, method: AttentionMethod, method_state: Any, *,
+                  layer_kernels: str = "xla") -> tuple[jax.Array, KVCache, Any]:
   """Runs tokens [batch, seq] at ``positions`` block-causally against the cache, writing the
   valid rows' K/V. Returns (hidden [batch, seq, hidden], cache, method_state)."""
   ends = jnp.max(jnp.where(valid, positions + 1, 0), axis=1)
   cache = KVCache(layers=cache.layers, lengths=jnp.maximum(cache.lengths, ends).astype(jnp.int32))
   attend = make_write_attend(method, model.config.block_size)
-  hidden, carry = model(tokens, positions, attend, WriteCarry(cache, method_state, positions, valid))
+  hidden, carry = model(tokens, positions, attend, WriteCarry(cache, method_state, positions, valid),
+                        layer_kernels=layer_kernels)
   return hidden, carry.cache, carry.method_state
 
 
-def forward_denoise(model: Transformer, block_tokens: jax.Array, cache: KVCache,
-                    method: AttentionMethod, method_state: Any,
-                    step: StepInfo) -> tuple[jax.Array, Any]:
+def denoise_hidden(model: Transformer, block_tokens: jax.Array, cache: KVCache,
+                   method: AttentionMethod, method_state: Any, step: StepInfo, *,
+                   layer_kernels: str = "xla") -> tuple[jax.Array, Any]:
   """One denoising step of the block starting at each sequence's cache length (no write); the
   layers' stats go to ``method.after_step``.
 
-  Returns (logits [batch, block, vocab] float32, method_state)."""
+  Returns (final hidden states [batch, block, hidden], method_state)."""
   block = block_tokens.shape[1]
   positions = cache.lengths[:, None] + jnp.arange(block, dtype=jnp.int32)[None, :]
   hidden, carry = model(block_tokens, positions, make_denoise_attend(method, step),
-                        DenoiseCarry(cache, method_state, {}))
+                        DenoiseCarry(cache, method_state, {}), layer_kernels=layer_kernels)
   state = method.after_step(carry.method_state, carry.stats)
   check_state(method, "after_step", method_state, state)
+  return hidden, state
+
+
+def forward_denoise(model: Transformer, block_tokens: jax.Array, cache: KVCache,
+                    method: AttentionMethod, method_state: Any, step: StepInfo, *,
+                    layer_kernels: str = "xla") -> tuple[jax.Array, Any]:
+  """`denoise_hidden` and the LM head: (logits [batch, block, vocab] float32, method_state)."""
+  hidden, state = denoise_hidden(model, block_tokens, cache, method, method_state, step,
+                                 layer_kernels=layer_kernels)
   return model.logits(hidden), state
 
 
@@ -169,6 +186,43 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: KV
 
 
 # ---------------------------------------------------------------------------------------------
+# Proposals: what a denoising step offers each position.
+
+
+def propose_from_logits(cfg: ModelConfig, logits: jax.Array, key: jax.Array,
+                        options: DecodeOptions) -> tuple[jax.Array, jax.Array]:
+  """(tokens, confidences) from logits [..., vocab] under ``options``' sampling. A decoded
+  position must hold a real token: [MASK] is never proposed (a random or barely trained model
+  can rank it first, and the position would then stay masked in the output)."""
+  logits = logits.at[..., cfg.mask_token_id].set(sampling.NEG_INF)
+  greedy = options.temperature == 0.0
+  return sampling.propose_tokens(logits, None if greedy else key, options.temperature,
+                                 options.top_p)
+
+
+def block_proposals(model: Transformer, hidden: jax.Array, prev_logits: jax.Array,
+                    key: jax.Array, options: DecodeOptions) -> tuple[jax.Array, jax.Array]:
+  """(tokens, confidences) [batch, block] of a denoising step from its final hidden states
+  [batch, block, hidden]. With token shift (Fast-dLLM v2) position i is proposed from hidden
+  state i - 1 and position 0 from ``prev_logits`` [batch, vocab] (the last committed
+  position's). Greedy decoding with ``layer_kernels="fused"`` runs the fused head
+  (Transformer.greedy_proposals: no [batch, block, vocab] logits)."""
+  cfg = model.config
+  if options.temperature == 0.0 and options.layer_kernels == "fused":
+    tokens, confidence = model.greedy_proposals(hidden[:, :-1] if cfg.token_shift else hidden,
+                                                cfg.mask_token_id)
+    if not cfg.token_shift:
+      return tokens, confidence
+    first_token, first_confidence = propose_from_logits(cfg, prev_logits, key, options)
+    return (jnp.concatenate([first_token[:, None], tokens], axis=1),
+            jnp.concatenate([first_confidence[:, None], confidence], axis=1))
+  logits = model.logits(hidden)
+  if cfg.token_shift:
+    logits = jnp.concatenate([prev_logits[:, None], logits[:, :-1]], axis=1)
+  return propose_from_logits(cfg, logits, key, options)
+
+
+# ---------------------------------------------------------------------------------------------
 # The decoding loop.
 
 
@@ -203,23 +257,14 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, m
   batch = buffer.shape[0]
   arange_block = jnp.arange(bs, dtype=jnp.int32)
   eos = jnp.asarray(cfg.eos_token_ids, jnp.int32)
-  greedy = options.temperature == 0.0
   policy = sampling.POLICIES[options.policy]
-
-  def propose(logits, key):
-    # A decoded position must hold a real token: [MASK] is never proposed (a random or barely
-    # trained model can rank it first, and the position would then stay masked in the output).
-    logits = logits.at[..., cfg.mask_token_id].set(sampling.NEG_INF)
-    return sampling.propose_tokens(logits, None if greedy else key, options.temperature,
-                                   options.top_p)
 
   def denoise(blocks: _Blocks, active, num_masked_at_start, steps: _Steps, first):
     key = jax.random.fold_in(jax.random.fold_in(blocks.rng, 0), blocks.num_steps + steps.step)
-    logits, state = forward_denoise(model, steps.tokens, blocks.cache, method,
-                                    steps.method_state, StepInfo(first, steps.step))
-    if cfg.token_shift:
-      logits = jnp.concatenate([blocks.prev_logits[:, None], logits[:, :-1]], axis=1)
-    proposal, confidence = propose(logits, key)
+    hidden, state = denoise_hidden(model, steps.tokens, blocks.cache, method,
+                                   steps.method_state, StepInfo(first, steps.step),
+                                   layer_kernels=options.layer_kernels)
+    proposal, confidence = block_proposals(model, hidden, blocks.prev_logits, key, options)
     masked = steps.masked & active[:, None]
     count = sampling.scheduled_count(num_masked_at_start, options.steps_per_block, steps.step)
     transfer = policy.transfer(confidence, masked, count, options.threshold,
@@ -237,7 +282,7 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, m
     masked = ~from_prompt
     if cfg.token_shift:
       key = jax.random.fold_in(jax.random.fold_in(blocks.rng, 1), blocks.num_blocks)
-      first_token, _ = propose(blocks.prev_logits, key)
+      first_token, _ = propose_from_logits(model.config, blocks.prev_logits, key, options)
       tokens = tokens.at[:, 0].set(jnp.where(masked[:, 0], first_token, tokens[:, 0]))
       masked = masked.at[:, 0].set(False)
     num_masked_at_start = jnp.sum(masked, axis=1).astype(jnp.int32)
@@ -256,7 +301,7 @@ def _decode(model: Transformer, buffer, prompt_lengths, max_new_tokens, cache, m
     tokens = steps.tokens
     valid = jnp.broadcast_to(active[:, None], positions.shape)
     hidden, cache, state = forward_write(model, tokens, positions, valid, blocks.cache, method,
-                                         steps.method_state)
+                                         steps.method_state, layer_kernels=options.layer_kernels)
     last_logits = model.logits(hidden[:, -1])
     rows = jnp.where(valid, positions, blocks.buffer.shape[1])
     buffer = jax.vmap(lambda b, r, t: b.at[r].set(t, mode="drop"))(blocks.buffer, rows, tokens)

@@ -12,6 +12,13 @@ step and training are all the same forward with different attend functions (mage
 
 Weights keep their head structure (q: [embed, heads, head_dim], o: [heads, head_dim, embed]);
 the Hugging Face name map lives in mage_jax.checkpoint.
+
+``layer_kernels`` picks how the layers outside attention run: "xla" (XLA's fusions and GEMMs)
+or "fused" (pallas_kernels.decode_gemm: input norm + q/k/v + bias, o_proj + residual,
+post-attention norm + gate/up + SwiGLU, down_proj + residual, four launches per layer, for the
+1..256 rows of a denoising step or a commit; larger calls run the "xla" path). The fused
+kernels run under the active kernel setting (pallas_kernels.dispatch): the Triton kernels on
+a GPU, their float32 references elsewhere. Same weights, same outputs to bf16 rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mage_jax.config import ModelConfig
+from pallas_kernels import decode_gemm
+from pallas_kernels.dispatch import active_impl
+
+LAYER_KERNELS = ("xla", "fused")
 
 AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -86,13 +97,17 @@ class Attention(nnx.Module):
     self.rope_theta = cfg.rope_theta
 
   def __call__(self, x, positions, layer: int, attend: AttendFn, carry):
-    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    out, carry = self.attend_heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), positions,
+                                   layer, attend, carry)
+    return self.o_proj(out.astype(x.dtype)), carry
+
+  def attend_heads(self, q, k, v, positions, layer: int, attend: AttendFn, carry):
+    """q/k norm, RoPE and the attend call on projected heads [batch, seq, heads, head_dim]."""
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, self.rope_theta)
     k = apply_rope(k, positions, self.rope_theta)
-    out, carry = attend(layer, q, k, v, carry)
-    return self.o_proj(out.astype(x.dtype)), carry
+    return attend(layer, q, k, v, carry)
 
 
 class MLP(nnx.Module):
@@ -137,6 +152,35 @@ class DecoderLayer(nnx.Module):
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, carry
 
+  def fused_call(self, x, positions, layer: int, attend: AttendFn, carry):
+    """The same layer through the fused decode GEMMs (``layer_kernels="fused"``): four
+    launches around the attention, the norms and residual adds inside them."""
+    attn, mlp = self.self_attn, self.mlp
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+    if not all(type(p) is nnx.Einsum for p in projections):
+      raise ValueError("layer_kernels='fused' needs the plain projections; merge LoRA adapters "
+                       "into the weights first (mage_jax.lora)")
+    impl = active_impl()
+    batch, seq, embed = x.shape
+    rows = x.reshape(batch * seq, embed)
+    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+    kernels = tuple(p.kernel[...].reshape(embed, -1) for p in qkv)
+    biases = None if attn.q_proj.bias is None else tuple(p.bias[...].reshape(-1) for p in qkv)
+    q, k, v = decode_gemm.norm_matmul(rows, self.input_layernorm.scale[...], kernels, biases,
+                                      eps=self.input_layernorm.eps, impl=impl)
+    heads = lambda a, kernel: a.reshape(batch, seq, *kernel.shape[1:])
+    out, carry = attn.attend_heads(heads(q, attn.q_proj.kernel), heads(k, attn.k_proj.kernel),
+                                   heads(v, attn.v_proj.kernel), positions, layer, attend,
+                                   carry)
+    o_kernel = attn.o_proj.kernel[...]
+    rows = decode_gemm.matmul_residual(out.astype(x.dtype).reshape(batch * seq, -1),
+                                       o_kernel.reshape(-1, embed), rows, impl=impl)
+    act = decode_gemm.norm_swiglu(rows, self.post_attention_layernorm.scale[...],
+                                  mlp.gate_up_proj.kernel[...],
+                                  eps=self.post_attention_layernorm.eps, impl=impl)
+    rows = decode_gemm.matmul_residual(act, mlp.down_proj.kernel[...], rows, impl=impl)
+    return rows.reshape(batch, seq, embed), carry
+
 
 def _layer_call(index: int, positions: jax.Array, attend: AttendFn):
   """A layer call for nnx.remat with the layer index closed over, so it stays a Python int
@@ -166,12 +210,24 @@ class Transformer(nnx.Module):
                                 rngs=rngs)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, attend: AttendFn, carry,
-               *, remat: bool = False):
-    """tokens, positions: int32 [batch, seq]. Returns (hidden [batch, seq, hidden], carry)."""
+               *, remat: bool = False, layer_kernels: str = "xla"):
+    """tokens, positions: int32 [batch, seq]. Returns (hidden [batch, seq, hidden], carry).
+
+    ``layer_kernels``: "xla" or "fused" (see the module docstring; inference only: the fused
+    kernels have no gradient, and calls of more than decode_gemm.MAX_KERNEL_ROWS tokens run
+    "xla")."""
+    if layer_kernels not in LAYER_KERNELS:
+      raise ValueError(f"layer_kernels must be one of {LAYER_KERNELS}, got {layer_kernels!r}")
+    fused = layer_kernels == "fused" and tokens.size <= decode_gemm.MAX_KERNEL_ROWS
+    if fused and (remat or jax.sharding.get_abstract_mesh().size > 1):
+      raise ValueError("layer_kernels='fused' runs inference on one device (no remat, no "
+                       "mesh of several devices)")
     x = self.embed_tokens(tokens)
     for i, layer in enumerate(self.layers):
       if remat:
         x, carry = nnx.remat(_layer_call(i, positions, attend))(layer, x, carry)
+      elif fused:
+        x, carry = layer.fused_call(x, positions, i, attend, carry)
       else:
         x, carry = layer(x, positions, i, attend, carry)
     return self.norm(x), carry
@@ -184,6 +240,31 @@ class Transformer(nnx.Module):
     else:
       w, spec = self.lm_head.kernel[...], "...e,ev->...v"
     return jnp.einsum(spec, hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+  def greedy_proposals(self, hidden: jax.Array,
+                       excluded_token: int | None) -> tuple[jax.Array, jax.Array]:
+    """The greedy proposal of every position of hidden [..., hidden]: (argmax token int32,
+    its softmax probability float32), ``excluded_token`` never proposed: what
+    sampling.propose_tokens computes at temperature 0 from ``logits``, through
+    decode_gemm.greedy_head (no [rows, vocab] logits) for up to MAX_KERNEL_ROWS rows, from the
+    logits above."""
+    if self.lm_head is None:
+      w, layout = self.embed_tokens.embedding[...], "ve"
+    else:
+      w, layout = self.lm_head.kernel[...], "ev"
+    lead, features = hidden.shape[:-1], hidden.shape[-1]
+    rows = hidden.reshape(-1, features).astype(w.dtype)
+    if rows.shape[0] > decode_gemm.MAX_KERNEL_ROWS:
+      logits = self.logits(rows)
+      if excluded_token is not None:
+        logits = logits.at[:, excluded_token].set(-jnp.inf)
+      tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      confidence = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), tokens[:, None], -1)
+      return tokens.reshape(lead), confidence.reshape(lead)
+    tokens, confidence = decode_gemm.greedy_head(rows, w, layout=layout,
+                                                 excluded_token=excluded_token,
+                                                 impl=active_impl())
+    return tokens.reshape(lead), confidence.reshape(lead)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, *,

@@ -1,31 +1,44 @@
-"""Decode-shaped matmuls with their neighbours fused: RMSNorm before, bias or residual after.
+"""Decode-shaped matmuls with their neighbours fused: RMSNorm before; bias, residual, SwiGLU or
+a greedy token pick after.
 
 A denoising step multiplies 32-256 rows (one 32-token block per sequence) by each weight, so
 reading the weight once is the whole cost, and XLA's code around the GEMMs (the norm, the bias,
-the residual add: one small fusion each, 2-3.5 us) is launch latency on top of it (issue 28).
+the residual add, SiLU x up, the logits' softmax: one small fusion each, 2-3.5 us, the logits'
+several passes over [rows, vocab] float32) is latency and traffic on top of it (issue 28).
 
 * ``norm_matmul(x, norm_weight, w, bias)``: (rmsnorm(x) * norm_weight) @ w + bias, the input
-  norm and the fused q/k/v (or gate/up) projection of a decoder layer in one kernel.
+  norm and the q/k/v projection of a decoder layer in one kernel; ``w`` (and ``bias``) may be
+  a tuple of weights sharing the input (q, k, v as the model stores them: one launch, each
+  weight read once, no concatenated copy).
+* ``norm_swiglu(x, norm_weight, w_gate_up)``: silu(h @ w_gate) * (h @ w_up) with h =
+  rmsnorm(x) * norm_weight, w_gate_up [features, 2, intermediate] (the model's gate_up_proj):
+  the post-attention norm, the gate / up projection and the activation in one kernel.
 * ``matmul_residual(x, w, residual)``: residual + x @ w, o_proj / down_proj and the residual
   add in one kernel.
+* ``greedy_head(hidden, w, layout, excluded_token)``: the LM head's greedy proposal, argmax of
+  hidden @ w and its softmax probability, without writing the [rows, vocab] logits: each
+  program keeps its vocabulary tile's max, first argmax and sum of exponentials, and one XLA
+  fusion merges the tiles.
 
-The Triton kernel (grid: N tiles x K splits): every program holds all M rows (padded to a
-power of two, the padding masked) and streams its [K range, block_n] slice of w once, in
-block_k tiles; x's tiles come from L2 (x is tiny, w is big). The norm needs no prologue pass:
-rmsnorm(x) * g @ w = rstd * ((x * g) @ w) row by row, so the kernel multiplies x * g tile by
-tile (rounded to w's dtype for the tensor cores, as the model rounds the normalised
-activations), accumulates each row's sum of squares from the same tiles, and scales the rows
-by rstd = rsqrt(mean(x^2) + eps) in the epilogue. With one K split the epilogue also adds the
-bias (or the residual) and stores the output; with several (few N tiles would leave the
-H100's 132 SMs idle) each split stores float32 partial products and sums of squares, and one
-XLA fusion sums them, scales and adds.
+The Triton kernels (grid: N tiles x K splits): every program holds all M rows (padded to a
+power of two, the padding masked) and streams its [K range, block_n] slice of the weight(s)
+once, in block_k tiles; x's tiles come from L2 (x is tiny, w is big). The norm needs no
+prologue pass: rmsnorm(x) * g @ w = rstd * ((x * g) @ w) row by row, so the kernel multiplies
+x * g tile by tile (rounded to w's dtype for the tensor cores, as the model rounds the
+normalised activations), accumulates each row's sum of squares from the same tiles, and
+scales the rows by rstd = rsqrt(mean(x^2) + eps) in the epilogue. With one K split the
+epilogue also adds the bias (or the residual, or applies SiLU x up) and stores the output;
+with several (few N tiles would leave the H100's 132 SMs idle) each split stores float32
+partial products and sums of squares, and one XLA fusion sums them and finishes.
 
-The references compute the same definition in float32 without any intermediate rounding.
-Entry points dispatch through `pallas_kernels.dispatch` ("pallas" / "interpret": the Triton
-kernel, compiled or interpreted; every other setting: the reference, as there is no TPU kernel).
+The references compute the same definitions in float32 without intermediate rounding. Entry
+points dispatch through `pallas_kernels.dispatch` ("pallas" / "interpret": the Triton kernel,
+compiled or interpreted; every other setting: the reference, as there is no TPU kernel).
 """
 
 import functools
+import math
+from typing import Sequence
 
 import jax
 from jax import lax
@@ -44,7 +57,10 @@ TARGET_PROGRAMS = 132
 MIN_SPLIT_TILES = 2
 # Tuning keywords and their defaults (None: chosen from the shapes; see `kernel_tuning`).
 _TUNING = dict(block_n=64, block_k=None, split_k=None, num_warps=None, num_stages=3)
+# The greedy head never splits K (its vocabulary gives thousands of N tiles).
+_HEAD_TUNING = dict(block_n=128, block_k=None, num_warps=None, num_stages=3)
 _DTYPES = (jnp.bfloat16, jnp.float32)
+HEAD_LAYOUTS = ("ev", "ve")  # w [hidden, vocab] (an lm_head kernel) or [vocab, hidden] (tied)
 
 
 def default_split_k(n_tiles: int, k_tiles: int, rows: int, k: int, weight_bytes: int) -> int:
@@ -58,9 +74,20 @@ def default_split_k(n_tiles: int, k_tiles: int, rows: int, k: int, weight_bytes:
   return max(1, min(wanted, longest, cheap))
 
 
-def kernel_tuning(rows: int, k: int, n: int, weight_bytes: int, **tuning) -> dict:
+def _largest_dividing_power_of_two(value: int, ceiling: int) -> int:
+  """The largest power of two <= ceiling that divides ``value``."""
+  block = 1
+  while block * 2 <= ceiling and value % (block * 2) == 0:
+    block *= 2
+  return block
+
+
+def kernel_tuning(rows: int, k: int, n: int, weight_bytes: int, *,
+                  group_widths: Sequence[int] = (), **tuning) -> dict:
   """The launch parameters for x [rows, k] @ w [k, n]: ``tuning`` over the defaults, with the
-  tiles fitted to the array (powers of two >= 16, no larger than the dimension they tile)."""
+  tiles fitted to the array (powers of two >= 16, no larger than the dimension they tile).
+  With ``group_widths`` (the widths of several weights laid side by side, summing to n) an N
+  tile never straddles two weights: block_n also divides every width."""
   t = {**_TUNING, **tuning}
   block_m = tu.next_power_of_two(rows)
   # Shared memory of a pipeline stage: an x tile [block_m, block_k] and a w tile; 128 columns
@@ -70,12 +97,17 @@ def kernel_tuning(rows: int, k: int, n: int, weight_bytes: int, **tuning) -> dic
     if value < 16 or value & (value - 1):
       raise ValueError(f"{name}={value} must be a power of two >= 16")
   for name in ("split_k", "num_warps"):
-    if t[name] is not None and t[name] < 1:
+    if t.get(name) is not None and t[name] < 1:
       raise ValueError(f"{name}={t[name]} must be >= 1 (or None: chosen from the shapes)")
   block_k = tu.fit_block_k(block_k, k)
   block_n = tu.fit_block_k(t["block_n"], n)
+  if len(group_widths) > 1:
+    block_n = _largest_dividing_power_of_two(math.gcd(*group_widths), block_n)
+    if block_n < 16:
+      raise ValueError(f"grouped weights of widths {tuple(group_widths)}: every width must be "
+                       "a multiple of 16")
   n_tiles, k_tiles = pl.cdiv(n, block_n), pl.cdiv(k, block_k)
-  split_k = t["split_k"] or default_split_k(n_tiles, k_tiles, rows, k, weight_bytes)
+  split_k = t.get("split_k") or default_split_k(n_tiles, k_tiles, rows, k, weight_bytes)
   split_k = min(split_k, k_tiles)
   # Tiles per split, then the splits that get any tile at all.
   split_tiles = pl.cdiv(k_tiles, split_k)
@@ -99,127 +131,319 @@ def _both(a, b):
   return a if b is None else a & b
 
 
-def _gemm_kernel(*refs, rows: int, k: int, n: int, block_m: int, block_k: int, block_n: int,
-                 split_k: int, split_tiles: int, normalize: bool, epilogue: str | None,
-                 eps: float):
-  """One (N tile, K split) program: acc = (x [* g]) @ w over its K range, rows' sums of squares
-  if ``normalize``; then the epilogue (one split) or the float32 partials (several).
+def _all_rows(block_m: int):
+  """The slice of every row a program holds, starting at a traced 0 (taken at the kernel's
+  top level): a slice past the array's rows is then bounded by the row mask, where a static
+  one would be rejected when tracing."""
+  return pl.ds(pl.program_id(0) * 0, block_m)
 
-  refs: x, [norm weight], w, [bias or residual], then outputs: out, or with several splits
-  partial acc [split_k, rows, n] and, if normalize, partial sums of squares [split_k, rows]."""
+
+def _row_mask(rows: int, block_m: int):
+  """[block_m, 1] mask of the real rows, or None when no row is padding (static)."""
+  return (jnp.arange(block_m) < rows)[:, None] if rows < block_m else None
+
+
+def _accumulate(x_ref, g_ref, load_w, num_acc: int, *, all_rows, rows: int, k: int,
+                block_m: int, block_k: int, block_n: int, k_start, k_len,
+                transposed: bool = False):
+  """The K loop of one program: accumulators acc_i = (x [* g]) @ w_i over the K range
+  [k_start, k_start + k_len), ``load_w(k0, k_valid)`` giving the num_acc weight tiles
+  ([block_k, block_n], or [block_n, block_k] if ``transposed``), and with ``g_ref`` the rows'
+  sums of squares of x (``all_rows``: see `_all_rows`). Full tiles run unmasked, the last one
+  with its K mask."""
+  row_mask = _row_mask(rows, block_m)
+  dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
+
+  def tile(i, carry, k_valid):
+    accs, ssq = carry
+    k0 = k_start + i * block_k
+    x = _masked(x_ref.at[all_rows, pl.ds(k0, block_k)],
+                _both(row_mask, None if k_valid is None else k_valid[None, :]))
+    x = x.astype(jnp.float32)
+    if g_ref is not None:
+      ssq = ssq + jnp.sum(x * x, axis=1)
+      g = _masked(g_ref.at[pl.ds(k0, block_k)], k_valid).astype(jnp.float32)
+      x = x * g[None, :]
+    tiles = load_w(k0, k_valid)
+    x = x.astype(tiles[0].dtype)
+    accs = tuple(acc + lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+                 for acc, w in zip(accs, tiles))
+    return accs, ssq
+
+  full_tiles = k_len // block_k
+  carry = (tuple(jnp.zeros((block_m, block_n), jnp.float32) for _ in range(num_acc)),
+           jnp.zeros((block_m,), jnp.float32))
+  carry = lax.fori_loop(0, full_tiles, lambda i, c: tile(i, c, None), carry)
+  return lax.fori_loop(
+      full_tiles, pl.cdiv(k_len, block_k),
+      lambda i, c: tile(i, c, i * block_k + jnp.arange(block_k) < k_len), carry)
+
+
+def _weight_tile(w_ref, n0, col_mask, block_k: int, block_n: int):
+  """load_w for a [K, N] weight: the [block_k, block_n] tile at (k0, n0), masked."""
+  def load(k0, k_valid):
+    mask = _both(None if k_valid is None else k_valid[:, None], col_mask)
+    return (_masked(w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], mask),)
+  return load
+
+
+def _store_partial(out_ref, acc, split, all_rows, cols, out_mask):
+  """Several K splits: this split's float32 partial product of the tile."""
+  plt.store(out_ref.at[split, all_rows, cols], acc, mask=out_mask)
+
+
+def _store_partial_ssq(ssq_ref, ssq, split, all_rows, row_mask, first_tile):
+  """Several K splits: the rows' partial sums of squares, stored once (by the first N tile)."""
+  @pl.when(first_tile)
+  def _():
+    plt.store(ssq_ref.at[split, all_rows], ssq,
+              mask=None if row_mask is None else row_mask[:, 0])
+
+
+def _gemm_kernel(*refs, rows: int, k: int, widths: tuple[int, ...], block_m: int,
+                 block_k: int, block_n: int, split_k: int, split_tiles: int, normalize: bool,
+                 epilogue: str | None, eps: float):
+  """One (N tile, K split) program of x [* g] @ [w_0 | w_1 | ...]: its tile lies in one
+  weight (widths: their output widths, each a multiple of block_n when there are several).
+
+  refs: x, [norm weight], w_0.., [bias_0.. or residual (one K split only)], then outputs: out
+  [rows, sum(widths)], or with several splits float32 partials [split_k, rows, sum(widths)]
+  and, if normalize, partial sums of squares [split_k, rows]."""
   refs = list(refs)
   x_ref = refs.pop(0)
   g_ref = refs.pop(0) if normalize else None
-  w_ref = refs.pop(0)
-  extra_ref = refs.pop(0) if epilogue and split_k == 1 else None
+  w_refs = [refs.pop(0) for _ in widths]
+  extra_refs = []
+  if epilogue == "bias" and split_k == 1:
+    extra_refs = [refs.pop(0) for _ in widths]
+  elif epilogue == "residual" and split_k == 1:
+    extra_refs = [refs.pop(0)]
   out_ref = refs.pop(0)
   ssq_ref = refs.pop(0) if normalize and split_k > 1 else None
 
   n_tile, split = pl.program_id(0), pl.program_id(1)
-  n0 = n_tile * block_n
-  cols = n0 + jnp.arange(block_n)
-  # Static: which masks the shapes need at all (none for a 32-row block over 128-wide tiles).
-  row_mask = (jnp.arange(block_m) < rows)[:, None] if rows < block_m else None
-  col_mask = (cols < n)[None, :] if n % block_n else None
-  # All rows from a traced 0: a slice past the array's rows is then bounded by the row mask
-  # (a static one would be rejected when tracing).
-  first_row = n_tile * 0
+  all_rows, row_mask = _all_rows(block_m), _row_mask(rows, block_m)
   k_start = split * (split_tiles * block_k)
   k_len = jnp.minimum(k - k_start, split_tiles * block_k)
+  total = sum(widths)
+  out_cols = pl.ds(n_tile * block_n, block_n)
+  out_col_mask = (n_tile * block_n + jnp.arange(block_n) < total)[None, :] \
+      if total % block_n else None
+  out_mask = _both(row_mask, out_col_mask)
 
-  def tile(i, carry, k_valid):
-    acc, ssq = carry
-    k0 = k_start + i * block_k
-    k_cols = None if k_valid is None else k_valid[None, :]
-    k_rows = None if k_valid is None else k_valid[:, None]
-    x = _masked(x_ref.at[pl.ds(first_row, block_m), pl.ds(k0, block_k)],
-                _both(row_mask, k_cols)).astype(jnp.float32)
-    w = _masked(w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], _both(k_rows, col_mask))
+  def group(index: int, first_tile: int):
+    n0 = (n_tile - first_tile) * block_n  # the tile's first column inside its weight
+    col_mask = (n0 + jnp.arange(block_n) < widths[index])[None, :] \
+        if widths[index] % block_n else None
+    (acc,), ssq = _accumulate(
+        x_ref, g_ref, _weight_tile(w_refs[index], n0, col_mask, block_k, block_n), 1,
+        all_rows=all_rows, rows=rows, k=k, block_m=block_m, block_k=block_k, block_n=block_n, k_start=k_start,
+        k_len=k_len)
+    if split_k > 1:
+      _store_partial(out_ref, acc, split, all_rows, out_cols, out_mask)
+      if normalize:
+        _store_partial_ssq(ssq_ref, ssq, split, all_rows, row_mask, n_tile == 0)
+      return
     if normalize:
-      ssq = ssq + jnp.sum(x * x, axis=1)
-      g = _masked(g_ref.at[pl.ds(k0, block_k)], k_valid).astype(jnp.float32)
-      x = x * g[None, :]
-    acc = acc + jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
-    return acc, ssq
+      acc = acc * lax.rsqrt(ssq / k + eps)[:, None]
+    if epilogue == "bias":
+      bias = _masked(extra_refs[index].at[pl.ds(n0, block_n)],
+                     None if col_mask is None else col_mask[0])
+      acc = acc + bias.astype(jnp.float32)[None, :]
+    elif epilogue == "residual":
+      residual = extra_refs[0].at[all_rows, out_cols]
+      acc = acc + _masked(residual, out_mask).astype(jnp.float32)
+    plt.store(out_ref.at[all_rows, out_cols],
+              acc.astype(out_ref.dtype), mask=out_mask)
 
-  full_tiles = k_len // block_k
-
-  def full_tile(i, carry):
-    return tile(i, carry, None)
-
-  def last_tile(i, carry):
-    return tile(i, carry, i * block_k + jnp.arange(block_k) < k_len)
-
-  carry = (jnp.zeros((block_m, block_n), jnp.float32), jnp.zeros((block_m,), jnp.float32))
-  carry = lax.fori_loop(0, full_tiles, full_tile, carry)
-  acc, ssq = lax.fori_loop(full_tiles, pl.cdiv(k_len, block_k), last_tile, carry)
-
-  out_mask = _both(row_mask, col_mask)
-  out_rows, out_cols = pl.ds(first_row, block_m), pl.ds(n0, block_n)
-  if split_k > 1:
-    plt.store(out_ref.at[split, out_rows, out_cols], acc, mask=out_mask)
-    if normalize:
-      @pl.when(n_tile == 0)
-      def _():
-        plt.store(ssq_ref.at[split, out_rows], ssq,
-              mask=None if row_mask is None else row_mask[:, 0])
+  if len(widths) == 1:
+    group(0, 0)
     return
+  first = 0
+  for index, width in enumerate(widths):
+    tiles = width // block_n
+    pl.when((n_tile >= first) & (n_tile < first + tiles))(
+        functools.partial(group, index, first))
+    first += tiles
+
+
+def _swiglu_kernel(x_ref, g_ref, w_ref, out_ref, *ssq_ref, rows: int, k: int, width: int,
+                   block_m: int, block_k: int, block_n: int, split_k: int, split_tiles: int,
+                   eps: float):
+  """One (N tile, K split) program of silu(h @ w_gate) * (h @ w_up), h = rmsnorm(x) * g, with
+  w = [w_gate | w_up] ([K, 2 * width], the model's [K, 2, width] kernel reshaped): the gate
+  and up tiles of the same columns, two accumulators. Several splits store the float32 partial
+  products [split_k, rows, 2 * width] (gate columns, then up) and sums of squares."""
+  n_tile, split = pl.program_id(0), pl.program_id(1)
+  all_rows, row_mask = _all_rows(block_m), _row_mask(rows, block_m)
+  k_start = split * (split_tiles * block_k)
+  k_len = jnp.minimum(k - k_start, split_tiles * block_k)
+  n0 = n_tile * block_n
+  col_mask = (n0 + jnp.arange(block_n) < width)[None, :] if width % block_n else None
+  out_mask = _both(row_mask, col_mask)
+
+  def load(k0, k_valid):
+    mask = _both(None if k_valid is None else k_valid[:, None], col_mask)
+    return tuple(_masked(w_ref.at[pl.ds(k0, block_k), pl.ds(start, block_n)], mask)
+                 for start in (n0, width + n0))
+
+  (gate, up), ssq = _accumulate(x_ref, g_ref, load, 2, all_rows=all_rows, rows=rows, k=k, block_m=block_m,
+                                block_k=block_k, block_n=block_n, k_start=k_start, k_len=k_len)
+  if split_k > 1:
+    _store_partial(out_ref, gate, split, all_rows, pl.ds(n0, block_n), out_mask)
+    _store_partial(out_ref, up, split, all_rows, pl.ds(width + n0, block_n), out_mask)
+    _store_partial_ssq(ssq_ref[0], ssq, split, all_rows, row_mask, n_tile == 0)
+    return
+  rstd = lax.rsqrt(ssq / k + eps)[:, None]
+  gate, up = gate * rstd, up * rstd
+  plt.store(out_ref.at[all_rows, pl.ds(n0, block_n)],
+            (jax.nn.sigmoid(gate) * gate * up).astype(out_ref.dtype), mask=out_mask)
+
+
+def _head_kernel(x_ref, w_ref, max_ref, arg_ref, sum_ref, *, rows: int, k: int, vocab: int,
+                 excluded: int, transposed: bool, block_m: int, block_k: int, block_n: int):
+  """One vocabulary tile of the greedy head: logits = x @ w (w [K, V], or [V, K] if
+  ``transposed``) for the tile's columns, then per row the tile's max logit, the first column
+  holding it and sum(exp(logit - max)); padding columns and ``excluded`` read -inf."""
+  n_tile = pl.program_id(0)
+  all_rows, row_mask = _all_rows(block_m), _row_mask(rows, block_m)
+  n0 = n_tile * block_n
+  cols = n0 + jnp.arange(block_n)
+  col_valid = (cols < vocab) if vocab % block_n else None
+
+  def load(k0, k_valid):
+    if transposed:
+      mask = _both(None if col_valid is None else col_valid[:, None],
+                   None if k_valid is None else k_valid[None, :])
+      return (_masked(w_ref.at[pl.ds(n0, block_n), pl.ds(k0, block_k)], mask),)
+    mask = _both(None if k_valid is None else k_valid[:, None],
+                 None if col_valid is None else col_valid[None, :])
+    return (_masked(w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], mask),)
+
+  (logits,), _ = _accumulate(x_ref, None, load, 1, all_rows=all_rows, rows=rows, k=k, block_m=block_m,
+                             block_k=block_k, block_n=block_n, k_start=0, k_len=k,
+                             transposed=transposed)
+  keep = cols != excluded
+  if col_valid is not None:
+    keep = keep & col_valid
+  logits = jnp.where(keep[None, :], logits, -jnp.inf)
+  top = jnp.max(logits, axis=1)
+  first = jnp.min(jnp.where(logits == top[:, None], cols[None, :], jnp.iinfo(jnp.int32).max),
+                  axis=1)
+  # A tile whose every column is excluded or padding has top = -inf: its sum is 0, not NaN.
+  finite_top = jnp.where(top == -jnp.inf, 0.0, top)
+  total = jnp.sum(jnp.exp(logits - finite_top[:, None]), axis=1)
+  mask = None if row_mask is None else row_mask[:, 0]
+  for ref, value in ((max_ref, top), (arg_ref, first), (sum_ref, total)):
+    plt.store(ref.at[n_tile, all_rows], value.astype(ref.dtype), mask=mask)
+
+
+def _whole(shape):
+  return pl.BlockSpec(shape, lambda *_, nd=len(shape): (0,) * nd)
+
+
+def _launch(kernel, name: str, inputs: list, out_shape: list, grid: tuple, t: dict,
+            interpret: bool):
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=[_whole(a.shape) for a in inputs],
+      out_specs=[_whole(s.shape) for s in out_shape], out_shape=out_shape,
+      compiler_params=tu.compiler_params(t["num_warps"], t["num_stages"]),
+      interpret=interpret, name=name)(*inputs)
+
+
+def _partials_shape(split: int, rows: int, n: int, normalize: bool) -> list:
+  shapes = [jax.ShapeDtypeStruct((split, rows, n), jnp.float32)]
   if normalize:
-    acc = acc * lax.rsqrt(ssq / k + eps)[:, None]
-  if epilogue == "bias":
-    acc = acc + _masked(extra_ref.at[pl.ds(n0, block_n)],
-                        None if col_mask is None else col_mask[0]).astype(jnp.float32)[None, :]
-  elif epilogue == "residual":
-    acc = acc + _masked(extra_ref.at[out_rows, out_cols], out_mask).astype(jnp.float32)
-  plt.store(out_ref.at[out_rows, out_cols], acc.astype(out_ref.dtype), mask=out_mask)
+    shapes.append(jax.ShapeDtypeStruct((split, rows), jnp.float32))
+  return shapes
 
 
 @functools.partial(jax.jit, static_argnames=("normalize", "epilogue", "eps", "out_dtype",
                                              "interpret", "block_n", "block_k", "split_k",
                                              "num_warps", "num_stages"))
-def _fused_gemm(x, g, w, extra, *, normalize: bool, epilogue: str | None, eps: float,
+def _fused_gemm(x, g, ws, extras, *, normalize: bool, epilogue: str | None, eps: float,
                 out_dtype, interpret: bool, block_n: int, block_k: int | None,
                 split_k: int | None, num_warps: int | None, num_stages: int):
-  """The kernel launch and, with several K splits, the XLA fusion that finishes it."""
+  """norm_matmul / matmul_residual: the kernel launch and, with several K splits, the XLA
+  fusion that finishes it. ws: a tuple of weights; extras: their biases, or (residual,), or
+  (). Returns a tuple of outputs, one per weight."""
   rows, k = x.shape
-  n = w.shape[1]
-  t = kernel_tuning(rows, k, n, w.dtype.itemsize, block_n=block_n, block_k=block_k,
+  widths = tuple(w.shape[1] for w in ws)
+  n = sum(widths)
+  t = kernel_tuning(rows, k, n, ws[0].dtype.itemsize, group_widths=widths, block_n=block_n,
+                    block_k=block_k, split_k=split_k, num_warps=num_warps,
+                    num_stages=num_stages)
+  split = t["split_k"]
+  kernel = functools.partial(
+      _gemm_kernel, rows=rows, k=k, widths=widths, block_m=t["block_m"], block_k=t["block_k"],
+      block_n=t["block_n"], split_k=split, split_tiles=t["split_tiles"], normalize=normalize,
+      epilogue=epilogue, eps=eps)
+  inputs = [x] + ([g] if normalize else []) + list(ws) + (list(extras) if split == 1 else [])
+  out_shape = ([jax.ShapeDtypeStruct((rows, n), out_dtype)] if split == 1
+               else _partials_shape(split, rows, n, normalize))
+  outs = _launch(kernel, "norm_matmul" if normalize else "matmul_residual", inputs, out_shape,
+                 (t["n_tiles"], split), t, interpret)
+  if split == 1:
+    out = outs[0]
+  else:
+    acc = jnp.sum(outs[0], axis=0)
+    if normalize:
+      acc = acc * lax.rsqrt(jnp.sum(outs[1], axis=0) / k + eps)[:, None]
+    if epilogue == "bias":
+      acc = acc + jnp.concatenate([b.astype(jnp.float32) for b in extras])[None, :]
+    elif epilogue == "residual":
+      acc = acc + extras[0].astype(jnp.float32)
+    out = acc.astype(out_dtype)
+  ends = [sum(widths[:i + 1]) for i in range(len(widths))]
+  return tuple(out[:, end - width:end] for end, width in zip(ends, widths))
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "block_n", "block_k",
+                                             "split_k", "num_warps", "num_stages"))
+def _fused_swiglu(x, g, w, *, eps: float, interpret: bool, block_n: int, block_k: int | None,
+                  split_k: int | None, num_warps: int | None, num_stages: int):
+  rows, k = x.shape
+  width = w.shape[2]
+  w = w.reshape(k, 2 * width)  # [K, 2, F] -> [K, 2F]: gate columns, then up; no copy
+  # Tiles over the intermediate columns; the split heuristic's ratio (float32 partials to
+  # weight bytes) is the same for the two weights as for one.
+  t = kernel_tuning(rows, k, width, w.dtype.itemsize, block_n=block_n, block_k=block_k,
                     split_k=split_k, num_warps=num_warps, num_stages=num_stages)
   split = t["split_k"]
   kernel = functools.partial(
-      _gemm_kernel, rows=rows, k=k, n=n, block_m=t["block_m"], block_k=t["block_k"],
-      block_n=t["block_n"], split_k=split, split_tiles=t["split_tiles"], normalize=normalize,
-      epilogue=epilogue, eps=eps)
-  inputs = [x] + ([g] if normalize else []) + [w]
-  if epilogue and split == 1:
-    inputs.append(extra)
-  if split == 1:
-    out_shape = [jax.ShapeDtypeStruct((rows, n), out_dtype)]
-  else:
-    out_shape = [jax.ShapeDtypeStruct((split, rows, n), jnp.float32)]
-    if normalize:
-      out_shape.append(jax.ShapeDtypeStruct((split, rows), jnp.float32))
-  whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, nd=a.ndim: (0,) * nd)
-  outs = pl.pallas_call(
-      kernel,
-      grid=(t["n_tiles"], split),
-      in_specs=[whole(a) for a in inputs],
-      out_specs=[whole(s) for s in out_shape],
-      out_shape=out_shape,
-      compiler_params=tu.compiler_params(t["num_warps"], t["num_stages"]),
-      interpret=interpret,
-      name="norm_matmul" if normalize else "matmul_residual",
-  )(*inputs)
+      _swiglu_kernel, rows=rows, k=k, width=width, block_m=t["block_m"], block_k=t["block_k"],
+      block_n=t["block_n"], split_k=split, split_tiles=t["split_tiles"], eps=eps)
+  out_shape = ([jax.ShapeDtypeStruct((rows, width), x.dtype)] if split == 1
+               else _partials_shape(split, rows, 2 * width, True))
+  outs = _launch(kernel, "norm_swiglu", [x, g, w], out_shape, (t["n_tiles"], split), t,
+                 interpret)
   if split == 1:
     return outs[0]
-  acc = jnp.sum(outs[0], axis=0)
-  if normalize:
-    acc = acc * lax.rsqrt(jnp.sum(outs[1], axis=0) / k + eps)[:, None]
-  if epilogue == "bias":
-    acc = acc + extra.astype(jnp.float32)[None, :]
-  elif epilogue == "residual":
-    acc = acc + extra.astype(jnp.float32)
-  return acc.astype(out_dtype)
+  acc = jnp.sum(outs[0], axis=0) * lax.rsqrt(jnp.sum(outs[1], axis=0) / k + eps)[:, None]
+  gate, up = acc[:, :width], acc[:, width:]
+  return (jax.nn.silu(gate) * up).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "excluded", "interpret", "block_n",
+                                             "block_k", "num_warps", "num_stages"))
+def _fused_head(x, w, *, layout: str, excluded: int, interpret: bool, block_n: int,
+                block_k: int | None, num_warps: int | None, num_stages: int):
+  rows, k = x.shape
+  vocab = w.shape[1] if layout == "ev" else w.shape[0]
+  t = kernel_tuning(rows, k, vocab, w.dtype.itemsize, block_n=block_n, block_k=block_k,
+                    split_k=1, num_warps=num_warps, num_stages=num_stages)
+  kernel = functools.partial(
+      _head_kernel, rows=rows, k=k, vocab=vocab, excluded=excluded, transposed=layout == "ve",
+      block_m=t["block_m"], block_k=t["block_k"], block_n=t["block_n"])
+  tiles = t["n_tiles"]
+  out_shape = [jax.ShapeDtypeStruct((tiles, rows), dtype)
+               for dtype in (jnp.float32, jnp.int32, jnp.float32)]
+  top, first, total = _launch(kernel, "greedy_head", [x, w], out_shape, (tiles,), t,
+                              interpret)
+  best = jnp.max(top, axis=0)
+  tile = jnp.argmax(top, axis=0)  # the first tile holding the max: the lowest column
+  token = jnp.take_along_axis(first, tile[None], axis=0)[0]
+  return token, 1.0 / jnp.sum(total * jnp.exp(top - best[None]), axis=0)
 
 
 def _check_dtype(name: str, array) -> None:
@@ -227,44 +451,51 @@ def _check_dtype(name: str, array) -> None:
     raise ValueError(f"{name} must be bfloat16 or float32, got {array.dtype}")
 
 
-def _check_gemm(x, w, entry_point: str) -> tuple[int, int, int]:
-  """(rows, k, n) of x [rows, k] @ w [k, n]; ValueError naming the tensor that does not fit."""
+def _check_x(x, entry_point: str) -> None:
   if x.ndim != 2:
     raise ValueError(f"{entry_point}: x must have rank 2 [rows, features], got shape {x.shape}")
-  if w.ndim != 2 or w.shape[0] != x.shape[1]:
-    raise ValueError(f"{entry_point}: w must have shape [{x.shape[1]}, outputs] (x has "
-                     f"{x.shape[1]} features), got {w.shape}")
   _check_dtype("x", x)
-  _check_dtype("w", w)
-  return x.shape[0], x.shape[1], w.shape[1]
 
 
-def _run(entry_point: str, x, g, w, extra, *, normalize: bool, epilogue: str | None,
-         eps: float, out_dtype, impl: str, tuning: dict, reference):
+def _check_weight(w, features: int, entry_point: str, name: str = "w") -> None:
+  if w.ndim != 2 or w.shape[0] != features:
+    raise ValueError(f"{entry_point}: {name} must have shape [{features}, outputs] (x has "
+                     f"{features} features), got {w.shape}")
+  _check_dtype(name, w)
+
+
+def _check_norm_weight(norm_weight, features: int, entry_point: str) -> None:
+  if norm_weight.shape != (features,):
+    raise ValueError(f"{entry_point}: norm_weight must have shape ({features},), got "
+                     f"{norm_weight.shape}")
+
+
+def _kernel_impl(impl: str, tuning: dict, allowed: dict, entry_point: str, rows: int,
+                 k: int, n: int) -> str | None:
+  """The resolved impl if it runs the Triton kernel (checking the kernel's limits), else
+  None (the caller runs the reference)."""
   impl = resolve_impl(impl)
-  tu.check_tuning(tuning, _TUNING, entry_point)
+  tu.check_tuning(tuning, allowed, entry_point)
   if impl not in ("pallas", "interpret"):
-    return reference()
-  rows, k, n = x.shape[0], x.shape[1], w.shape[1]
+    return None
   if not 1 <= rows <= MAX_KERNEL_ROWS:
     raise ValueError(f"{entry_point}: x has {rows} rows; the kernel takes 1..{MAX_KERNEL_ROWS} "
                      "(split the rows, or use impl='reference')")
   if k < 16 or n < 16:
     raise ValueError(f"{entry_point}: x @ w is [{rows}, {k}] @ [{k}, {n}]; the kernel needs "
                      "features and outputs >= 16 (use impl='reference')")
-  return _fused_gemm(x, g, w, extra, normalize=normalize, epilogue=epilogue, eps=float(eps),
-                     out_dtype=jnp.dtype(out_dtype), interpret=impl == "interpret",
-                     **{**_TUNING, **tuning})
+  return impl
 
 
 def norm_matmul(x, norm_weight, w, bias=None, *, eps: float, impl: str = "auto", **tuning):
-  """(rmsnorm(x) * norm_weight) @ w (+ bias): a decoder layer's input norm and projection.
+  """(rmsnorm(x) * norm_weight) @ w (+ bias): a decoder layer's input norm and projection(s).
 
   Args:
     x: [rows, features] bfloat16 or float32 (rows = batch x block tokens, 1..256 for the kernel).
     norm_weight: [features], the RMSNorm scale.
-    w: [features, outputs] bfloat16 or float32 (e.g. q/k/v or gate/up concatenated).
-    bias: optional [outputs].
+    w: [features, outputs] bfloat16 or float32, or a tuple of such weights (e.g. q, k, v) read
+      by one launch; with several, every output width must be a multiple of 16.
+    bias: optional [outputs], or a tuple matching ``w`` (all weights with a bias, or none).
     eps: the RMSNorm epsilon: rmsnorm(x) = x / sqrt(mean(x^2) + eps), per row, in float32.
     impl: a setting or resolved value of `pallas_kernels.dispatch`: "pallas" / "interpret" run
       the Triton kernel (compiled / interpreted), "auto" the kernel on a GPU; every other value
@@ -274,19 +505,75 @@ def norm_matmul(x, norm_weight, w, bias=None, *, eps: float, impl: str = "auto",
       (default 8 from 128 x 64 accumulator elements, else 4), num_stages (default 3).
 
   Returns:
-    [rows, outputs] in x.dtype; float32 accumulation. The kernel rounds x * norm_weight to
-    w.dtype before the tensor-core product (the model rounds the normalised activations).
+    [rows, outputs] in x.dtype (a tuple of them for a tuple ``w``); float32 accumulation. The
+    kernel rounds x * norm_weight to w.dtype before the tensor-core product (the model rounds
+    the normalised activations).
   """
-  _check_gemm(x, w, "norm_matmul")
-  if norm_weight.shape != (x.shape[1],):
-    raise ValueError(f"norm_matmul: norm_weight must have shape ({x.shape[1]},), got "
-                     f"{norm_weight.shape}")
-  if bias is not None and bias.shape != (w.shape[1],):
-    raise ValueError(f"norm_matmul: bias must have shape ({w.shape[1]},), got {bias.shape}")
-  return _run("norm_matmul", x, norm_weight, w, bias, normalize=True,
-              epilogue=None if bias is None else "bias", eps=eps, out_dtype=x.dtype, impl=impl,
-              tuning=tuning,
-              reference=lambda: norm_matmul_reference(x, norm_weight, w, bias, eps=float(eps)))
+  grouped = isinstance(w, (tuple, list))
+  ws = tuple(w) if grouped else (w,)
+  biases = None if bias is None else (tuple(bias) if grouped else (bias,))
+  _check_x(x, "norm_matmul")
+  _check_norm_weight(norm_weight, x.shape[1], "norm_matmul")
+  if not ws:
+    raise ValueError("norm_matmul: w is an empty tuple")
+  for i, wi in enumerate(ws):
+    _check_weight(wi, x.shape[1], "norm_matmul", f"w[{i}]" if grouped else "w")
+  if len({wi.dtype for wi in ws}) > 1:
+    raise ValueError(f"norm_matmul: the weights must share one dtype, got "
+                     f"{[str(wi.dtype) for wi in ws]}")
+  if biases is not None:
+    if len(biases) != len(ws):
+      raise ValueError(f"norm_matmul: {len(biases)} biases for {len(ws)} weights")
+    for i, (bi, wi) in enumerate(zip(biases, ws)):
+      if bi.shape != (wi.shape[1],):
+        name = f"bias[{i}]" if grouped else "bias"
+        raise ValueError(f"norm_matmul: {name} must have shape ({wi.shape[1]},), got "
+                         f"{bi.shape}")
+  n = sum(wi.shape[1] for wi in ws)
+  kernel_impl = _kernel_impl(impl, tuning, _TUNING, "norm_matmul", x.shape[0], x.shape[1], n)
+  if kernel_impl is None:
+    outs = tuple(norm_matmul_reference(x, norm_weight, wi, None if biases is None else bi,
+                                       eps=float(eps))
+                 for wi, bi in zip(ws, biases or (None,) * len(ws)))
+  else:
+    if grouped and len(ws) > 1 and any(wi.shape[1] % 16 for wi in ws):
+      raise ValueError(f"norm_matmul: grouped weights need output widths that are multiples "
+                       f"of 16, got {[wi.shape[1] for wi in ws]}")
+    outs = _fused_gemm(x, norm_weight, ws, biases or (), normalize=True,
+                       epilogue=None if biases is None else "bias", eps=float(eps),
+                       out_dtype=x.dtype, interpret=kernel_impl == "interpret",
+                       **{**_TUNING, **tuning})
+  return outs if grouped else outs[0]
+
+
+def norm_swiglu(x, norm_weight, w_gate_up, *, eps: float, impl: str = "auto", **tuning):
+  """silu(h @ w_gate_up[:, 0]) * (h @ w_gate_up[:, 1]) with h = rmsnorm(x) * norm_weight: a
+  decoder layer's post-attention norm, gate / up projection and SwiGLU activation.
+
+  Args:
+    x: [rows, features] bfloat16 or float32 (1..256 rows for the kernel).
+    norm_weight: [features].
+    w_gate_up: [features, 2, intermediate] (gate at index 0, up at 1: the model's
+      ``gate_up_proj`` kernel).
+    eps, impl, **tuning: as for `norm_matmul`; block_n counts intermediate columns (each
+      program reads block_n gate and block_n up columns).
+
+  Returns:
+    [rows, intermediate] in x.dtype; the activation is computed in float32 from the float32
+    accumulators.
+  """
+  _check_x(x, "norm_swiglu")
+  _check_norm_weight(norm_weight, x.shape[1], "norm_swiglu")
+  if w_gate_up.ndim != 3 or w_gate_up.shape[:2] != (x.shape[1], 2):
+    raise ValueError(f"norm_swiglu: w_gate_up must have shape [{x.shape[1]}, 2, intermediate] "
+                     f"(x has {x.shape[1]} features), got {w_gate_up.shape}")
+  _check_dtype("w_gate_up", w_gate_up)
+  kernel_impl = _kernel_impl(impl, tuning, _TUNING, "norm_swiglu", x.shape[0], x.shape[1],
+                             w_gate_up.shape[2])
+  if kernel_impl is None:
+    return norm_swiglu_reference(x, norm_weight, w_gate_up, eps=float(eps))
+  return _fused_swiglu(x, norm_weight, w_gate_up, eps=float(eps),
+                       interpret=kernel_impl == "interpret", **{**_TUNING, **tuning})
 
 
 def matmul_residual(x, w, residual, *, impl: str = "auto", **tuning):
@@ -301,14 +588,60 @@ def matmul_residual(x, w, residual, *, impl: str = "auto", **tuning):
   Returns:
     [rows, outputs] in residual.dtype; float32 accumulation.
   """
-  _check_gemm(x, w, "matmul_residual")
+  _check_x(x, "matmul_residual")
+  _check_weight(w, x.shape[1], "matmul_residual")
   if residual.shape != (x.shape[0], w.shape[1]):
     raise ValueError(f"matmul_residual: residual must have shape ({x.shape[0]}, {w.shape[1]}), "
                      f"got {residual.shape}")
   _check_dtype("residual", residual)
-  return _run("matmul_residual", x, None, w, residual, normalize=False, epilogue="residual",
-              eps=0.0, out_dtype=residual.dtype, impl=impl, tuning=tuning,
-              reference=lambda: matmul_residual_reference(x, w, residual))
+  kernel_impl = _kernel_impl(impl, tuning, _TUNING, "matmul_residual", x.shape[0], x.shape[1],
+                             w.shape[1])
+  if kernel_impl is None:
+    return matmul_residual_reference(x, w, residual)
+  return _fused_gemm(x, None, (w,), (residual,), normalize=False, epilogue="residual",
+                     eps=0.0, out_dtype=residual.dtype, interpret=kernel_impl == "interpret",
+                     **{**_TUNING, **tuning})[0]
+
+
+def greedy_head(hidden, w, *, layout: str, excluded_token: int | None = None,
+                impl: str = "auto", **tuning):
+  """The LM head's greedy proposal: per row the argmax token of hidden @ w and its softmax
+  probability, ``excluded_token`` (e.g. [MASK]) left out of both, without materialising the
+  logits (what `mage_jax.sampling.propose_tokens` computes at temperature 0 from them).
+
+  Args:
+    hidden: [rows, hidden_size] bfloat16 or float32, the final-norm output.
+    w: the head's weight: [hidden_size, vocab] with layout "ev" (an lm_head kernel) or
+      [vocab, hidden_size] with layout "ve" (tied input embeddings).
+    excluded_token: a column never proposed (its probability is 0), or None.
+    impl: as for `norm_matmul`.
+    **tuning: block_n (vocabulary columns per program, default 128), block_k, num_warps,
+      num_stages.
+
+  Returns:
+    (tokens int32 [rows], confidence float32 [rows]); ties go to the lowest token id.
+  """
+  entry = "greedy_head"
+  _check_x(hidden, entry)
+  if layout not in HEAD_LAYOUTS:
+    raise ValueError(f"{entry}: layout must be one of {HEAD_LAYOUTS}, got {layout!r}")
+  _check_dtype("w", w)
+  features = w.shape[0] if layout == "ev" else w.shape[-1]
+  if w.ndim != 2 or features != hidden.shape[1]:
+    want = "[hidden, vocab]" if layout == "ev" else "[vocab, hidden]"
+    raise ValueError(f"{entry}: w with layout {layout!r} must have shape {want} with hidden = "
+                     f"{hidden.shape[1]}, got {w.shape}")
+  vocab = w.shape[1] if layout == "ev" else w.shape[0]
+  excluded = -1 if excluded_token is None else int(excluded_token)
+  if excluded_token is not None and not 0 <= excluded < vocab:
+    raise ValueError(f"{entry}: excluded_token={excluded_token} is outside the vocabulary "
+                     f"[0, {vocab})")
+  kernel_impl = _kernel_impl(impl, tuning, _HEAD_TUNING, entry, hidden.shape[0],
+                             hidden.shape[1], vocab)
+  if kernel_impl is None:
+    return greedy_head_reference(hidden, w, layout=layout, excluded_token=excluded_token)
+  return _fused_head(hidden, w, layout=layout, excluded=excluded,
+                     interpret=kernel_impl == "interpret", **{**_HEAD_TUNING, **tuning})
 
 
 def _dot32(a, b):
@@ -316,18 +649,42 @@ def _dot32(a, b):
                  precision=lax.Precision.HIGHEST)
 
 
-@functools.partial(jax.jit, static_argnames=("eps",))
-def norm_matmul_reference(x, norm_weight, w, bias=None, *, eps: float):
-  """Plain-JAX definition of `norm_matmul`, all in float32."""
+def _rmsnorm32(x, norm_weight, eps: float):
   x32 = x.astype(jnp.float32)
   normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  out = _dot32(normed * norm_weight.astype(jnp.float32), w)
+  return normed * norm_weight.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("eps",))
+def norm_matmul_reference(x, norm_weight, w, bias=None, *, eps: float):
+  """Plain-JAX definition of `norm_matmul` (one weight), all in float32."""
+  out = _dot32(_rmsnorm32(x, norm_weight, eps), w)
   if bias is not None:
     out = out + bias.astype(jnp.float32)
   return out.astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps",))
+def norm_swiglu_reference(x, norm_weight, w_gate_up, *, eps: float):
+  """Plain-JAX definition of `norm_swiglu`, all in float32."""
+  h = _rmsnorm32(x, norm_weight, eps)
+  gate, up = _dot32(h, w_gate_up[:, 0]), _dot32(h, w_gate_up[:, 1])
+  return (jax.nn.silu(gate) * up).astype(x.dtype)
 
 
 @jax.jit
 def matmul_residual_reference(x, w, residual):
   """Plain-JAX definition of `matmul_residual`, all in float32."""
   return (residual.astype(jnp.float32) + _dot32(x, w)).astype(residual.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "excluded_token"))
+def greedy_head_reference(hidden, w, *, layout: str, excluded_token: int | None = None):
+  """Plain-JAX definition of `greedy_head`: float32 logits, the excluded column at -inf,
+  argmax and its softmax probability."""
+  logits = _dot32(hidden, w if layout == "ev" else w.T)
+  if excluded_token is not None:
+    logits = logits.at[:, excluded_token].set(-jnp.inf)
+  tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return tokens, jnp.take_along_axis(probs, tokens[:, None], axis=-1)[:, 0]

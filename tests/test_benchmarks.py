@@ -20,18 +20,20 @@ def _run(script, *args):
 
 def test_decode_e2e_times_every_method_in_the_loop_and_rewrites_its_table(tmp_path):
   _run("decode_e2e.py", "--preset=tiny_qwen2", "--contexts=40,100", "--batches=2",
-       "--methods=exact,mage,none,xla", "--budget=16", "--loop_context=0", "--loop_steps=2",
-       "--step_repeats=1", "--prefill_chunk=64", f"--out={tmp_path}")
+       "--methods=exact,mage,none,xla", "--layer_kernels=xla,fused", "--budget=16",
+       "--loop_context=0", "--loop_steps=2", "--step_repeats=1", "--prefill_chunk=64",
+       f"--out={tmp_path}")
   with open(tmp_path / "decode_e2e.json") as f:
     saved = json.load(f)
   steps = saved["steps"]
-  assert [(r["method"], r["context"]) for r in steps] == [
-      (m, c) for m in ("exact", "mage", "none", "xla") for c in (40, 100)]
+  assert [(r["method"], r["layers"], r["context"]) for r in steps] == [
+      (m, layers, c) for m in ("exact", "mage", "none", "xla") for layers in ("xla", "fused")
+      for c in (40, 100)]
   for r in steps:
     assert r["step_ms"] > 0 and r["first_step_ms"] > 0 and r["call_ms"] > 0, r
     assert r["floor_step_ms"] <= r["floor_first_ms"], r  # MAGE's later step reads less
   table = (tmp_path / "decode_e2e.md").read_text()
-  assert "| mage | 2 | 100 |" in table and "exact / this block" in table
+  assert "| mage | fused | 2 | 100 |" in table and "exact / this block" in table
   os.remove(tmp_path / "decode_e2e.md")
   _run("decode_e2e.py", f"--markdown_from={tmp_path / 'decode_e2e.json'}", f"--out={tmp_path}")
   assert (tmp_path / "decode_e2e.md").read_text() == table
@@ -209,19 +211,22 @@ def test_generation_e2e_times_whole_generate_calls_per_method_and_batch(tmp_path
     # Token shift decides each block's first token: 7 masks, at least one unmasked per step.
     assert 1 <= r["steps_per_block"] <= 7, r
   table = (tmp_path / "generation_e2e.md").read_text()
-  assert "| mage | 2 | 40 |" in table and "exact / this (decode)" in table
+  assert "| mage | xla | 2 | 40 |" in table and "exact / this (decode)" in table
   assert table in out
 
 
 def test_generation_e2e_fixed_steps_policy_takes_its_steps_and_bad_flags_stop_it(tmp_path):
   _run("generation_e2e.py", "--preset=tiny_qwen2", "--contexts=24", "--new_tokens=8",
        "--batches=1", "--methods=exact", "--policy=fixed_steps", "--steps_per_block=3",
-       "--repeats=1", "--prefill_chunk=64", f"--out={tmp_path}")
+       "--layer_kernels=xla,fused", "--repeats=1", "--prefill_chunk=64", f"--out={tmp_path}")
   with open(tmp_path / "generation_e2e.json") as f:
-    (row,) = json.load(f)["rows"]
-  assert row["steps_per_block"] == 3 and row["generated_tokens"] == 8
+    rows = json.load(f)["rows"]
+  assert [r["layers"] for r in rows] == ["xla", "fused"]
+  for row in rows:
+    assert row["steps_per_block"] == 3 and row["generated_tokens"] == 8
   for bad, message in (("--methods=exact,quest", "--methods: unknown ['quest']"),
-                       ("--policy=greedy", "--policy: unknown 'greedy'")):
+                       ("--policy=greedy", "--policy: unknown 'greedy'"),
+                       ("--layer_kernels=cublas", "--layer_kernels: unknown ['cublas']")):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "generation_e2e.py"),
                            bad, f"--out={tmp_path / 'bad'}"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)

@@ -1,5 +1,6 @@
 """decode_gemm's Triton kernels (interpret mode) against their float32 references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -125,8 +126,141 @@ def test_tuning_fills_the_gpu_and_keeps_every_split_nonempty():
     (lambda a: decode_gemm.matmul_residual(a["x"], a["w"], a["r"], impl="interpret",
                                            split_k=0),
      "split_k=0 must be >= 1"),
+    (lambda a: decode_gemm.norm_matmul(a["x"], a["g"], (a["w"], a["w"]), (a["b"],), eps=EPS),
+     "1 biases for 2 weights"),
+    (lambda a: decode_gemm.norm_matmul(a["x"], a["g"], (a["w"], a["w"][:, :8]), eps=EPS,
+                                       impl="interpret"),
+     r"grouped weights need output widths that are multiples of 16, got \[16, 8\]"),
+    (lambda a: decode_gemm.norm_matmul(a["x"], a["g"], (a["w"], a["w"].T), eps=EPS),
+     r"w\[1\] must have shape \[24, outputs\]"),
+    (lambda a: decode_gemm.norm_swiglu(a["x"], a["g"], a["w"], eps=EPS),
+     r"w_gate_up must have shape \[24, 2, intermediate\]"),
+    (lambda a: decode_gemm.greedy_head(a["x"], a["w"], layout="hv"),
+     "layout must be one of"),
+    (lambda a: decode_gemm.greedy_head(a["x"], a["w"], layout="ve"),
+     r"w with layout 've' must have shape \[vocab, hidden\] with hidden = 24"),
+    (lambda a: decode_gemm.greedy_head(a["x"], a["w"], layout="ev", excluded_token=16),
+     r"excluded_token=16 is outside the vocabulary \[0, 16\)"),
+    (lambda a: decode_gemm.greedy_head(a["x"], a["w"], layout="ev", impl="interpret",
+                                       split_k=2),
+     r"greedy_head: unknown tuning arguments \['split_k'\]"),
 ])
 def test_bad_input_fails_with_a_message_naming_it(call, message):
   x, g, w, b, r = _inputs(8, 24, 16, jnp.float32)
   with pytest.raises(ValueError, match=message):
     call(dict(x=x, g=g, w=w, b=b, r=r))
+
+
+# Grouped weights (q, k, v as the model stores them): one launch, outputs split per weight.
+# Widths 64 / 32 / 32 in tiles of 32 (each tile inside one weight), with biases and one K
+# split; without biases over two splits (partials finished by XLA); block_n 64 asked for,
+# fitted down to 32 so no tile straddles two weights.
+@pytest.mark.parametrize("rows,dtype,with_bias,tuning", [
+    (24, jnp.float32, True, dict(block_n=32, block_k=32, split_k=1)),
+    (40, jnp.bfloat16, False, dict(block_n=64, block_k=32, split_k=2)),
+])
+def test_grouped_norm_matmul_matches_each_weight(rows, dtype, with_bias, tuning):
+  x, norm_weight, w, bias, _ = _inputs(rows, 96, 128, dtype, seed=2)
+  ws = (w[:, :64], w[:, 64:96], w[:, 96:])
+  biases = (bias[:64], bias[64:96], bias[96:]) if with_bias else None
+  got = decode_gemm.norm_matmul(x, norm_weight, ws, biases, eps=EPS, impl="interpret", **tuning)
+  assert isinstance(got, tuple) and len(got) == 3
+  for i, (out, wi) in enumerate(zip(got, ws)):
+    want = decode_gemm.norm_matmul_reference(x, norm_weight, wi,
+                                             None if biases is None else biases[i], eps=EPS)
+    _assert_close(out, want, dtype)
+
+
+# Rows not a power of two, intermediate width not a multiple of the tile (masked gate and up
+# columns), one K split and three (the activation applied by XLA after the partials).
+@pytest.mark.parametrize("rows,dtype,tuning", [
+    (24, jnp.float32, dict(block_n=32, block_k=32, split_k=1)),
+    (96, jnp.bfloat16, dict(block_n=16, block_k=32, split_k=3)),
+])
+def test_norm_swiglu_matches_reference(rows, dtype, tuning):
+  x, norm_weight, _, _, _ = _inputs(rows, 96, 8, dtype, seed=3)
+  w = jnp.asarray(np.random.default_rng(4).standard_normal((96, 2, 72)) / np.sqrt(96), dtype)
+  got = decode_gemm.norm_swiglu(x, norm_weight, w, eps=EPS, impl="interpret", **tuning)
+  _assert_close(got, decode_gemm.norm_swiglu_reference(x, norm_weight, w, eps=EPS), dtype)
+
+
+def test_norm_swiglu_reference_is_silu_gate_times_up():
+  x, norm_weight, _, _, _ = _inputs(5, 24, 8, jnp.float32)
+  w = jnp.asarray(np.random.default_rng(5).standard_normal((24, 2, 16)), jnp.float32)
+  x64, g = np.asarray(x, np.float64), np.asarray(norm_weight, np.float64)
+  h = x64 / np.sqrt(np.mean(x64**2, axis=1, keepdims=True) + EPS) * g
+  gate, up = h @ np.asarray(w[:, 0], np.float64), h @ np.asarray(w[:, 1], np.float64)
+  np.testing.assert_allclose(decode_gemm.norm_swiglu_reference(x, norm_weight, w, eps=EPS),
+                             gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-5)
+
+
+def _head_inputs(rows, hidden, vocab, layout, seed=6, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  h = rng.standard_normal((rows, hidden))
+  w = rng.standard_normal((hidden, vocab)) / np.sqrt(hidden)
+  return jnp.asarray(h, dtype), jnp.asarray(w if layout == "ev" else w.T, dtype)
+
+
+def _softmax_pick(hidden, w, layout, excluded):
+  """float64 numpy: argmax of the logits without ``excluded`` and its probability."""
+  logits = np.asarray(hidden, np.float64) @ np.asarray(w if layout == "ev" else w.T, np.float64)
+  if excluded is not None:
+    logits[:, excluded] = -np.inf
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  probs /= probs.sum(axis=1, keepdims=True)
+  tokens = logits.argmax(axis=1)
+  return tokens, probs[np.arange(len(tokens)), tokens]
+
+
+# Both weight layouts; a vocabulary that leaves a short last tile (200 = 12 x 16 + 8 with
+# block_n 16; 193 with block_n 32: one column), whose only column is the excluded token in the
+# last case (a tile of -inf only). Row 0's largest logit is made the excluded token's (it must
+# be neither proposed nor counted in the probability); row 1's largest is made a tie between
+# tokens 5 and 150, in different tiles (the lower id wins, as jnp.argmax).
+@pytest.mark.parametrize("layout,vocab,excluded,tuning", [
+    ("ev", 200, None, dict(block_n=16, block_k=32)),
+    ("ve", 200, 7, dict(block_n=32, block_k=32)),
+    ("ve", 193, 192, dict(block_n=32)),
+])
+def test_greedy_head_matches_softmax_argmax(layout, vocab, excluded, tuning):
+  hidden, w = _head_inputs(24, 96, vocab, layout)
+  columns = w if layout == "ev" else w.T
+  columns = columns.at[:, 5].set(0.3 * jnp.sign(hidden[1])).at[:, 150].set(
+      0.3 * jnp.sign(hidden[1]))
+  if excluded is not None:
+    columns = columns.at[:, excluded].set(0.5 * jnp.sign(hidden[0]))
+    assert _softmax_pick(hidden, columns, "ev", None)[0][0] == excluded
+  w = columns if layout == "ev" else columns.T
+  tokens, confidence = decode_gemm.greedy_head(hidden, w, layout=layout, excluded_token=excluded,
+                                               impl="interpret", **tuning)
+  want_tokens, want_conf = _softmax_pick(hidden, w, layout, excluded)
+  assert want_tokens[1] == 5
+  np.testing.assert_array_equal(tokens, want_tokens)
+  np.testing.assert_allclose(confidence, want_conf, rtol=1e-5, atol=1e-6)
+  ref_tokens, ref_conf = decode_gemm.greedy_head_reference(hidden, w, layout=layout,
+                                                           excluded_token=excluded)
+  np.testing.assert_array_equal(ref_tokens, want_tokens)
+  np.testing.assert_allclose(ref_conf, want_conf, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_lower_for_the_gpu_at_model_shapes():
+  """The Triton lowering of every entry point at the 1.5B shapes (q/k/v as three weights, K
+  splits at 32 rows, none at 256; the tied head over the full vocabulary), checked on the CPU
+  by lowering for CUDA: what interpret mode cannot catch (an op the Triton lowering lacks)."""
+  bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  qkv = (bf16(1536, 1536), bf16(1536, 256), bf16(1536, 256))
+  biases = (bf16(1536), bf16(256), bf16(256))
+  calls = [
+      (lambda x, g, ws, bs: decode_gemm.norm_matmul(x, g, ws, bs, eps=EPS, impl="pallas"),
+       (bf16(32, 1536), bf16(1536), qkv, biases)),
+      (lambda x, g, w: decode_gemm.norm_swiglu(x, g, w, eps=EPS, impl="pallas"),
+       (bf16(256, 1536), bf16(1536), bf16(1536, 2, 8960))),
+      (lambda x, w, r: decode_gemm.matmul_residual(x, w, r, impl="pallas"),
+       (bf16(96, 8960), bf16(8960, 1536), bf16(96, 1536))),
+      (lambda x, w: decode_gemm.greedy_head(x, w, layout="ve", excluded_token=151665,
+                                            impl="pallas"),
+       (bf16(32, 1536), bf16(151936, 1536))),
+  ]
+  for call, args in calls:
+    text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text
