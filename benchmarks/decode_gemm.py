@@ -1,24 +1,32 @@
-"""Do the fused decode GEMMs of pallas_kernels/decode_gemm.py beat XLA? One GPU call decides.
+"""Do the fused decode layers of pallas_kernels/decode_gemm.py beat XLA? One GPU call decides.
 
   python benchmarks/decode_gemm.py --mode=check,sweep,table --out=$OUT
 
-For the four weight reads of a decoder layer at the Fast-dLLM v2 1.5B and 7B shapes and 32 /
-256 rows (one 32-token block at batch 1 / 8):
-  * qkv:     rmsnorm(x) * g @ [q|k|v] + bias  (norm_matmul, N = (q_heads + 2 kv_heads) * 128)
-  * gate_up: rmsnorm(x) * g @ [gate|up]       (norm_matmul, N = 2 * intermediate)
+For the weight reads of a decoder layer and the LM head at the Fast-dLLM v2 1.5B and 7B shapes
+and 32 / 256 rows (one 32-token block at batch 1 / 8), each as mage_jax/model.py's
+layer_kernels="fused" path calls it:
+  * qkv:     rmsnorm(x) * g @ q, k, v (+ their biases), three weights in one launch
+             (norm_matmul with a tuple of weights; N = (q_heads + 2 kv_heads) * 128 in all)
+  * swiglu:  silu(h @ gate) * (h @ up), h = rmsnorm(x) * g (norm_swiglu over the model's
+             [K, 2, intermediate] gate_up kernel; N = intermediate outputs, 2 x N weight columns)
   * o_proj:  residual + attn @ o              (matmul_residual, K = q_heads * 128)
   * down:    residual + act @ down            (matmul_residual, K = intermediate)
-it times the Triton kernel against XLA's jitted equivalent, written as mage_jax/model.py
-computes it (RMSNorm in float32 rounded to bf16, a bf16 dot, the bias / residual added in
-bf16), and against the floor max(bytes moved / copy bandwidth, FLOPs / matmul rate) with both
-rates measured in the same run (decode_kernels.measure_ceilings).
+  * head:    the greedy proposal (argmax token and its softmax probability, [MASK] excluded)
+             of hidden @ the LM head (greedy_head; 1.5B: tied embeddings [V, K], 7B: [K, V])
+it times the Triton kernel against XLA's jitted equivalent, written as the model's "xla" path
+computes it (RMSNorm in float32 rounded to bf16, bf16 dots, the bias / residual added in bf16,
+SiLU x up in bf16; for the head float32 logits, [MASK] set to -inf, softmax, argmax and the
+pick, as the generate loop), and against the floor max(bytes moved / copy bandwidth, FLOPs /
+matmul rate) with both rates measured in the same run (decode_kernels.measure_ceilings).
 
 * check: kernel (default tuning) vs its float32 reference on the GPU, and XLA's model path vs
-  the same reference for scale, at every shape and at 96 rows (batch 3: padded rows).
+  the same reference for scale, at every shape and at 96 rows (batch 3: padded rows); the head
+  compares tokens (all equal for ok) and confidences.
 * sweep: the kernel's tuning grid (--grid: "small", "full" or a JSON list of tuning dicts),
-  variants that resolve to the same launch timed once.
+  variants that resolve to the same launch timed once (the head takes no split_k).
 * table: per shape XLA, the kernel's defaults and the sweep's best against the floor, the
-  per-layer sums, and the device kernels each timed program launches (profiler trace).
+  per-layer sums (qkv + swiglu + o_proj + down), and the device kernels each timed program
+  launches (profiler trace).
 
 Timing (as decode_kernels.py): --reps calls inside one jitted program, each on its own x (and
 residual), cycling through enough weight copies to pass the 50 MB L2; the median of --timings
@@ -53,12 +61,15 @@ from bench_common import median_seconds, run_log, trace_kernels  # noqa: E402
 from decode_kernels import attempt, measure_ceilings, relative_error  # noqa: E402
 
 MODELS = {
-    "1.5B": dict(hidden=1536, q_heads=12, kv_heads=2, intermediate=8960),
-    "7B": dict(hidden=3584, q_heads=28, kv_heads=4, intermediate=18944),
-    "toy": dict(hidden=64, q_heads=2, kv_heads=1, intermediate=48),
+    "1.5B": dict(hidden=1536, q_heads=12, kv_heads=2, intermediate=8960, vocab=151936,
+                 tied=True),
+    "7B": dict(hidden=3584, q_heads=28, kv_heads=4, intermediate=18944, vocab=152064,
+               tied=False),
+    "toy": dict(hidden=64, q_heads=2, kv_heads=1, intermediate=48, vocab=200, tied=True),
 }
 HEAD_DIM = {"toy": 16}  # 128 for the real models
-OPS = ("qkv", "gate_up", "o_proj", "down")
+LAYER_OPS = ("qkv", "swiglu", "o_proj", "down")  # a decoder layer's four weight reads
+OPS = LAYER_OPS + ("head",)
 EPS = 1e-6
 L2_BYTES = 50e6
 MAX_SETS = 16
@@ -72,7 +83,8 @@ GRIDS = {
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  """One weight read: x [rows, k] @ w [k, n], with a norm (+ bias) before or a residual after."""
+  """One weight read: x [rows, k] against the op's weight(s), n its output columns (swiglu:
+  the intermediate width, over 2 x n weight columns; head: the vocabulary)."""
   model: str
   op: str
   rows: int
@@ -81,20 +93,34 @@ class Case:
 
   @property
   def normalize(self) -> bool:
-    return self.op in ("qkv", "gate_up")
+    return self.op in ("qkv", "swiglu")
 
   @property
   def bias(self) -> bool:
     return self.op == "qkv"  # Qwen2.5: q/k/v have a bias, the rest none
 
+  @property
+  def weight_columns(self) -> int:
+    return 2 * self.n if self.op == "swiglu" else self.n
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    """qkv: the output widths of q, k and v."""
+    m, hd = MODELS[self.model], HEAD_DIM.get(self.model, 128)
+    return (m["q_heads"] * hd, m["kv_heads"] * hd, m["kv_heads"] * hd)
+
   def bytes_moved(self) -> int:
-    """bf16 bytes the op must read and write: w, x, the output, and g / bias / residual."""
+    """bf16 bytes the op must read and write: w, x, the output, and g / bias / residual (the
+    head writes two numbers per row)."""
+    weight = self.k * self.weight_columns
+    if self.op == "head":
+      return 2 * (weight + self.rows * self.k) + 8 * self.rows
     extra = self.k * self.normalize + self.n * self.bias + self.rows * self.n * (
         not self.normalize)
-    return 2 * (self.k * self.n + self.rows * self.k + self.rows * self.n + extra)
+    return 2 * (weight + self.rows * self.k + self.rows * self.n + extra)
 
   def flops(self) -> int:
-    return 2 * self.rows * self.k * self.n
+    return 2 * self.rows * self.k * self.weight_columns
 
 
 def cases(models, rows_list, ops=OPS) -> list[Case]:
@@ -103,24 +129,53 @@ def cases(models, rows_list, ops=OPS) -> list[Case]:
     m = MODELS[model]
     hd = HEAD_DIM.get(model, 128)
     shapes = {"qkv": (m["hidden"], (m["q_heads"] + 2 * m["kv_heads"]) * hd),
-              "gate_up": (m["hidden"], 2 * m["intermediate"]),
+              "swiglu": (m["hidden"], m["intermediate"]),
               "o_proj": (m["q_heads"] * hd, m["hidden"]),
-              "down": (m["intermediate"], m["hidden"])}
+              "down": (m["intermediate"], m["hidden"]),
+              "head": (m["hidden"], m["vocab"])}
     out += [Case(model, op, rows, *shapes[op]) for rows in rows_list for op in ops]
   return out
 
 
-def xla_norm_matmul(x, g, w, bias):
-  """mage_jax/model.py's path: RMSNorm in float32 rounded to x.dtype, a bf16 dot, the bias."""
+def _xla_norm(x, g):
+  """mage_jax/model.py's RMSNorm: float32, rounded to x.dtype."""
   x32 = x.astype(jnp.float32)
   x32 = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + EPS)
-  h = (x32 * g.astype(jnp.float32)).astype(x.dtype)
-  y = jnp.dot(h, w)
-  return y if bias is None else y + bias
+  return (x32 * g.astype(jnp.float32)).astype(x.dtype)
+
+
+def xla_norm_matmul(x, g, ws, biases):
+  """The model's xla path for q/k/v: the norm once, a bf16 dot per weight, the biases."""
+  h = _xla_norm(x, g)
+  outs = [jnp.dot(h, w) for w in ws]
+  return tuple(outs) if biases is None else tuple(o + b for o, b in zip(outs, biases))
+
+
+def xla_swiglu(x, g, w):
+  gate_up = jnp.einsum("re,eki->rki", _xla_norm(x, g), w)
+  return jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
 
 
 def xla_matmul_residual(x, w, residual):
   return residual + jnp.dot(x, w)
+
+
+def xla_greedy_head(x, w, layout: str, excluded: int):
+  """The generate loop's greedy proposal from the model's float32 logits."""
+  spec = "re,ve->rv" if layout == "ve" else "re,ev->rv"
+  logits = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+  logits = logits.at[:, excluded].set(-jnp.inf)
+  tokens = jnp.argmax(logits, axis=-1)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return tokens, jnp.take_along_axis(probs, tokens[:, None], -1)[:, 0]
+
+
+def head_layout(case: Case) -> str:
+  return "ve" if MODELS[case.model]["tied"] else "ev"
+
+
+def excluded_token(case: Case) -> int:
+  return case.n - 7  # a [MASK]-like id near the end of the vocabulary
 
 
 class Problem:
@@ -128,37 +183,73 @@ class Problem:
 
   def __init__(self, case: Case, reps: int, sets: int | None = None, seed: int = 0):
     self.case = case
-    keys = iter(jax.random.split(jax.random.key(seed), 4 * MAX_SETS + 4))
+    keys = iter(jax.random.split(jax.random.key(seed), 6 * MAX_SETS + 4))
     normal = lambda shape, scale=1.0: (jax.random.normal(next(keys), shape, jnp.float32)
                                        * scale).astype(jnp.bfloat16)
-    weight_bytes = 2 * case.k * case.n
+    weight_bytes = 2 * case.k * case.weight_columns
     if sets is None:
       sets = max(2, min(MAX_SETS, math.ceil(2 * L2_BYTES / weight_bytes)))
     self.per_call = (normal((reps, case.rows, case.k), 3.0),)
-    if not case.normalize:
+    if case.op in ("o_proj", "down"):
       self.per_call += (normal((reps, case.rows, case.n)),)
+    scale = 1 / math.sqrt(case.k)
     self.sets = []
     for _ in range(sets):
-      w = normal((case.k, case.n), 1 / math.sqrt(case.k))
-      if case.normalize:
-        self.sets.append((1.0 + normal((case.k,), 0.2), w,
-                          normal((case.n,)) if case.bias else None))
+      if case.op == "qkv":
+        ws = tuple(normal((case.k, width), scale) for width in case.widths)
+        biases = tuple(normal((width,)) for width in case.widths) if case.bias else None
+        self.sets.append((1.0 + normal((case.k,), 0.2), ws, biases))
+      elif case.op == "swiglu":
+        self.sets.append((1.0 + normal((case.k,), 0.2), normal((case.k, 2, case.n), scale)))
+      elif case.op == "head":
+        shape = (case.n, case.k) if head_layout(case) == "ve" else (case.k, case.n)
+        self.sets.append((normal(shape, scale),))
       else:
-        self.sets.append((w,))
+        self.sets.append((normal((case.k, case.n), scale),))
 
   def kernel(self, impl: str, **tuning):
-    if self.case.normalize:
-      return lambda x, g, w, b: decode_gemm.norm_matmul(x, g, w, b, eps=EPS, impl=impl, **tuning)
+    op = self.case.op
+    if op == "qkv":
+      return lambda x, g, ws, bs: decode_gemm.norm_matmul(x, g, ws, bs, eps=EPS, impl=impl,
+                                                          **tuning)
+    if op == "swiglu":
+      return lambda x, g, w: decode_gemm.norm_swiglu(x, g, w, eps=EPS, impl=impl, **tuning)
+    if op == "head":
+      layout, excluded = head_layout(self.case), excluded_token(self.case)
+      return lambda x, w: decode_gemm.greedy_head(x, w, layout=layout, excluded_token=excluded,
+                                                  impl=impl, **tuning)
     return lambda x, r, w: decode_gemm.matmul_residual(x, w, r, impl=impl, **tuning)
 
   def xla(self):
-    if self.case.normalize:
+    op = self.case.op
+    if op == "qkv":
       return xla_norm_matmul
+    if op == "swiglu":
+      return xla_swiglu
+    if op == "head":
+      layout, excluded = head_layout(self.case), excluded_token(self.case)
+      return lambda x, w: xla_greedy_head(x, w, layout, excluded)
     return lambda x, r, w: xla_matmul_residual(x, w, r)
+
+  def reference(self, args):
+    """The op's float32 reference on one call's arguments."""
+    op = self.case.op
+    if op == "qkv":
+      x, g, ws, bs = args
+      return tuple(decode_gemm.norm_matmul_reference(x, g, w, None if bs is None else b,
+                                                     eps=EPS)
+                   for w, b in zip(ws, bs or (None,) * len(ws)))
+    if op == "swiglu":
+      return decode_gemm.norm_swiglu_reference(*args, eps=EPS)
+    if op == "head":
+      return decode_gemm.greedy_head_reference(*args, layout=head_layout(self.case),
+                                               excluded_token=excluded_token(self.case))
+    x, r, w = args
+    return decode_gemm.matmul_residual_reference(x, w, r)
 
   def harness(self):
     """The scan's own per-call work: an output of the right shape from the call's inputs."""
-    n = self.case.n
+    n = 1 if self.case.op == "head" else self.case.n
     return lambda x, *rest: jnp.broadcast_to(x[:, :1], (x.shape[0], n))
 
   def one_call_args(self, rows: int | None = None):
@@ -182,7 +273,8 @@ def timed_program(call, per_call: tuple, sets: list):
       for j, shared in enumerate(sets):
         mine = tuple(a[j] for a in args)
         result = lax.optimization_barrier(call(*mine, *shared))
-        total = total + result.reshape(-1)[0].astype(jnp.float32)
+        for leaf in jax.tree.leaves(result):
+          total = total + leaf.reshape(-1)[0].astype(jnp.float32)
       return total, None
     grouped = tuple(a[:steps * num_sets].reshape(steps, num_sets, *a.shape[1:])
                     for a in per_call)
@@ -202,8 +294,30 @@ def kernels_per_call(program, calls: int) -> dict[str, float]:
 
 def resolved(case: Case, tuning: dict) -> tuple:
   """The launch a tuning resolves to (variants with the same launch are timed once)."""
-  t = decode_gemm.kernel_tuning(case.rows, case.k, case.n, 2, **tuning)
+  if case.op == "head":
+    t = decode_gemm.head_tuning(case.rows, case.k, case.n, 2, **tuning)
+    return tuple(sorted((k, v) for k, v in t.items()))
+  widths = case.widths if case.op == "qkv" else ()
+  t = decode_gemm.kernel_tuning(case.rows, case.k, case.n, 2, group_widths=widths, **tuning)
   return tuple(sorted((k, v) for k, v in t.items()))
+
+
+def kernel_grid(case: Case, grid: list[dict]) -> list[dict]:
+  """The grid as the op's kernel takes it: the head has no K splits."""
+  if case.op != "head":
+    return grid
+  return [{k: v for k, v in tuning.items() if k != "split_k"} for tuning in grid]
+
+
+def check_error(case: Case, out, ref) -> dict:
+  """The kernel's (or XLA's) error against the reference: the largest relative error over the
+  outputs; for the head the share of rows with the reference's token and the confidences'
+  error."""
+  if case.op == "head":
+    return dict(token_match=float(jnp.mean(out[0] == ref[0])),
+                rel_err=relative_error(out[1], ref[1]))
+  outs, refs = jax.tree.leaves(out), jax.tree.leaves(ref)
+  return dict(rel_err=max(relative_error(o, r) for o, r in zip(outs, refs)))
 
 
 def run_checks(log, all_cases: list[Case], impl: str) -> list[dict]:
@@ -215,21 +329,23 @@ def run_checks(log, all_cases: list[Case], impl: str) -> list[dict]:
     problem = Problem(case, reps=1, sets=1, seed=7)
     for rows_count in row_counts:
       args = problem.one_call_args(rows_count)
-      if case.normalize:
-        x, g, w, b = args
-        ref = decode_gemm.norm_matmul_reference(x, g, w, b, eps=EPS)
-      else:
-        x, r, w = args
-        ref = decode_gemm.matmul_residual_reference(x, w, r)
+      ref = problem.reference(args)
       row = dict(model=case.model, op=case.op, rows=rows_count, k=case.k, n=case.n)
       out = attempt(log, f"check {row}", lambda: problem.kernel(impl)(*args))
       if out is None:
         row.update(kernel_rel_err=None, ok=False)
         rows.append(row)
         continue
-      row["kernel_rel_err"] = relative_error(out, ref)
-      row["xla_rel_err"] = relative_error(jax.jit(problem.xla())(*args), ref)
+      kernel, xla = check_error(case, out, ref), check_error(case, jax.jit(problem.xla())(*args),
+                                                             ref)
+      row["kernel_rel_err"], row["xla_rel_err"] = kernel["rel_err"], xla["rel_err"]
       row["ok"] = row["kernel_rel_err"] <= max(2 * row["xla_rel_err"], 1e-2)
+      if case.op == "head":
+        row["kernel_token_match"], row["xla_token_match"] = (kernel["token_match"],
+                                                             xla["token_match"])
+        # Near-ties among ~150K random logits may order differently in any float32 sum: no
+        # fewer tokens than XLA's own path may differ from the reference's.
+        row["ok"] = row["ok"] and kernel["token_match"] >= xla["token_match"]
       rows.append(row)
       log(json.dumps(row))
   return rows
@@ -274,7 +390,7 @@ def sweep_case(timer: CaseTimer, row: dict, grid: list[dict], deadline: float) -
   """Times ``grid``'s launches not yet timed for this case into ``row`` (sweep, best_us,
   best_tuning) until ``deadline``."""
   seen = {resolved(timer.case, {})}
-  for tuning in grid:
+  for tuning in kernel_grid(timer.case, grid):
     key = resolved(timer.case, tuning)
     if key in seen:
       continue
@@ -310,15 +426,16 @@ def format_table(rows: list[dict], ceilings: dict) -> str:
         f"{ratio(r['xla_us'], r['best_us'])} | {fmt(r['harness_us'])} |")
   layers = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0])
   for r in rows:
-    if r["xla_us"] is not None and r["best_us"] is not None:
+    if r["op"] in LAYER_OPS and r["xla_us"] is not None and r["best_us"] is not None:
       total = layers[(r["model"], r["rows"])]
       total[0] += r["floor_us"]
       total[1] += r["xla_us"]
       total[2] += r["best_us"]
       total[3] += 1
-  layers = {key: total[:3] for key, total in layers.items() if total[3] == len(OPS)}
+  layers = {key: total[:3] for key, total in layers.items() if total[3] == len(LAYER_OPS)}
   if layers:
-    lines += ["", "Per layer (the four weight reads; x 28 layers per step):", "",
+    lines += ["", "Per layer (qkv + swiglu + o_proj + down; x 28 layers per step, plus one "
+              "head):", "",
               "| model | rows | floor | XLA | kernels (best) | XLA / kernels |",
               "|---|---|---|---|---|---|"]
     for (model, rows_count), (floor, xla, best) in sorted(layers.items()):

@@ -118,6 +118,11 @@ def kernel_tuning(rows: int, k: int, n: int, weight_bytes: int, *,
               num_stages=t["num_stages"])
 
 
+def head_tuning(rows: int, k: int, vocab: int, weight_bytes: int, **tuning) -> dict:
+  """The greedy head's launch parameters: its own defaults (block_n 128), never a K split."""
+  return kernel_tuning(rows, k, vocab, weight_bytes, **{**_HEAD_TUNING, **tuning, "split_k": 1})
+
+
 def _masked(ref_view, mask):
   """A tile of ``ref_view``; with ``mask``, masked-out elements read 0."""
   if mask is None:
@@ -430,8 +435,8 @@ def _fused_head(x, w, *, layout: str, excluded: int, interpret: bool, block_n: i
                 block_k: int | None, num_warps: int | None, num_stages: int):
   rows, k = x.shape
   vocab = w.shape[1] if layout == "ev" else w.shape[0]
-  t = kernel_tuning(rows, k, vocab, w.dtype.itemsize, block_n=block_n, block_k=block_k,
-                    split_k=1, num_warps=num_warps, num_stages=num_stages)
+  t = head_tuning(rows, k, vocab, w.dtype.itemsize, block_n=block_n, block_k=block_k,
+                  num_warps=num_warps, num_stages=num_stages)
   kernel = functools.partial(
       _head_kernel, rows=rows, k=k, vocab=vocab, excluded=excluded, transposed=layout == "ve",
       block_m=t["block_m"], block_k=t["block_k"], block_n=t["block_n"])
