@@ -43,6 +43,9 @@ flags.DEFINE_string("output_dir", "runs/eval", "where results, summary and plots
                     "of earlier runs is resumed, its other results kept but not shown")
 flags.DEFINE_integer("seed", 0, "seed of the task generators (eval seeds are < 10**6)")
 flags.DEFINE_string("haystack_file", None, "plain-text filler for niah / RULER tasks")
+flags.DEFINE_enum("layer_kernels", "xla", ["xla", "fused"], "the layers outside attention in "
+                  "the denoising steps: XLA's, or the fused decode kernels "
+                  "(DecodeOptions.layer_kernels; a GPU setting, their references elsewhere)")
 
 
 class _Fail(Exception):
@@ -62,6 +65,7 @@ def main(argv):
                             write_summary)
   from mage_jax import sharding
   from mage_jax.checkpoint import apply_chat_template, load_pretrained, load_tokenizer
+  from mage_jax.generate import DecodeOptions
 
   try:
     if not FLAGS.method:
@@ -80,7 +84,10 @@ def main(argv):
     mesh = mesh_flags.setup()
     if mesh is not None:
       runner.check_mesh(mesh, FLAGS.batch_size, measure)
+      if FLAGS.layer_kernels == "fused":
+        raise ValueError("--layer_kernels=fused runs on one device; drop --mesh")
     model, cfg = load_pretrained(FLAGS.checkpoint)
+    options = DecodeOptions.for_model(cfg, layer_kernels=FLAGS.layer_kernels)
     if mesh is not None:
       sharding.shard_model(model, mesh)
     tok, template = load_tokenizer(FLAGS.checkpoint)
@@ -102,7 +109,7 @@ def main(argv):
 
   rows = runner.run_cases(model, tokenizer, samples, specs, store=store,
                           batch_size=FLAGS.batch_size, seed=FLAGS.seed, measure=measure,
-                          mesh=mesh)
+                          options=options, mesh=mesh)
   case_ids = [r["case_id"] for r in rows]
   batches = store.batches(case_ids)
   write_summary(rows, FLAGS.output_dir, batches)

@@ -150,6 +150,9 @@ def test_case_setup_covers_weights_dtype_options_and_prompt(checkpoint):
                                       [5, 6, 7], 8),
                 provenance.case_setup(base, method, DecodeOptions.for_model(cfg, threshold=0.5),
                                       [5, 6, 7], 8),
+                provenance.case_setup(base, method,
+                                      DecodeOptions.for_model(cfg, layer_kernels="fused"),
+                                      [5, 6, 7], 8),
                 provenance.case_setup(base, method, options, [5, 6, 8], 8),
                 provenance.case_setup(base, method, options, [5, 6, 7], 9),
                 provenance.case_setup("other", method, options, [5, 6, 7], 8)):
