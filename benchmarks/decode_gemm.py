@@ -5,8 +5,8 @@
 For the weight reads of a decoder layer and the LM head at the Fast-dLLM v2 1.5B and 7B shapes
 and 32 / 256 rows (one 32-token block at batch 1 / 8), each as mage_jax/model.py's
 layer_kernels="fused" path calls it:
-  * qkv:     rmsnorm(x) * g @ q, k, v (+ their biases), three weights in one launch
-             (norm_matmul with a tuple of weights; N = (q_heads + 2 kv_heads) * 128 in all)
+  * qkv:     rmsnorm(x) * g @ q, k, v + their biases, then RoPE on q and k: three weights in
+             one launch (norm_qkv_rope; N = (q_heads + 2 kv_heads) * 128 in all)
   * swiglu:  silu(h @ gate) * (h @ up), h = rmsnorm(x) * g (norm_swiglu over the model's
              [K, 2, intermediate] gate_up kernel; N = intermediate outputs, 2 x N weight columns)
   * o_proj:  residual + attn @ o              (matmul_residual, K = q_heads * 128)
@@ -15,7 +15,7 @@ layer_kernels="fused" path calls it:
              of hidden @ the LM head (greedy_head; 1.5B: tied embeddings [V, K], 7B: [K, V])
 it times the Triton kernel against XLA's jitted equivalent, written as the model's "xla" path
 computes it (RMSNorm in float32 rounded to bf16, bf16 dots, the bias / residual added in bf16,
-SiLU x up in bf16; for the head float32 logits, [MASK] set to -inf, softmax, argmax and the
+RoPE in float32, SiLU x up in bf16; for the head float32 logits, [MASK] set to -inf, softmax, argmax and the
 pick, as the generate loop), and against the floor max(bytes moved / copy bandwidth, FLOPs /
 matmul rate) with both rates measured in the same run (decode_kernels.measure_ceilings).
 
@@ -67,7 +67,7 @@ MODELS = {
                tied=False),
     "toy": dict(hidden=64, q_heads=2, kv_heads=1, intermediate=48, vocab=200, tied=True),
 }
-HEAD_DIM = {"toy": 16}  # 128 for the real models
+HEAD_DIM = {"toy": 32}  # 128 for the real models; norm_qkv_rope's kernel needs >= 32
 LAYER_OPS = ("qkv", "swiglu", "o_proj", "down")  # a decoder layer's four weight reads
 OPS = LAYER_OPS + ("head",)
 EPS = 1e-6
@@ -144,11 +144,23 @@ def _xla_norm(x, g):
   return (x32 * g.astype(jnp.float32)).astype(x.dtype)
 
 
-def xla_norm_matmul(x, g, ws, biases):
-  """The model's xla path for q/k/v: the norm once, a bf16 dot per weight, the biases."""
+def xla_qkv_rope(x, g, ws, biases, cos, sin):
+  """The model's xla path for q/k/v: the norm once, a bf16 dot per weight, the biases, RoPE
+  on q and k in float32 (mage_jax.model.apply_rope's math on the same tables)."""
   h = _xla_norm(x, g)
   outs = [jnp.dot(h, w) for w in ws]
-  return tuple(outs) if biases is None else tuple(o + b for o, b in zip(outs, biases))
+  if biases is not None:
+    outs = [o + b for o, b in zip(outs, biases)]
+  half = cos.shape[1]
+
+  def rotate(a):
+    heads = a.astype(jnp.float32).reshape(a.shape[0], -1, 2 * half)
+    lo, hi = heads[..., :half], heads[..., half:]
+    c, s = cos[:, None], sin[:, None]
+    out = jnp.concatenate([lo * c - hi * s, hi * c + lo * s], axis=-1)
+    return out.reshape(a.shape).astype(a.dtype)
+
+  return rotate(outs[0]), rotate(outs[1]), outs[2]
 
 
 def xla_swiglu(x, g, w):
@@ -198,7 +210,9 @@ class Problem:
       if case.op == "qkv":
         ws = tuple(normal((case.k, width), scale) for width in case.widths)
         biases = tuple(normal((width,)) for width in case.widths) if case.bias else None
-        self.sets.append((1.0 + normal((case.k,), 0.2), ws, biases))
+        positions = jax.random.randint(next(keys), (case.rows,), 0, 131072)
+        cos, sin = decode_gemm.rope_tables(positions, 1e6, HEAD_DIM.get(case.model, 128))
+        self.sets.append((1.0 + normal((case.k,), 0.2), ws, biases, cos, sin))
       elif case.op == "swiglu":
         self.sets.append((1.0 + normal((case.k,), 0.2), normal((case.k, 2, case.n), scale)))
       elif case.op == "head":
@@ -210,8 +224,8 @@ class Problem:
   def kernel(self, impl: str, **tuning):
     op = self.case.op
     if op == "qkv":
-      return lambda x, g, ws, bs: decode_gemm.norm_matmul(x, g, ws, bs, eps=EPS, impl=impl,
-                                                          **tuning)
+      return lambda x, g, ws, bs, cos, sin: decode_gemm.norm_qkv_rope(
+          x, g, ws, bs, rope_cos=cos, rope_sin=sin, eps=EPS, impl=impl, **tuning)
     if op == "swiglu":
       return lambda x, g, w: decode_gemm.norm_swiglu(x, g, w, eps=EPS, impl=impl, **tuning)
     if op == "head":
@@ -223,7 +237,7 @@ class Problem:
   def xla(self):
     op = self.case.op
     if op == "qkv":
-      return xla_norm_matmul
+      return xla_qkv_rope
     if op == "swiglu":
       return xla_swiglu
     if op == "head":
@@ -235,10 +249,8 @@ class Problem:
     """The op's float32 reference on one call's arguments."""
     op = self.case.op
     if op == "qkv":
-      x, g, ws, bs = args
-      return tuple(decode_gemm.norm_matmul_reference(x, g, w, None if bs is None else b,
-                                                     eps=EPS)
-                   for w, b in zip(ws, bs or (None,) * len(ws)))
+      x, g, ws, bs, cos, sin = args
+      return decode_gemm.norm_qkv_rope_reference(x, g, ws, bs, None, cos, sin, eps=EPS)
     if op == "swiglu":
       return decode_gemm.norm_swiglu_reference(*args, eps=EPS)
     if op == "head":
@@ -258,7 +270,10 @@ class Problem:
     if rows is None:
       return args
     grow = lambda a: jnp.resize(a, (rows, a.shape[1]))
-    return tuple(grow(a) for a in args[:len(self.per_call)]) + args[len(self.per_call):]
+    args = tuple(grow(a) for a in args[:len(self.per_call)]) + args[len(self.per_call):]
+    if self.case.op == "qkv":  # the RoPE tables have a row per x row
+      args = args[:-2] + tuple(grow(a) for a in args[-2:])
+    return args
 
 
 def timed_program(call, per_call: tuple, sets: list):
@@ -297,13 +312,18 @@ def resolved(case: Case, tuning: dict) -> tuple:
   if case.op == "head":
     t = decode_gemm.head_tuning(case.rows, case.k, case.n, 2, **tuning)
     return tuple(sorted((k, v) for k, v in t.items()))
-  widths = case.widths if case.op == "qkv" else ()
+  widths = case.widths + (HEAD_DIM.get(case.model, 128),) if case.op == "qkv" else ()
+  if case.op == "qkv":  # norm_qkv_rope's tiles lie inside one head
+    tuning = {**tuning, "block_n": min(tuning.get("block_n", 64), widths[-1])}
   t = decode_gemm.kernel_tuning(case.rows, case.k, case.n, 2, group_widths=widths, **tuning)
   return tuple(sorted((k, v) for k, v in t.items()))
 
 
 def kernel_grid(case: Case, grid: list[dict]) -> list[dict]:
-  """The grid as the op's kernel takes it: the head has no K splits."""
+  """The grid as the op's kernel takes it: the head has no K splits, norm_qkv_rope's rotary
+  pairs need block_n >= 32."""
+  if case.op == "qkv":
+    return [t for t in grid if t.get("block_n", 64) >= 32]
   if case.op != "head":
     return grid
   return [{k: v for k, v in tuning.items() if k != "split_k"} for tuning in grid]

@@ -14,9 +14,9 @@ Weights keep their head structure (q: [embed, heads, head_dim], o: [heads, head_
 the Hugging Face name map lives in mage_jax.checkpoint.
 
 ``layer_kernels`` picks how the layers outside attention run: "xla" (XLA's fusions and GEMMs)
-or "fused" (pallas_kernels.decode_gemm: input norm + q/k/v + bias, o_proj + residual,
-post-attention norm + gate/up + SwiGLU, down_proj + residual, four launches per layer, for the
-1..256 rows of a denoising step or a commit; larger calls run the "xla" path). The fused
+or "fused" (pallas_kernels.decode_gemm: input norm + q/k/v + bias + q/k norm + RoPE, o_proj +
+residual, post-attention norm + gate/up + SwiGLU, down_proj + residual, four launches per
+layer, for the 1..256 rows of a denoising step or a commit; larger calls run the "xla" path). The fused
 kernels run under the active kernel setting (pallas_kernels.dispatch): the Triton kernels on
 a GPU, their float32 references elsewhere. Same weights, same outputs to bf16 rounding.
 """
@@ -61,11 +61,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
   x: [batch, seq, heads, head_dim]; positions: int [batch, seq].
   """
-  head_dim = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
+  cos, sin = decode_gemm.rope_tables(positions, theta, x.shape[-1])  # [b, s, d/2]
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -152,9 +149,10 @@ class DecoderLayer(nnx.Module):
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, carry
 
-  def fused_call(self, x, positions, layer: int, attend: AttendFn, carry):
-    """The same layer through the fused decode GEMMs (``layer_kernels="fused"``): four
-    launches around the attention, the norms and residual adds inside them."""
+  def fused_call(self, x, positions, layer: int, attend: AttendFn, carry, rope):
+    """The same layer through the fused decode kernels (``layer_kernels="fused"``): four
+    launches around the attention, the norms, RoPE and residual adds inside them. ``rope``:
+    decode_gemm.rope_tables of the flattened positions, computed once for all layers."""
     attn, mlp = self.self_attn, self.mlp
     projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
     if not all(type(p) is nnx.Einsum for p in projections):
@@ -166,12 +164,24 @@ class DecoderLayer(nnx.Module):
     qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
     kernels = tuple(p.kernel[...].reshape(embed, -1) for p in qkv)
     biases = None if attn.q_proj.bias is None else tuple(p.bias[...].reshape(-1) for p in qkv)
-    q, k, v = decode_gemm.norm_matmul(rows, self.input_layernorm.scale[...], kernels, biases,
-                                      eps=self.input_layernorm.eps, impl=impl)
-    heads = lambda a, kernel: a.reshape(batch, seq, *kernel.shape[1:])
-    out, carry = attn.attend_heads(heads(q, attn.q_proj.kernel), heads(k, attn.k_proj.kernel),
-                                   heads(v, attn.v_proj.kernel), positions, layer, attend,
-                                   carry)
+    heads = lambda a, proj: a.reshape(batch, seq, *proj.kernel.shape[1:])
+    norm = self.input_layernorm
+    head_dim = attn.q_proj.kernel.shape[-1]
+    if impl in ("pallas", "interpret") and not decode_gemm.rope_kernel_supports(head_dim):
+      # A head too small for the kernel's rotary pairs: the projection fused, norms and RoPE
+      # by XLA.
+      q, k, v = decode_gemm.norm_matmul(rows, norm.scale[...], kernels, biases, eps=norm.eps,
+                                        impl=impl)
+      out, carry = attn.attend_heads(heads(q, attn.q_proj), heads(k, attn.k_proj),
+                                     heads(v, attn.v_proj), positions, layer, attend, carry)
+    else:
+      head_norms = None if attn.q_norm is None else (attn.q_norm.scale[...],
+                                                     attn.k_norm.scale[...])
+      q, k, v = decode_gemm.norm_qkv_rope(rows, norm.scale[...], kernels, biases,
+                                          rope_cos=rope[0], rope_sin=rope[1],
+                                          head_norms=head_norms, eps=norm.eps, impl=impl)
+      out, carry = attend(layer, heads(q, attn.q_proj), heads(k, attn.k_proj),
+                          heads(v, attn.v_proj), carry)
     o_kernel = attn.o_proj.kernel[...]
     rows = decode_gemm.matmul_residual(out.astype(x.dtype).reshape(batch * seq, -1),
                                        o_kernel.reshape(-1, embed), rows, impl=impl)
@@ -223,11 +233,14 @@ class Transformer(nnx.Module):
       raise ValueError("layer_kernels='fused' runs inference on one device (no remat, no "
                        "mesh of several devices)")
     x = self.embed_tokens(tokens)
+    if fused:
+      rope = decode_gemm.rope_tables(positions.reshape(-1), self.config.rope_theta,
+                                     self.config.head_dim)
     for i, layer in enumerate(self.layers):
       if remat:
         x, carry = nnx.remat(_layer_call(i, positions, attend))(layer, x, carry)
       elif fused:
-        x, carry = layer.fused_call(x, positions, i, attend, carry)
+        x, carry = layer.fused_call(x, positions, i, attend, carry, rope)
       else:
         x, carry = layer(x, positions, i, attend, carry)
     return self.norm(x), carry

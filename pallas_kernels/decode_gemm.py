@@ -10,6 +10,10 @@ several passes over [rows, vocab] float32) is latency and traffic on top of it (
   norm and the q/k/v projection of a decoder layer in one kernel; ``w`` (and ``bias``) may be
   a tuple of weights sharing the input (q, k, v as the model stores them: one launch, each
   weight read once, no concatenated copy).
+* ``norm_qkv_rope(x, norm_weight, (w_q, w_k, w_v), biases, rope_cos, rope_sin, head_norms)``:
+  the same q / k / v projection with the per-head q / k RMS norms (Qwen3) and RoPE in the
+  epilogue: each program holds rotary pairs of columns of one head ([c, c + n) and
+  [c + head_dim / 2, ...)), so the rotation needs no exchange between programs.
 * ``norm_swiglu(x, norm_weight, w_gate_up)``: silu(h @ w_gate) * (h @ w_up) with h =
   rmsnorm(x) * norm_weight, w_gate_up [features, 2, intermediate] (the model's gate_up_proj):
   the post-attention norm, the gate / up projection and the activation in one kernel.
@@ -272,6 +276,70 @@ def _gemm_kernel(*refs, rows: int, k: int, widths: tuple[int, ...], block_m: int
     first += tiles
 
 
+def _qkv_rope_kernel(*refs, rows: int, k: int, widths: tuple[int, ...], head_dim: int,
+                     block_m: int, block_k: int, block_n: int, has_bias: bool,
+                     head_norm: bool, eps: float):
+  """One program of norm_qkv_rope with one K split: in one head of q, k or v, the rotary pairs
+  of block_n / 2 columns [c, c + block_n / 2) and [c + head_dim / 2, ...) (two accumulators),
+  so that RoPE (and, with block_n = head_dim, the per-head q / k norm) happen in registers.
+
+  refs: x, g, w_q, w_k, w_v, [b_q, b_k, b_v], [q norm weight, k norm weight], cos, sin
+  ([rows, head_dim / 2] float32), then the output [rows, sum(widths)] (q | k | v)."""
+  refs = list(refs)
+  x_ref, g_ref = refs.pop(0), refs.pop(0)
+  w_refs = [refs.pop(0) for _ in widths]
+  bias_refs = [refs.pop(0) for _ in widths] if has_bias else None
+  norm_refs = [refs.pop(0), refs.pop(0)] if head_norm else None
+  cos_ref, sin_ref, out_ref = refs
+  n_tile = pl.program_id(0)
+  all_rows, row_mask = _all_rows(block_m), _row_mask(rows, block_m)
+  half, pair = head_dim // 2, block_n // 2
+  tiles_per_head = head_dim // block_n
+
+  def group(index: int, first_tile: int, out_offset: int):
+    tile = n_tile - first_tile
+    chunk = tile % tiles_per_head  # which rotary pairs of the head
+    lo = (tile // tiles_per_head) * head_dim + chunk * pair  # first column, inside the weight
+    hi = lo + half
+
+    def load(k0, k_valid):
+      mask = None if k_valid is None else k_valid[:, None]
+      return tuple(_masked(w_refs[index].at[pl.ds(k0, block_k), pl.ds(start, pair)], mask)
+                   for start in (lo, hi))
+
+    (acc_lo, acc_hi), ssq = _accumulate(
+        x_ref, g_ref, load, 2, all_rows=all_rows, rows=rows, k=k, block_m=block_m,
+        block_k=block_k, block_n=pair, k_start=0, k_len=k)
+    rstd = lax.rsqrt(ssq / k + eps)[:, None]
+    acc_lo, acc_hi = acc_lo * rstd, acc_hi * rstd
+    if has_bias:
+      acc_lo += bias_refs[index][pl.ds(lo, pair)].astype(jnp.float32)[None, :]
+      acc_hi += bias_refs[index][pl.ds(hi, pair)].astype(jnp.float32)[None, :]
+    if index < 2:  # q and k: per-head norm (Qwen3), then RoPE
+      if head_norm:
+        head_rstd = lax.rsqrt((jnp.sum(acc_lo * acc_lo, axis=1) + jnp.sum(acc_hi * acc_hi,
+                                                                           axis=1))
+                              / head_dim + eps)[:, None]
+        weight = norm_refs[index]
+        acc_lo = acc_lo * head_rstd * weight[pl.ds(0, half)].astype(jnp.float32)[None, :]
+        acc_hi = acc_hi * head_rstd * weight[pl.ds(half, half)].astype(jnp.float32)[None, :]
+      table = (all_rows, pl.ds(chunk * pair, pair))
+      cos = _masked(cos_ref.at[table], row_mask)
+      sin = _masked(sin_ref.at[table], row_mask)
+      acc_lo, acc_hi = acc_lo * cos - acc_hi * sin, acc_hi * cos + acc_lo * sin
+    for start, acc in ((lo, acc_lo), (hi, acc_hi)):
+      plt.store(out_ref.at[all_rows, pl.ds(out_offset + start, pair)],
+                acc.astype(out_ref.dtype), mask=row_mask)
+
+  first = offset = 0
+  for index, width in enumerate(widths):
+    tiles = width // block_n
+    pl.when((n_tile >= first) & (n_tile < first + tiles))(
+        functools.partial(group, index, first, offset))
+    first += tiles
+    offset += width
+
+
 def _swiglu_kernel(x_ref, g_ref, w_ref, out_ref, *ssq_ref, rows: int, k: int, width: int,
                    block_m: int, block_k: int, block_n: int, split_k: int, split_tiles: int,
                    eps: float):
@@ -399,6 +467,67 @@ def _fused_gemm(x, g, ws, extras, *, normalize: bool, epilogue: str | None, eps:
     elif epilogue == "residual":
       acc = acc + extras[0].astype(jnp.float32)
     out = acc.astype(out_dtype)
+  ends = [sum(widths[:i + 1]) for i in range(len(widths))]
+  return tuple(out[:, end - width:end] for end, width in zip(ends, widths))
+
+
+def _finish_qkv(q, k, v, biases, head_norms, cos, sin, *, eps: float, out_dtype):
+  """From float32 projections [rows, heads * head_dim] (input norm applied): the biases, the
+  per-head q / k norms and RoPE, in float32; the XLA finish of norm_qkv_rope's K splits and
+  (from the float32 references) its reference."""
+  half = cos.shape[1]
+  outs = []
+  for index, out in enumerate((q, k, v)):
+    if biases is not None:
+      out = out + biases[index].astype(jnp.float32)
+    if index < 2:
+      heads = out.reshape(out.shape[0], -1, 2 * half)
+      if head_norms is not None:
+        heads = heads * lax.rsqrt(jnp.mean(heads * heads, axis=-1, keepdims=True) + eps)
+        heads = heads * head_norms[index].astype(jnp.float32)
+      lo, hi = heads[..., :half], heads[..., half:]
+      c, s = cos[:, None, :], sin[:, None, :]
+      out = jnp.concatenate([lo * c - hi * s, hi * c + lo * s], axis=-1).reshape(out.shape)
+    outs.append(out.astype(out_dtype))
+  return tuple(outs)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "block_n", "block_k",
+                                             "split_k", "num_warps", "num_stages"))
+def _fused_qkv_rope(x, g, ws, biases, head_norms, cos, sin, *, eps: float, interpret: bool,
+                    block_n: int, block_k: int | None, split_k: int | None,
+                    num_warps: int | None, num_stages: int):
+  rows, k = x.shape
+  head_dim = 2 * cos.shape[1]
+  widths = tuple(w.shape[1] for w in ws)
+  # Tiles inside one head (the whole head for the per-head norms), rotary pairs of >= 16
+  # columns (a tensor-core dot's smallest N).
+  if block_n < 32:
+    raise ValueError(f"norm_qkv_rope: block_n={block_n}; the kernel's rotary pairs of block_n "
+                     "/ 2 columns need block_n >= 32")
+  block_n = head_dim if head_norms is not None else min(block_n, head_dim)
+  t = kernel_tuning(rows, k, sum(widths), ws[0].dtype.itemsize,
+                    group_widths=widths + (head_dim,), block_n=block_n, block_k=block_k,
+                    split_k=split_k, num_warps=num_warps, num_stages=num_stages)
+  if head_norms is not None and t["block_n"] != head_dim:
+    raise ValueError(f"norm_qkv_rope: the per-head norms need one program per head: head_dim "
+                     f"{head_dim} must be a power of two")
+  if t["split_k"] > 1:
+    # Float32 partials through the plain grouped kernel; biases, norms and RoPE in the finish.
+    q, k_out, v = _fused_gemm(x, g, ws, (), normalize=True, epilogue=None, eps=eps,
+                              out_dtype=jnp.float32, interpret=interpret,
+                              block_n=t["block_n"], block_k=t["block_k"],
+                              split_k=t["split_k"], num_warps=t["num_warps"],
+                              num_stages=num_stages)
+    return _finish_qkv(q, k_out, v, biases, head_norms, cos, sin, eps=eps, out_dtype=x.dtype)
+  kernel = functools.partial(
+      _qkv_rope_kernel, rows=rows, k=k, widths=widths, head_dim=head_dim,
+      block_m=t["block_m"], block_k=t["block_k"], block_n=t["block_n"],
+      has_bias=biases is not None, head_norm=head_norms is not None, eps=eps)
+  inputs = [x, g, *ws, *(biases or ()), *(head_norms or ()), cos, sin]
+  (out,) = _launch(kernel, "norm_qkv_rope", inputs,
+                   [jax.ShapeDtypeStruct((rows, sum(widths)), x.dtype)], (t["n_tiles"], 1), t,
+                   interpret)
   ends = [sum(widths[:i + 1]) for i in range(len(widths))]
   return tuple(out[:, end - width:end] for end, width in zip(ends, widths))
 
@@ -551,6 +680,80 @@ def norm_matmul(x, norm_weight, w, bias=None, *, eps: float, impl: str = "auto",
   return outs if grouped else outs[0]
 
 
+def norm_qkv_rope(x, norm_weight, w, bias=None, *, rope_cos, rope_sin, head_norms=None,
+                  eps: float, impl: str = "auto", **tuning):
+  """A decoder layer's attention inputs: q, k, v = (rmsnorm(x) * norm_weight) @ (w_q, w_k,
+  w_v) (+ biases), then per head of q and k the RMS norm (``head_norms``, Qwen3) and RoPE
+  (half rotation, HF ``rotate_half``) with the given tables.
+
+  Args:
+    x: [rows, features] bfloat16 or float32 (1..256 rows for the kernel).
+    norm_weight: [features], the input RMSNorm scale.
+    w: (w_q, w_k, w_v), each [features, heads * head_dim].
+    bias: None or (b_q, b_k, b_v), each [heads * head_dim] (Qwen2.5).
+    rope_cos, rope_sin: [rows, head_dim / 2] float32, cos / sin of each row's position times
+      the inverse frequencies (`rope_tables`).
+    head_norms: None or (q norm weight, k norm weight), each [head_dim] (Qwen3).
+    eps: the RMSNorm epsilon (input and head norms).
+    impl, **tuning: as for `norm_matmul`; each program holds block_n / 2 rotary pairs of one
+      head (the whole head with ``head_norms``), so block_n <= head_dim.
+
+  Returns:
+    (q, k, v), each [rows, heads * head_dim] in x.dtype; q and k normed and rotated.
+  """
+  entry = "norm_qkv_rope"
+  _check_x(x, entry)
+  _check_norm_weight(norm_weight, x.shape[1], entry)
+  if not isinstance(w, (tuple, list)) or len(w) != 3:
+    raise ValueError(f"{entry}: w must be the tuple (w_q, w_k, w_v)")
+  for name, wi in zip(("w_q", "w_k", "w_v"), w):
+    _check_weight(wi, x.shape[1], entry, name)
+  rows = x.shape[0]
+  if rope_cos.shape != rope_sin.shape or rope_cos.ndim != 2 or rope_cos.shape[0] != rows:
+    raise ValueError(f"{entry}: rope_cos and rope_sin must both have shape [{rows}, "
+                     f"head_dim / 2], got {rope_cos.shape} and {rope_sin.shape}")
+  head_dim = 2 * rope_cos.shape[1]
+  for name, wi in zip(("w_q", "w_k", "w_v"), w):
+    if wi.shape[1] % head_dim:
+      raise ValueError(f"{entry}: {name} has {wi.shape[1]} outputs, not a multiple of "
+                       f"head_dim={head_dim} (from rope_cos)")
+  if bias is not None:
+    for name, bi, wi in zip(("b_q", "b_k", "b_v"), bias, w):
+      if bi.shape != (wi.shape[1],):
+        raise ValueError(f"{entry}: {name} must have shape ({wi.shape[1]},), got {bi.shape}")
+  if head_norms is not None:
+    for name, ni in zip(("q", "k"), head_norms):
+      if ni.shape != (head_dim,):
+        raise ValueError(f"{entry}: the {name} head norm must have shape ({head_dim},), got "
+                         f"{ni.shape}")
+  kernel_impl = _kernel_impl(impl, tuning, _TUNING, entry, rows, x.shape[1],
+                             sum(wi.shape[1] for wi in w))
+  bias = None if bias is None else tuple(bias)
+  head_norms = None if head_norms is None else tuple(head_norms)
+  cos, sin = rope_cos.astype(jnp.float32), rope_sin.astype(jnp.float32)
+  if kernel_impl is None:
+    return norm_qkv_rope_reference(x, norm_weight, tuple(w), bias, head_norms, cos, sin,
+                                   eps=float(eps))
+  if not rope_kernel_supports(head_dim):
+    raise ValueError(f"{entry}: the kernel needs a power-of-two head_dim >= 32 (rotary pairs "
+                     f"of >= 16 columns), got {head_dim} (use impl='reference')")
+  return _fused_qkv_rope(x, norm_weight, tuple(w), bias, head_norms, cos, sin, eps=float(eps),
+                         interpret=kernel_impl == "interpret", **{**_TUNING, **tuning})
+
+
+def rope_kernel_supports(head_dim: int) -> bool:
+  """Whether norm_qkv_rope's kernel takes this head size (a power of two >= 32)."""
+  return head_dim >= 32 and not head_dim & (head_dim - 1)
+
+
+def rope_tables(positions, theta: float, head_dim: int) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) [..., head_dim / 2] float32 of RoPE at int ``positions`` [...]: the angles
+  position x theta^(-2i / head_dim), as Hugging Face's Qwen rotary embedding."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles), jnp.sin(angles)
+
+
 def norm_swiglu(x, norm_weight, w_gate_up, *, eps: float, impl: str = "auto", **tuning):
   """silu(h @ w_gate_up[:, 0]) * (h @ w_gate_up[:, 1]) with h = rmsnorm(x) * norm_weight: a
   decoder layer's post-attention norm, gate / up projection and SwiGLU activation.
@@ -667,6 +870,16 @@ def norm_matmul_reference(x, norm_weight, w, bias=None, *, eps: float):
   if bias is not None:
     out = out + bias.astype(jnp.float32)
   return out.astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps",))
+def norm_qkv_rope_reference(x, norm_weight, w, bias, head_norms, rope_cos, rope_sin, *,
+                            eps: float):
+  """Plain-JAX definition of `norm_qkv_rope`, all in float32."""
+  h = _rmsnorm32(x, norm_weight, eps)
+  q, k, v = (_dot32(h, wi) for wi in w)
+  return _finish_qkv(q, k, v, bias, head_norms, rope_cos.astype(jnp.float32),
+                     rope_sin.astype(jnp.float32), eps=eps, out_dtype=x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("eps",))

@@ -30,8 +30,9 @@ def test_benchmark_checks_sweeps_and_tables_each_shape(tmp_path):
   for r in table:
     assert r["xla_us"] > 0 and r["kernel_us"] > 0 and r["floor_us"] > 0, r
     # Launches equal to the defaults are timed once, under the defaults: down's default
-    # block_n is 64; qkv's toy widths (32, 16, 16) fit every tile to 16 over a single K tile,
-    # so both entries are its default; the head's default block_n is 128, without split_k.
+    # block_n is 64; qkv's rotary-pair tiles need block_n >= 32 (the first entry is dropped)
+    # and lie inside a toy head of 32 (64 fits to 32: its default); the head's default
+    # block_n is 128, without split_k.
     want = {"qkv": [], "down": [{"block_n": 16, "split_k": 2}],
             "head": [{"block_n": 16}, {"block_n": 64}]}[r["op"]]
     assert [{k: v for k, v in s.items() if k != "us"} for s in r["sweep"]] == want, r

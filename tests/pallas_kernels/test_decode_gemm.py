@@ -133,6 +133,22 @@ def test_tuning_fills_the_gpu_and_keeps_every_split_nonempty():
      r"grouped weights need output widths that are multiples of 16, got \[16, 8\]"),
     (lambda a: decode_gemm.norm_matmul(a["x"], a["g"], (a["w"], a["w"].T), eps=EPS),
      r"w\[1\] must have shape \[24, outputs\]"),
+    (lambda a: decode_gemm.norm_qkv_rope(a["x"], a["g"], (a["w"], a["w"]), rope_cos=a["c"],
+                                         rope_sin=a["c"], eps=EPS),
+     r"w must be the tuple \(w_q, w_k, w_v\)"),
+    (lambda a: decode_gemm.norm_qkv_rope(a["x"], a["g"], (a["w"],) * 3, rope_cos=a["c"][:4],
+                                         rope_sin=a["c"][:4], eps=EPS),
+     r"rope_cos and rope_sin must both have shape \[8, head_dim / 2\]"),
+    (lambda a: decode_gemm.norm_qkv_rope(a["x"], a["g"], (a["w"],) * 3,
+                                         rope_cos=jnp.zeros((8, 16)), rope_sin=jnp.zeros((8, 16)),
+                                         eps=EPS),
+     "w_q has 16 outputs, not a multiple of head_dim=32"),
+    (lambda a: decode_gemm.norm_qkv_rope(a["x"], a["g"], (a["w"],) * 3, rope_cos=a["c"],
+                                         rope_sin=a["c"], head_norms=(a["g"], a["g"]), eps=EPS),
+     r"the q head norm must have shape \(16,\)"),
+    (lambda a: decode_gemm.norm_qkv_rope(a["x"], a["g"], (a["w"],) * 3, rope_cos=a["c"],
+                                         rope_sin=a["c"], eps=EPS, impl="interpret"),
+     "the kernel needs a power-of-two head_dim >= 32"),
     (lambda a: decode_gemm.norm_swiglu(a["x"], a["g"], a["w"], eps=EPS),
      r"w_gate_up must have shape \[24, 2, intermediate\]"),
     (lambda a: decode_gemm.greedy_head(a["x"], a["w"], layout="hv"),
@@ -148,7 +164,7 @@ def test_tuning_fills_the_gpu_and_keeps_every_split_nonempty():
 def test_bad_input_fails_with_a_message_naming_it(call, message):
   x, g, w, b, r = _inputs(8, 24, 16, jnp.float32)
   with pytest.raises(ValueError, match=message):
-    call(dict(x=x, g=g, w=w, b=b, r=r))
+    call(dict(x=x, g=g, w=w, b=b, r=r, c=jnp.zeros((8, 8))))
 
 
 # Grouped weights (q, k, v as the model stores them): one launch, outputs split per weight.
@@ -169,6 +185,53 @@ def test_grouped_norm_matmul_matches_each_weight(rows, dtype, with_bias, tuning)
     want = decode_gemm.norm_matmul_reference(x, norm_weight, wi,
                                              None if biases is None else biases[i], eps=EPS)
     _assert_close(out, want, dtype)
+
+
+def _qkv_inputs(rows, heads, head_dim, dtype, bias, head_norms, seed=8):
+  rng = np.random.default_rng(seed)
+  arr = lambda *shape, scale=1.0: jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+  x = arr(rows, 96) * jnp.asarray(np.geomspace(0.1, 30.0, rows)[:, None], dtype)
+  ws = tuple(arr(96, h * head_dim, scale=96 ** -0.5) for h in heads)
+  biases = tuple(arr(h * head_dim) for h in heads) if bias else None
+  norms = (1 + arr(head_dim, scale=0.2), 1 + arr(head_dim, scale=0.2)) if head_norms else None
+  cos, sin = decode_gemm.rope_tables(jnp.asarray(rng.integers(0, 130000, rows)), 1e6,
+                                     head_dim)
+  return x, 1 + arr(96, scale=0.3), ws, biases, norms, cos, sin
+
+
+# Qwen2.5-like (biases, no head norms) with two programs per head of 64 (rotary pairs of 16
+# columns: [c, c + 16) with [c + 32, c + 48)); Qwen3-like (head norms: one program per head) in
+# bfloat16 at padded rows; and K split in two (the partials finished by XLA).
+@pytest.mark.parametrize("rows,dtype,bias,head_norms,tuning", [
+    (24, jnp.float32, True, False, dict(block_n=32, split_k=1)),
+    (40, jnp.bfloat16, False, True, dict(split_k=1)),
+    (24, jnp.float32, True, True, dict(block_k=32, split_k=2)),
+])
+def test_norm_qkv_rope_matches_reference(rows, dtype, bias, head_norms, tuning):
+  x, g, ws, biases, norms, cos, sin = _qkv_inputs(rows, (4, 2, 2), 64, dtype, bias, head_norms)
+  got = decode_gemm.norm_qkv_rope(x, g, ws, biases, rope_cos=cos, rope_sin=sin,
+                                  head_norms=norms, eps=EPS, impl="interpret", **tuning)
+  want = decode_gemm.norm_qkv_rope_reference(x, g, ws, biases, norms, cos, sin, eps=EPS)
+  for out, ref in zip(got, want):
+    _assert_close(out, ref, dtype)
+
+
+def test_norm_qkv_rope_reference_is_the_models_attention_input():
+  """The reference against the model's own layers: input norm, projections, per-head norm,
+  mage_jax.model.apply_rope (q and k), nothing after v."""
+  from mage_jax.model import apply_rope  # pylint: disable=import-outside-toplevel
+  x, g, ws, biases, norms, _, _ = _qkv_inputs(6, (4, 2, 2), 32, jnp.float32, True, True)
+  positions = jnp.arange(6, dtype=jnp.int32) * 997
+  cos, sin = decode_gemm.rope_tables(positions, 1e6, 32)
+  q, k, v = decode_gemm.norm_qkv_rope_reference(x, g, ws, biases, norms, cos, sin, eps=EPS)
+  h = decode_gemm.norm_matmul_reference(x, g, ws[0], biases[0], eps=EPS)
+  heads = h.reshape(1, 6, 4, 32)
+  heads = heads * jax.lax.rsqrt(jnp.mean(heads * heads, -1, keepdims=True) + EPS) * norms[0]
+  np.testing.assert_allclose(q, apply_rope(heads, positions[None], 1e6).reshape(6, 128),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(v, decode_gemm.norm_matmul_reference(x, g, ws[2], biases[2],
+                                                                   eps=EPS), rtol=1e-6)
+  assert k.shape == (6, 64)
 
 
 # Rows not a power of two, intermediate width not a multiple of the tile (masked gate and up
@@ -248,11 +311,20 @@ def test_kernels_lower_for_the_gpu_at_model_shapes():
   splits at 32 rows, none at 256; the tied head over the full vocabulary), checked on the CPU
   by lowering for CUDA: what interpret mode cannot catch (an op the Triton lowering lacks)."""
   bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   qkv = (bf16(1536, 1536), bf16(1536, 256), bf16(1536, 256))
   biases = (bf16(1536), bf16(256), bf16(256))
   calls = [
       (lambda x, g, ws, bs: decode_gemm.norm_matmul(x, g, ws, bs, eps=EPS, impl="pallas"),
        (bf16(32, 1536), bf16(1536), qkv, biases)),
+      # Qwen2.5's biases (two rotary programs per head at 256 rows) and Qwen3's head norms (a
+      # program per head; 32 rows, K unsplit so that the norms run in the kernel).
+      (lambda x, g, ws, bs, c, s: decode_gemm.norm_qkv_rope(
+          x, g, ws, bs, rope_cos=c, rope_sin=s, eps=EPS, impl="pallas"),
+       (bf16(256, 1536), bf16(1536), qkv, biases, f32(256, 64), f32(256, 64))),
+      (lambda x, g, ws, n, c, s: decode_gemm.norm_qkv_rope(
+          x, g, ws, rope_cos=c, rope_sin=s, head_norms=n, eps=EPS, impl="pallas", split_k=1),
+       (bf16(32, 1536), bf16(1536), qkv, (bf16(128), bf16(128)), f32(32, 64), f32(32, 64))),
       (lambda x, g, w: decode_gemm.norm_swiglu(x, g, w, eps=EPS, impl="pallas"),
        (bf16(256, 1536), bf16(1536), bf16(1536, 2, 8960))),
       (lambda x, w, r: decode_gemm.matmul_residual(x, w, r, impl="pallas"),
