@@ -32,7 +32,7 @@ from flax import nnx
 
 from mage_jax.config import ModelConfig
 from pallas_kernels import decode_gemm
-from pallas_kernels.dispatch import active_impl
+from pallas_kernels.dispatch import MOSAIC, active_impl
 
 LAYER_KERNELS = ("xla", "fused")
 
@@ -232,6 +232,9 @@ class Transformer(nnx.Module):
     if fused and (remat or jax.sharding.get_abstract_mesh().size > 1):
       raise ValueError("layer_kernels='fused' runs inference on one device (no remat, no "
                        "mesh of several devices)")
+    if fused and active_impl() in MOSAIC:
+      raise ValueError("layer_kernels='fused' has Triton (GPU) kernels only; on a TPU use "
+                       "layer_kernels='xla'")
     x = self.embed_tokens(tokens)
     if fused:
       rope = decode_gemm.rope_tables(positions.reshape(-1), self.config.rope_theta,

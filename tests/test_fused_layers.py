@@ -104,6 +104,8 @@ def test_bad_layer_kernels_fail_with_a_message():
     DecodeOptions(layer_kernels="triton").validate(cfg)
   with pytest.raises(ValueError, match="runs inference on one device"):
     model(tokens, jnp.zeros_like(tokens), _attend, (), remat=True, layer_kernels="fused")
+  with use_kernels("mosaic_interpret"), pytest.raises(ValueError, match="Triton .* kernels only"):
+    _run(model, tokens, "fused")
   lora.attach(model, lora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj",)))
   with pytest.raises(ValueError, match="merge LoRA adapters"):
     _run(model, tokens, "fused")
