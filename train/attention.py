@@ -367,8 +367,9 @@ def make_sparse_training_attend(block_size: int):
 
 def make_capture_attend(block_size: int, dense_layers: int):
   """Exact attention (as make_training_attend) that also hands out every sparse layer's
-  NoisyKeys for MAGE-FT's selection loss: the carry is a tuple that grows by one entry per
-  layer, None for the first ``dense_layers`` layers, else that layer's NoisyKeys."""
+  NoisyKeys: the teacher's pass for MAGE-FT's selection loss. The carry is a tuple that grows
+  by one entry per layer, None for the first ``dense_layers`` layers, else that layer's
+  NoisyKeys."""
 
   def attend(layer, q, k, v, carry):
     out = _training_attention(q, k, v, block_size)
@@ -376,5 +377,27 @@ def make_capture_attend(block_size: int, dense_layers: int):
       return out, carry + (None,)
     (q_noisy, _), (k_noisy, k_clean) = _split_halves(q), _split_halves(k)
     return out, carry + (NoisyKeys(q_noisy, k_noisy, k_clean),)
+
+  return attend
+
+
+def make_selection_loss_attend(block_size: int, budget: int, targets: tuple, *,
+                               include_block: bool, chunk: int):
+  """Exact attention that adds, at every layer with a target (the teacher's NoisyKeys of that
+  layer; None for dense layers), the selection_divergence of this pass's alpha from the
+  target's, summed over rows, KV heads and the noisy blocks that see more than ``budget`` clean
+  keys (for the others top-k keeps every key), to the carry (a float32 scalar). It runs inside
+  the layer, so under remat nothing of it outlives the layer: the backward recomputes it."""
+
+  def attend(layer, q, k, v, carry):
+    out = _training_attention(q, k, v, block_size)
+    if targets[layer] is None:
+      return out, carry
+    (q_noisy, _), (k_noisy, k_clean) = _split_halves(q), _split_halves(k)
+    divergence = selection_divergence(NoisyKeys(q_noisy, k_noisy, k_clean), targets[layer],
+                                      block_size=block_size, chunk=chunk,
+                                      include_block=include_block)
+    counted = (jnp.arange(divergence.shape[1]) * block_size > budget)[None, :, None]
+    return out, carry + jnp.sum(jnp.where(counted, divergence, 0.0))
 
   return attend

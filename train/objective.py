@@ -226,21 +226,16 @@ def selection_loss(model: Transformer, views: Views, budget: int, target_keys: t
   (the ``num_views`` views of a sequence share their clean tokens).
   """
   cfg = model.config
-  dense_layers = sum(keys is None for keys in target_keys)
   clean = views.clean[:views.clean.shape[0] // num_views]
-  attend = attention.make_capture_attend(cfg.block_size, dense_layers)
-  _, _, student_keys = doubled_forward(model, jnp.full_like(clean, cfg.mask_token_id), clean,
-                                       attend, (), remat=remat)
+  attend = attention.make_selection_loss_attend(
+      cfg.block_size, budget, target_keys, include_block=alpha_includes_block,
+      chunk=score_chunk)
+  _, _, total = doubled_forward(model, jnp.full_like(clean, cfg.mask_token_id), clean, attend,
+                                jnp.zeros((), jnp.float32), remat=remat)
   blocks = clean.shape[1] // cfg.block_size
-  counted = (jnp.arange(blocks) * cfg.block_size > budget)[None, :, None]
-  total = jnp.zeros((), jnp.float32)
-  for student, target in zip(student_keys[dense_layers:], target_keys[dense_layers:]):
-    divergence = attention.selection_divergence(
-        student, target, block_size=cfg.block_size, chunk=score_chunk,
-        include_block=alpha_includes_block)
-    total += jnp.sum(jnp.where(counted, divergence, 0.0))
-  terms = (len(target_keys) - dense_layers) * views.clean.shape[0] * cfg.num_kv_heads
-  return total / jnp.maximum(terms * jnp.sum(counted), 1)
+  counted_blocks = sum(n * cfg.block_size > budget for n in range(blocks))
+  sparse_layers = sum(keys is not None for keys in target_keys)
+  return total / max(sparse_layers * views.clean.shape[0] * cfg.num_kv_heads * counted_blocks, 1)
 
 
 def selfdistill_loss(model: Transformer, teacher: Transformer, views: Views,
