@@ -100,12 +100,13 @@ def _grouped_lse(lse: jax.Array, kv_heads: int, block_size: int) -> jax.Array:
 
 
 def _key_chunks(k_clean: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
-  """(start of each chunk, the clean keys as [chunks, batch, chunk, kv_heads, d]), zero-padded
-  to whole chunks: a padded key sits at or after position L, later than every block, so no
-  noisy block sees it."""
+  """(start of each chunk, the clean keys as [chunks, batch, chunk, kv_heads, d]) in chunks of
+  at most L keys, zero-padded to whole chunks: a padded key sits at or after position L, later
+  than every block, so no noisy block sees it."""
   batch, seq, kv_heads, head_dim = k_clean.shape
+  chunk = min(chunk, seq)
   padded = -(-seq // chunk) * chunk
-  k = jnp.pad(k_clean, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
+  k = k_clean if padded == seq else jnp.pad(k_clean, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
   return (jnp.arange(0, padded, chunk),
           k.reshape(batch, padded // chunk, chunk, kv_heads, head_dim).swapaxes(0, 1))
 
@@ -154,7 +155,8 @@ def noisy_block_scores(q_noisy: jax.Array, k_clean: jax.Array, lse: jax.Array, b
 
   scores = jax.lax.map(chunk_scores, _key_chunks(k_clean, chunk))  # [chunks, b, n, h, c]
   scores = jnp.moveaxis(scores, 0, 3)
-  return scores.reshape(scores.shape[:3] + (-1,))[..., :seq]
+  scores = scores.reshape(scores.shape[:3] + (-1,))
+  return scores if scores.shape[-1] == seq else scores[..., :seq]
 
 
 def noisy_query_lse(keys: NoisyKeys, block_size: int, chunk: int,

@@ -222,20 +222,22 @@ def selection_loss(model: Transformer, views: Views, budget: int, target_keys: t
   same alpha of the teacher's exact x_t pass (``target_keys``, from teacher_states), the
   attention the later denoising steps pay. Mean over sparse layers, rows, KV heads and the
   blocks that see more than ``budget`` clean keys (for the others top-k keeps every key, so the
-  ranking does not matter); 0 when there are none. The All-[MASK] pass runs once per sequence
-  (the ``num_views`` views of a sequence share their clean tokens).
+  ranking does not matter); 0, and no pass, when there are none. The All-[MASK] pass runs once
+  per sequence (the ``num_views`` views of a sequence share their clean tokens).
   """
   cfg = model.config
+  sparse_layers = sum(keys is not None for keys in target_keys)
+  blocks = views.clean.shape[1] // cfg.block_size
+  counted_blocks = sum(n * cfg.block_size > budget for n in range(blocks))
+  if not sparse_layers * counted_blocks:
+    return jnp.zeros((), jnp.float32)
   clean = views.clean[:views.clean.shape[0] // num_views]
   attend = attention.make_selection_loss_attend(
       cfg.block_size, budget, target_keys, include_block=alpha_includes_block,
       chunk=score_chunk)
   _, _, total = doubled_forward(model, jnp.full_like(clean, cfg.mask_token_id), clean, attend,
                                 jnp.zeros((), jnp.float32), remat=remat)
-  blocks = clean.shape[1] // cfg.block_size
-  counted_blocks = sum(n * cfg.block_size > budget for n in range(blocks))
-  sparse_layers = sum(keys is not None for keys in target_keys)
-  return total / max(sparse_layers * views.clean.shape[0] * cfg.num_kv_heads * counted_blocks, 1)
+  return total / (sparse_layers * views.clean.shape[0] * cfg.num_kv_heads * counted_blocks)
 
 
 def selfdistill_loss(model: Transformer, teacher: Transformer, views: Views,
