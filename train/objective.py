@@ -252,6 +252,9 @@ def selfdistill_loss(model: Transformer, teacher: Transformer, views: Views,
   the selection loss is traced.
   """
   cfg = model.config
+  if selection_weight > 0 and len(teacher_outputs.keys) != cfg.num_layers:
+    raise ValueError("selection_weight > 0 needs the teacher's keys: teacher_states(..., "
+                     "selection_dense_layers=...)")
   attend = attention.make_sparse_training_attend(cfg.block_size)
   h_noisy, h_clean, _ = doubled_forward(model, views.noisy, views.clean, attend, selections,
                                         remat=remat)

@@ -217,6 +217,9 @@ def test_selection_weight_zero_is_the_papers_loss_and_adds_its_term_otherwise():
     assert float(weighted_metrics[key]) == float(metrics[key]), key
   assert float(weighted_metrics["sel"]) > 1e-5
   np.testing.assert_allclose(weighted, loss + 0.5 * weighted_metrics["sel"], rtol=1e-6)
+  with pytest.raises(ValueError, match="needs the teacher's keys"):  # not a silent 0
+    objective.selfdistill_loss(model, model, views, selections, teacher._replace(keys=()),
+                               kl_weight=1.0, chunk=16, remat=False, selection_weight=0.5)
 
 
 @pytest.mark.parametrize("weight", [-0.5, float("nan")])
