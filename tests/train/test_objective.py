@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from mage_jax.config import ModelConfig
 from mage_jax.model import build_model
@@ -149,8 +148,11 @@ def test_training_view_predicts_what_a_decoding_step_predicts():
 @functools.cache
 def _selection_setup():
   """A tiny float32 model (layer 0 dense, layer 1 sparse), two sequences of four blocks in both
-  complementary views, their selections at budget 4 (blocks 1-3 see more keys than that) and
-  the teacher's keys, shared by the selection-loss tests."""
+  complementary views, their selections at budget 4 (blocks 1-3 see more keys than that), the
+  teacher's keys, and the selection loss's value and gradient in the model's weights (one
+  compilation), shared by the selection-loss tests."""
+  from train import trainer
+
   cfg = ModelConfig.preset("tiny_qwen2", dtype="float32")
   model = build_model(cfg, seed=0)
   tokens = jax.random.randint(jax.random.key(5), (2, 4 * cfg.block_size), 4, cfg.vocab_size)
@@ -161,35 +163,35 @@ def _selection_setup():
                                        selection_queries="all_mask", alpha_includes_block=True,
                                        score_chunk=8, num_views=2)
     teacher = objective.teacher_states(model, views, selection_dense_layers=1)
-  return cfg, model, views, selections, teacher
+  layout = trainer.ParamLayout(cfg, "all")
+  params, shared = layout.split(build_model(cfg, seed=0), seed=0)
 
+  @jax.jit
+  def value_and_grad(keys):
+    def loss(p):
+      with use_kernels("reference"):
+        return objective.selection_loss(layout.model(p, shared), views, 4, keys,
+                                        alpha_includes_block=True, score_chunk=6, num_views=2,
+                                        remat=False)
+    return jax.value_and_grad(loss)(params)
 
-@nnx.jit  # one compilation for every call below (eager, each call would run op by op)
-def _selection_loss(model, views, keys):
-  with use_kernels("reference"):
-    return objective.selection_loss(model, views, 4, keys, alpha_includes_block=True,
-                                    score_chunk=6, num_views=2, remat=False)
+  return cfg, model, views, selections, teacher, value_and_grad
 
 
 def test_selection_loss_is_zero_when_the_later_steps_attend_as_the_first():
-  cfg, model, views, _, teacher = _selection_setup()
+  cfg, model, views, _, teacher, value_and_grad = _selection_setup()
   assert teacher.keys[0] is None and teacher.keys[1] is not None
   # The teacher is the student and its x_t is all [MASK]: the target is the student's own alpha.
   all_mask = views._replace(noisy=jnp.full_like(views.noisy, cfg.mask_token_id))
   with use_kernels("reference"):
     same = objective.teacher_states(model, all_mask, selection_dense_layers=1)
-  assert abs(float(_selection_loss(model, views, same.keys))) < 1e-7
-  assert float(_selection_loss(model, views, teacher.keys)) > 1e-5  # random weights: near uniform
+  assert abs(float(value_and_grad(same.keys)[0])) < 1e-7
+  assert float(value_and_grad(teacher.keys)[0]) > 1e-5  # random weights: near uniform
 
 
 def test_selection_loss_trains_what_feeds_the_sparse_layers_queries_and_keys():
-  from train import trainer
-
-  cfg, model, views, _, teacher = _selection_setup()
-  layout = trainer.ParamLayout(cfg, "all")
-  params, shared = layout.split(build_model(cfg, seed=0), seed=0)
-  grads = jax.jit(jax.grad(
-      lambda p: _selection_loss(layout.model(p, shared), views, teacher.keys)))(params)
+  _, _, _, _, teacher, value_and_grad = _selection_setup()
+  _, grads = value_and_grad(teacher.keys)
   moved = {name for name, g in grads.items() if np.any(np.asarray(g) != 0)}
   # The sparse layer's q/k (and its input norm), and everything upstream of them: the
   # embedding and the whole dense layer 0 (its output feeds layer 1's q/k).
@@ -205,7 +207,7 @@ def test_selection_loss_trains_what_feeds_the_sparse_layers_queries_and_keys():
 
 
 def test_selection_weight_zero_is_the_papers_loss_and_adds_its_term_otherwise():
-  _, model, views, selections, teacher = _selection_setup()
+  _, model, views, selections, teacher, _ = _selection_setup()
   run = lambda weight: objective.selfdistill_loss(
       model, model, views, selections, teacher, kl_weight=1.0, chunk=16, remat=False,
       selection_weight=weight, score_chunk=6, num_views=2)
