@@ -1,6 +1,6 @@
 """Training attention over the doubled sequence [x_t | x_0]: the exact training forward,
-MAGE-FT's selection pass and its sparse student forward (attend functions for
-mage_jax.model.Transformer, as mage_jax.attention's are for decoding).
+MAGE-FT's selection pass, its sparse student forward and its selection loss's passes (attend
+functions for mage_jax.model.Transformer, as mage_jax.attention's are for decoding).
 
 Block-diffusion training runs the noisy sequence x_t and the clean sequence x_0 of length L
 side by side in one forward of length 2L (positions 0..L-1 twice). A noisy query sees the
@@ -143,8 +143,7 @@ def noisy_block_scores(q_noisy: jax.Array, k_clean: jax.Array, lse: jax.Array, b
   Returns:
     float32 [batch, L // B, kv_heads, L].
   """
-  batch, seq = q_noisy.shape[:2]
-  kv_heads = k_clean.shape[2]
+  seq, kv_heads = q_noisy.shape[1], k_clean.shape[2]
   q = _grouped_queries(q_noisy, kv_heads, block_size)
   lse = _grouped_lse(lse, kv_heads, block_size)
   lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # a query that saw nothing has p = 0
@@ -200,7 +199,7 @@ def selection_divergence(student: NoisyKeys, target: NoisyKeys, *, block_size: i
   earlier blocks divided by its sum. The KL runs in one pass over chunks of ``chunk`` clean
   keys (after noisy_query_lse's pass for each side), accumulating per (row, block, KV head) the
   log-sums of both alphas and the target-weighted log-ratio, rescaled as the target's
-  normaliser grows: KL = sum_j t_j (log a_j - log s_j) / T - log T + log S for target alpha a
+  normaliser grows: KL = sum_j a_j (log a_j - log s_j) / T - log T + log S for target alpha a
   (sum T) and student alpha s (sum S). Nothing larger than one chunk's logits
   ([rows, L, q_heads, chunk]) exists, in the backward too (jax.checkpoint per chunk). Gradients
   reach the student's queries and keys; the target is held fixed (stop_gradient).
