@@ -1,6 +1,6 @@
 """Training attention over the doubled sequence [x_t | x_0]: the exact training forward,
-MAGE-FT's selection pass and its sparse student forward (attend functions for
-mage_jax.model.Transformer, as mage_jax.attention's are for decoding).
+MAGE-FT's selection pass, its sparse student forward and its selection loss's passes (attend
+functions for mage_jax.model.Transformer, as mage_jax.attention's are for decoding).
 
 Block-diffusion training runs the noisy sequence x_t and the clean sequence x_0 of length L
 side by side in one forward of length 2L (positions 0..L-1 twice). A noisy query sees the
@@ -66,6 +66,63 @@ def make_training_attend(block_size: int):
   return attend
 
 
+# The logit of a key a query does not see, where a log-probability is needed: exp gives exactly
+# 0, and unlike -inf it keeps logsumexp and its gradient finite when a query sees no key.
+_UNSEEN = -1e30
+
+
+class NoisyKeys(NamedTuple):
+  """What one sparse layer's alpha is made of in a training forward (MAGE-FT's selection loss).
+
+  Attributes:
+    q_noisy: [batch, L, q_heads, head_dim], the noisy half's queries.
+    k_noisy: [batch, L, kv_heads, head_dim], the noisy half's keys (each block's own keys).
+    k_clean: [batch, L, kv_heads, head_dim], the clean half's keys.
+  """
+
+  q_noisy: jax.Array
+  k_noisy: jax.Array
+  k_clean: jax.Array
+
+
+def _grouped_queries(q_noisy: jax.Array, kv_heads: int, block_size: int) -> jax.Array:
+  """[batch, L, q_heads, d] -> [batch, blocks, B, kv_heads, groups, d]."""
+  batch, seq, q_heads, head_dim = q_noisy.shape
+  return q_noisy.reshape(batch, seq // block_size, block_size, kv_heads, q_heads // kv_heads,
+                         head_dim)
+
+
+def _grouped_lse(lse: jax.Array, kv_heads: int, block_size: int) -> jax.Array:
+  """[batch, q_heads, L] -> [batch, blocks, kv_heads, groups, B]."""
+  batch, q_heads, seq = lse.shape
+  return lse.reshape(batch, kv_heads, q_heads // kv_heads, seq // block_size,
+                     block_size).transpose(0, 3, 1, 2, 4)
+
+
+def _key_chunks(k_clean: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """(start of each chunk, the clean keys as [chunks, batch, chunk, kv_heads, d]) in chunks of
+  at most L keys, zero-padded to whole chunks: a padded key sits at or after position L, later
+  than every block, so no noisy block sees it."""
+  batch, seq, kv_heads, head_dim = k_clean.shape
+  chunk = min(chunk, seq)
+  padded = -(-seq // chunk) * chunk
+  k = k_clean if padded == seq else jnp.pad(k_clean, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
+  return (jnp.arange(0, padded, chunk),
+          k.reshape(batch, padded // chunk, chunk, kv_heads, head_dim).swapaxes(0, 1))
+
+
+def _chunk_logits(q: jax.Array, k: jax.Array, start: jax.Array,
+                  block_size: int) -> tuple[jax.Array, jax.Array]:
+  """Scaled float32 logits [batch, blocks, kv_heads, groups, B, chunk] of grouped noisy queries
+  over one chunk of clean keys starting at ``start``, and where each block sees the key
+  (bool, broadcastable to the logits: the key lies in an earlier block)."""
+  blocks, head_dim = q.shape[1], q.shape[-1]
+  logits = jnp.einsum("bnthgd,bchd->bnhgtc", q, k,
+                      preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+  earlier = (start + jnp.arange(k.shape[1]))[None, :] // block_size < jnp.arange(blocks)[:, None]
+  return logits, earlier[None, :, None, None, None, :]
+
+
 def noisy_block_scores(q_noisy: jax.Array, k_clean: jax.Array, lse: jax.Array, block_size: int,
                        chunk: int) -> jax.Array:
   """MAGE's alpha for every noisy block at once, without a [L, L] probability matrix.
@@ -73,8 +130,8 @@ def noisy_block_scores(q_noisy: jax.Array, k_clean: jax.Array, lse: jax.Array, b
   alpha[b, n, h, j] = 1/(G*B) * sum over the G query heads of KV head h and the B queries of
   noisy block n of exp(q . k_j * scale - lse), for clean keys j of blocks before n (0 for the
   others). ``lse`` is each query's log-normaliser from the exact pass, so the probabilities are
-  those of the softmax the exact pass used. The clean keys are walked in chunks of ``chunk``
-  (a divisor of L): the largest intermediate is [batch, L, q_heads, chunk].
+  those of the softmax the exact pass used. The clean keys are walked in chunks of ``chunk``:
+  the largest intermediate is [batch, L, q_heads, chunk].
 
   Args:
     q_noisy: [batch, L, q_heads, head_dim].
@@ -86,27 +143,115 @@ def noisy_block_scores(q_noisy: jax.Array, k_clean: jax.Array, lse: jax.Array, b
   Returns:
     float32 [batch, L // B, kv_heads, L].
   """
-  batch, seq, q_heads, head_dim = q_noisy.shape
-  kv_heads = k_clean.shape[2]
-  groups, blocks = q_heads // kv_heads, seq // block_size
-  scale = 1.0 / math.sqrt(head_dim)
-  q = q_noisy.reshape(batch, blocks, block_size, kv_heads, groups, head_dim)
-  lse = lse.reshape(batch, kv_heads, groups, blocks, block_size).transpose(0, 3, 1, 2, 4)
+  seq, kv_heads = q_noisy.shape[1], k_clean.shape[2]
+  q = _grouped_queries(q_noisy, kv_heads, block_size)
+  lse = _grouped_lse(lse, kv_heads, block_size)
   lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # a query that saw nothing has p = 0
-  k_chunks = k_clean.reshape(batch, seq // chunk, chunk, kv_heads, head_dim).swapaxes(0, 1)
-  block_of_query = jnp.arange(blocks)[:, None]
 
   def chunk_scores(args):
-    start, k = args
-    logits = jnp.einsum("bnthgd,bchd->bnhgtc", q, k,
-                        preferred_element_type=jnp.float32) * scale
-    probs = jnp.exp(logits - lse[..., None])
-    earlier = (start + jnp.arange(chunk))[None, :] // block_size < block_of_query  # [n, c]
-    return jnp.where(earlier[None, :, None, :], jnp.mean(probs, axis=(3, 4)), 0.0)
+    logits, seen = _chunk_logits(q, args[1], args[0], block_size)
+    return jnp.mean(jnp.exp(jnp.where(seen, logits - lse[..., None], _UNSEEN)), axis=(3, 4))
 
-  starts = jnp.arange(0, seq, chunk)
-  scores = jax.lax.map(chunk_scores, (starts, k_chunks))  # [chunks, b, n, h, c]
-  return jnp.moveaxis(scores, 0, 3).reshape(batch, blocks, kv_heads, seq)
+  scores = jax.lax.map(chunk_scores, _key_chunks(k_clean, chunk))  # [chunks, b, n, h, c]
+  scores = jnp.moveaxis(scores, 0, 3)
+  scores = scores.reshape(scores.shape[:3] + (-1,))
+  return scores if scores.shape[-1] == seq else scores[..., :seq]
+
+
+def noisy_query_lse(keys: NoisyKeys, block_size: int, chunk: int,
+                    include_block: bool) -> jax.Array:
+  """Each noisy query's log-normaliser for alpha, differentiable, in chunks of clean keys.
+
+  Over the clean keys of earlier blocks, plus the block's own noisy keys when
+  ``include_block`` (MAGE's alpha_includes_block: then it is the exact pass's lse). A query
+  that sees no key (the first block, without its own keys) gets _UNSEEN, not -inf. Each chunk
+  runs under jax.checkpoint, so the backward holds one chunk's logits at a time.
+
+  Returns:
+    float32 [batch, q_heads, L], natural log.
+  """
+  batch, seq, q_heads, _ = keys.q_noisy.shape
+  kv_heads = keys.k_clean.shape[2]
+  q = _grouped_queries(keys.q_noisy, kv_heads, block_size)
+
+  @jax.checkpoint
+  def add_chunk(lse, args):
+    logits, seen = _chunk_logits(q, args[1], args[0], block_size)
+    return jnp.logaddexp(lse, jax.nn.logsumexp(jnp.where(seen, logits, _UNSEEN), axis=-1)), None
+
+  lse = jnp.full(q.shape[:2] + (kv_heads, q_heads // kv_heads, block_size), _UNSEEN,
+                 jnp.float32)
+  lse, _ = jax.lax.scan(add_chunk, lse, _key_chunks(keys.k_clean, chunk))
+  if include_block:
+    own = keys.k_noisy.reshape(batch, seq // block_size, block_size, kv_heads, -1)
+    own_logits = jnp.einsum("bnthgd,bnshd->bnhgts", q, own,
+                            preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    lse = jnp.logaddexp(lse, jax.nn.logsumexp(own_logits, axis=-1))
+  return lse.transpose(0, 2, 3, 1, 4).reshape(batch, q_heads, seq)
+
+
+def selection_divergence(student: NoisyKeys, target: NoisyKeys, *, block_size: int, chunk: int,
+                         include_block: bool) -> jax.Array:
+  """KL(target || student) of every noisy block's alpha, normalised over its clean keys.
+
+  alpha is MAGE's selection statistic (noisy_block_scores; the mask-step kernel's alpha at
+  inference) made a distribution: per noisy block and KV head, alpha over the clean keys of
+  earlier blocks divided by its sum. The KL runs in one pass over chunks of ``chunk`` clean
+  keys (after noisy_query_lse's pass for each side), accumulating per (row, block, KV head) the
+  log-sums of both alphas and the target-weighted log-ratio, rescaled as the target's
+  normaliser grows: KL = sum_j a_j (log a_j - log s_j) / T - log T + log S for target alpha a
+  (sum T) and student alpha s (sum S). Nothing larger than one chunk's logits
+  ([rows, L, q_heads, chunk]) exists, in the backward too (jax.checkpoint per chunk). Gradients
+  reach the student's queries and keys; the target is held fixed (stop_gradient).
+
+  Args:
+    student, target: one layer's NoisyKeys; the target's rows are views of the student's (target
+      row r belongs to student row r % student rows, as noise_views stacks them).
+    block_size: B.
+    chunk: clean keys per step (any size; the last chunk is padded).
+    include_block: alpha_includes_block, for both sides.
+
+  Returns:
+    float32 [target rows, L // B, kv_heads]: 0 for the first block, which sees no clean key.
+  """
+  target = jax.lax.stop_gradient(target)
+  batch, seq, q_heads, _ = student.q_noisy.shape
+  kv_heads = student.k_clean.shape[2]
+  views = target.q_noisy.shape[0] // batch
+  scale_log = math.log(q_heads // kv_heads * block_size)
+
+  def side(keys):
+    lse = noisy_query_lse(keys, block_size, chunk, include_block)
+    return (_grouped_queries(keys.q_noisy, kv_heads, block_size),
+            _grouped_lse(lse, kv_heads, block_size), _key_chunks(keys.k_clean, chunk)[1])
+
+  (q_s, lse_s, k_s), (q_t, lse_t, k_t) = side(student), side(target)
+  starts = _key_chunks(student.k_clean, chunk)[0]
+
+  def log_alpha(q, lse, k, start):
+    logits, seen = _chunk_logits(q, k, start, block_size)
+    log_probs = jnp.where(seen, logits - lse[..., None], _UNSEEN)
+    return jax.nn.logsumexp(log_probs, axis=(3, 4)) - scale_log, seen[0, :, :, 0, 0]  # [n, 1, c]
+
+  @jax.checkpoint
+  def add_chunk(carry, args):
+    log_sum_s, log_sum_t, ratio = carry
+    start, chunk_s, chunk_t = args
+    log_s, seen = log_alpha(q_s, lse_s, chunk_s, start)
+    log_t, _ = log_alpha(q_t, lse_t, chunk_t, start)
+    log_sum_s = jnp.logaddexp(log_sum_s, jax.nn.logsumexp(log_s, axis=-1))
+    new_sum_t = jnp.logaddexp(log_sum_t, jax.nn.logsumexp(log_t, axis=-1))
+    log_s = jnp.concatenate([log_s] * views)
+    terms = jnp.exp(log_t - new_sum_t[..., None]) * (log_t - log_s)
+    ratio = ratio * jnp.exp(log_sum_t - new_sum_t) + jnp.sum(jnp.where(seen, terms, 0.0), -1)
+    return (log_sum_s, new_sum_t, ratio), None
+
+  blocks = seq // block_size
+  unseen = lambda rows: jnp.full((rows, blocks, kv_heads), _UNSEEN, jnp.float32)
+  carry = (unseen(batch), unseen(views * batch), jnp.zeros((views * batch, blocks, kv_heads)))
+  (log_sum_s, log_sum_t, ratio), _ = jax.lax.scan(add_chunk, carry, (starts, k_s, k_t))
+  divergence = ratio - log_sum_t + jnp.concatenate([log_sum_s] * views)
+  return jnp.where(jnp.arange(blocks)[None, :, None] > 0, divergence, 0.0)
 
 
 def select_block_keys(q_noisy, k_clean, lse, *, block_size: int, budget: int,
@@ -217,5 +362,43 @@ def make_sparse_training_attend(block_size: int):
     out_noisy = sparse_noisy_attention(q_noisy, k_noisy, v_noisy, k_clean, v_clean, selection,
                                        block_size)
     return jnp.concatenate([out_noisy, out_clean], axis=1), carry
+
+  return attend
+
+
+def make_capture_attend(block_size: int, dense_layers: int):
+  """Exact attention (as make_training_attend) that also hands out every sparse layer's
+  NoisyKeys: the teacher's pass for MAGE-FT's selection loss. The carry is a tuple that grows
+  by one entry per layer, None for the first ``dense_layers`` layers, else that layer's
+  NoisyKeys."""
+
+  def attend(layer, q, k, v, carry):
+    out = _training_attention(q, k, v, block_size)
+    if layer < dense_layers:
+      return out, carry + (None,)
+    (q_noisy, _), (k_noisy, k_clean) = _split_halves(q), _split_halves(k)
+    return out, carry + (NoisyKeys(q_noisy, k_noisy, k_clean),)
+
+  return attend
+
+
+def make_selection_loss_attend(block_size: int, budget: int, targets: tuple, *,
+                               include_block: bool, chunk: int):
+  """Exact attention that adds, at every layer with a target (the teacher's NoisyKeys of that
+  layer; None for dense layers), the selection_divergence of this pass's alpha from the
+  target's, summed over rows, KV heads and the noisy blocks that see more than ``budget`` clean
+  keys (for the others top-k keeps every key), to the carry (a float32 scalar). It runs inside
+  the layer, so under remat nothing of it outlives the layer: the backward recomputes it."""
+
+  def attend(layer, q, k, v, carry):
+    out = _training_attention(q, k, v, block_size)
+    if targets[layer] is None:
+      return out, carry
+    (q_noisy, _), (k_noisy, k_clean) = _split_halves(q), _split_halves(k)
+    divergence = selection_divergence(NoisyKeys(q_noisy, k_noisy, k_clean), targets[layer],
+                                      block_size=block_size, chunk=chunk,
+                                      include_block=include_block)
+    counted = (jnp.arange(divergence.shape[1]) * block_size > budget)[None, :, None]
+    return out, carry + jnp.sum(jnp.where(counted, divergence, 0.0))
 
   return attend

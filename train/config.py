@@ -68,6 +68,11 @@ class MageConfig:
     alpha_includes_block: whether alpha's softmax includes the block's own keys (not published;
       match the inference method's setting).
     score_chunk: clean keys per step of the alpha computation (memory vs. loop length).
+    selection_weight: weight of the selection-aware term (not in the paper; 0, the default,
+      is the paper's objective and adds nothing to the step): per sparse layer, noisy block and
+      KV head, KL(teacher's alpha of x_t || student's alpha of the All-[MASK] pass), both
+      normalised over the block's clean keys, so the first step's top-k learns to rank keys by
+      the mass the later steps attend (objective.selection_loss).
   """
 
   budget: int = 512
@@ -76,6 +81,7 @@ class MageConfig:
   selection_queries: str = "all_mask"
   alpha_includes_block: bool = True
   score_chunk: int = 256
+  selection_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +245,8 @@ class TrainConfig:
         (self.mage.selection_queries in ("all_mask", "noisy"), "mage.selection_queries",
          f"must be all_mask or noisy, got {self.mage.selection_queries!r}"),
         (self.mage.score_chunk >= 1, "mage.score_chunk", "must be >= 1"),
+        (self.mage.selection_weight >= 0, "mage.selection_weight",
+         f"must be >= 0, got {self.mage.selection_weight}"),
         (len(self.data.sources) >= 1, "data.sources", "needs at least one source"),
         (self.data.workers >= 0, "data.workers", f"must be >= 0, got {self.data.workers}"),
         (1 <= self.data.digits_per_token <= MAX_DIGITS_PER_TOKEN, "data.digits_per_token",

@@ -13,7 +13,13 @@ an estimate to check against benchmarks/train_step.py's measured peaks:
 * MAGE-FT's sparse student attention (every sparse layer in turn): float32 logits,
   probabilities and their gradient [views x batch x L, heads, budget + block] and the gathered
   keys and values [blocks, kv_heads, budget, head_dim];
-* the LM head + loss chunk: ``loss_chunk`` x vocab float32 tensors, ~3 (CE) or ~5 (CE + KL).
+* the LM head + loss chunk: ``loss_chunk`` x vocab float32 tensors, ~3 (CE) or ~5 (CE + KL);
+* MAGE-FT's selection loss, when ``mage.selection_weight`` > 0: the student's All-[MASK] pass
+  (what a layer keeps, as for the residuals, for [batch x 2L] rows: once per sequence), the
+  teacher's noisy queries and both halves' keys of every sparse layer for every view (model
+  dtype: the target, computed before the views split), and one layer's divergence chunk: ~3
+  float32 [rows, L, heads, score_chunk] tensors (logits, log-probabilities, their gradient)
+  for the student's and the target's rows.
 
   python -m train.memory --models=fast_dllm_v2_7b --trainable=lora,attention --seq_lens=32768
 """
@@ -72,6 +78,7 @@ def activation_bytes(cfg: TrainConfig, model_cfg: ModelConfig, mode: str) -> dic
       "layer_recompute": rows * m.intermediate_size * itemsize * 4,
       "sparse_attention": 0,
       "lm_head_chunk": cfg.loss_chunk * m.vocab_size * 4 * (5 if mode == "selfdistill" else 3),
+      "selection_loss": 0,
   }
   if mode == "selfdistill":
     noisy_rows = views * cfg.optim.batch_size * cfg.seq_len
@@ -79,7 +86,20 @@ def activation_bytes(cfg: TrainConfig, model_cfg: ModelConfig, mode: str) -> dic
     blocks = noisy_rows // m.block_size
     parts["sparse_attention"] = (3 * noisy_rows * m.num_heads * keys * 4 + 2 * blocks
                                  * m.num_kv_heads * cfg.mage.budget * m.head_dim * itemsize)
+    if cfg.mage.selection_weight > 0:
+      parts["selection_loss"] = _selection_loss_bytes(cfg, m, views, per_layer)
   return parts
+
+
+def _selection_loss_bytes(cfg: TrainConfig, m: ModelConfig, views: int, per_layer: int) -> int:
+  itemsize = jnp.dtype(m.dtype).itemsize
+  batch, seq = cfg.optim.batch_size, cfg.seq_len
+  student = batch * 2 * seq * per_layer * itemsize * m.num_layers
+  target_rows = (2 if cfg.complementary else 1) * batch * seq  # made before the views split
+  target = ((m.num_layers - cfg.mage.dense_layers) * target_rows
+            * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim * itemsize)
+  chunk = 3 * (target_rows + batch * seq) * m.num_heads * min(cfg.mage.score_chunk, seq) * 4
+  return student + target + chunk
 
 
 def plan(cfg: TrainConfig, model_cfg: ModelConfig, mode: str) -> dict[str, int]:
@@ -92,7 +112,7 @@ def plan(cfg: TrainConfig, model_cfg: ModelConfig, mode: str) -> dict[str, int]:
 def benchmark_config(model: str, trainable: str, seq_len: int, *, lora_rank: int = 64,
                      budget: int = 512, dense_layers: int = 2, complementary: bool = True,
                      split_views: bool = False, loss_chunk: int = 1024,
-                     workdir: str = "/tmp/unused") -> TrainConfig:
+                     selection_weight: float = 0.0, workdir: str = "/tmp/unused") -> TrainConfig:
   """The training config benchmarks/train_step.py measures: batch 1, one micro-batch, remat,
   MAGE-FT; LoRA adapters of ``lora_rank`` (alpha 2 x rank) on q/k/v/o. Lengths past the
   preset's max_position_embeddings raise it (random weights: nothing was trained on it)."""
@@ -101,7 +121,8 @@ def benchmark_config(model: str, trainable: str, seq_len: int, *, lora_rank: int
          "complementary": complementary, "split_views": split_views, "loss_chunk": loss_chunk,
          "trainable": trainable,
          "optim": {"batch_size": 1, "grad_accum": 1},
-         "mage": {"budget": budget, "dense_layers": dense_layers}}
+         "mage": {"budget": budget, "dense_layers": dense_layers,
+                  "selection_weight": selection_weight}}
   if trainable == "lora":
     raw["lora"] = {"rank": lora_rank, "alpha": 2 * lora_rank}
   if seq_len > ModelConfig.preset(model).max_position_embeddings:
@@ -118,7 +139,7 @@ def table(rows: list[tuple[str, str, int, dict[str, int]]]) -> str:
   for model, trainable, seq_len, p in rows:
     state = p["master_f32"] + p["optimizer"] + p["gradients_f32"]
     activations = sum(p[k] for k in ("residuals", "layer_recompute", "sparse_attention",
-                                     "lm_head_chunk"))
+                                     "lm_head_chunk", "selection_loss"))
     lines.append(f"| {model} | {trainable} | {seq_len // 1024}K | {p['trainable_params']:.4g} | "
                  f"{gb(state)} | {gb(p['forward_copy'])} | {gb(p['frozen'])} | "
                  f"{gb(p['teacher'])} | {gb(activations)} | {gb(p['total'])} | "
@@ -136,6 +157,8 @@ def main(argv=None) -> None:
   parser.add_argument("--budget", type=int, default=512)
   parser.add_argument("--split_views", action="store_true",
                       help="the complementary views as two passes")
+  parser.add_argument("--selection_weight", type=float, default=0.0,
+                      help="> 0 adds MAGE-FT's selection loss")
   args = parser.parse_args(argv)
   rows = []
   for model in args.models.split(","):
@@ -143,7 +166,8 @@ def main(argv=None) -> None:
     for trainable in args.trainable.split(","):
       for seq_len in map(int, args.seq_lens.split(",")):
         cfg = benchmark_config(model, trainable, seq_len, lora_rank=args.lora_rank,
-                               budget=args.budget, split_views=args.split_views)
+                               budget=args.budget, split_views=args.split_views,
+                               selection_weight=args.selection_weight)
         rows.append((model, trainable, seq_len, plan(cfg, model_cfg, "selfdistill")))
   print(table(rows))
 

@@ -22,6 +22,12 @@ blocks with the current weights and no gradient, each noisy block's top-k clean 
 head; (2) the student forward attends to those keys plus its own block and takes the gradient;
 (3) the teacher (the frozen initial weights) runs the exact forward without gradient. Loss =
 CE + lambda * KL(p_student || p_teacher), the KL averaged over the scored masked tokens.
+
+Top-k passes no gradient, so that loss never trains which keys are selected. The selection
+loss (mage.selection_weight > 0) does: per sparse layer, noisy block and KV head it pulls the
+All-[MASK] pass's alpha (what step (1) and inference rank keys by; with gradient) toward the
+teacher's alpha of the noisy view x_t (the attention the later denoising steps pay), as
+KL(target || student) of the two normalised over the block's clean keys.
 """
 
 from __future__ import annotations
@@ -177,30 +183,95 @@ def select_keys(model: Transformer, views: Views, *, budget: int, dense_layers: 
   return jax.lax.stop_gradient(selections)
 
 
-def teacher_hidden(teacher: Transformer, views: Views) -> jax.Array:
-  """MAGE-FT step (3): the frozen teacher's exact predicting hidden states, no gradient."""
+class TeacherStates(NamedTuple):
+  """MAGE-FT step (3)'s outputs: what the student is compared with (no gradient).
+
+  Attributes:
+    hidden: the frozen teacher's exact predicting hidden states [V*b, L, width].
+    keys: per layer, the exact x_t pass's NoisyKeys (None for dense layers): the selection
+      loss's target; () when that loss is off.
+  """
+
+  hidden: jax.Array
+  keys: tuple[Any, ...] = ()
+
+
+def teacher_states(teacher: Transformer, views: Views, *,
+                   selection_dense_layers: int | None = None) -> TeacherStates:
+  """MAGE-FT step (3): the frozen teacher's exact forward, no gradient. With
+  ``selection_dense_layers`` it also keeps the queries and keys of every layer from that one on
+  (the selection loss's target: the attention of x_t's queries, i.e. of the later steps)."""
   cfg = teacher.config
-  attend = attention.make_training_attend(cfg.block_size)
-  h_noisy, h_clean, _ = doubled_forward(teacher, views.noisy, views.clean, attend, None)
+  if selection_dense_layers is None:
+    attend, carry = attention.make_training_attend(cfg.block_size), None
+  else:
+    attend, carry = attention.make_capture_attend(cfg.block_size, selection_dense_layers), ()
+  h_noisy, h_clean, keys = doubled_forward(teacher, views.noisy, views.clean, attend, carry)
   hidden, _ = predicting_hidden(h_noisy, h_clean, cfg.block_size, cfg.token_shift)
-  return jax.lax.stop_gradient(hidden)
+  return jax.lax.stop_gradient(TeacherStates(hidden, keys or ()))
+
+
+def selection_loss(model: Transformer, views: Views, budget: int, target_keys: tuple[Any, ...],
+                   *, alpha_includes_block: bool, score_chunk: int, num_views: int,
+                   remat: bool) -> jax.Array:
+  """MAGE-FT's selection-aware term: KL(later steps' alpha || All-[MASK] step's alpha).
+
+  The student's All-[MASK] pass (a fully masked noisy half over the clean sequence, exact
+  attention, with gradient) gives, per sparse layer, noisy block and KV head, alpha over the
+  block's earlier clean keys: the statistic MAGE's first step ranks them by. The target is the
+  same alpha of the teacher's exact x_t pass (``target_keys``, from teacher_states), the
+  attention the later denoising steps pay. Mean over sparse layers, rows, KV heads and the
+  blocks that see more than ``budget`` clean keys (for the others top-k keeps every key, so the
+  ranking does not matter); 0, and no pass, when there are none. The All-[MASK] pass runs once
+  per sequence (the ``num_views`` views of a sequence share their clean tokens).
+  """
+  cfg = model.config
+  sparse_layers = sum(keys is not None for keys in target_keys)
+  blocks = views.clean.shape[1] // cfg.block_size
+  counted_blocks = sum(n * cfg.block_size > budget for n in range(blocks))
+  if not sparse_layers * counted_blocks:
+    return jnp.zeros((), jnp.float32)
+  clean = views.clean[:views.clean.shape[0] // num_views]
+  attend = attention.make_selection_loss_attend(
+      cfg.block_size, budget, target_keys, include_block=alpha_includes_block,
+      chunk=score_chunk)
+  _, _, total = doubled_forward(model, jnp.full_like(clean, cfg.mask_token_id), clean, attend,
+                                jnp.zeros((), jnp.float32), remat=remat)
+  return total / (sparse_layers * views.clean.shape[0] * cfg.num_kv_heads * counted_blocks)
 
 
 def selfdistill_loss(model: Transformer, teacher: Transformer, views: Views,
-                     selections: tuple[Any, ...], teacher_states: jax.Array, *,
-                     kl_weight: float, chunk: int,
-                     remat: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """MAGE-FT step (2) and the loss: the sparse student against the exact teacher."""
+                     selections: tuple[Any, ...], teacher_outputs: TeacherStates, *,
+                     kl_weight: float, chunk: int, remat: bool, selection_weight: float = 0.0,
+                     alpha_includes_block: bool = True, score_chunk: int = 256,
+                     num_views: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """MAGE-FT step (2) and the loss: the sparse student against the exact teacher.
+
+  Loss = CE + kl_weight * KL, plus selection_weight * selection_loss when that is > 0 (then
+  ``teacher_outputs`` must hold the teacher's keys; the metrics add "sel"). At 0 nothing of
+  the selection loss is traced.
+  """
   cfg = model.config
+  if selection_weight > 0 and len(teacher_outputs.keys) != cfg.num_layers:
+    raise ValueError("selection_weight > 0 needs the teacher's keys: teacher_states(..., "
+                     "selection_dense_layers=...)")
   attend = attention.make_sparse_training_attend(cfg.block_size)
   h_noisy, h_clean, _ = doubled_forward(model, views.noisy, views.clean, attend, selections,
                                         remat=remat)
   hidden, scored = predicting_hidden(h_noisy, h_clean, cfg.block_size, cfg.token_shift)
   ce_weights, kl_mask, count = _weights(views, scored)
   ce_sum, kl_sum = chunked_losses(model, hidden, views.clean, ce_weights, chunk=chunk,
-                                  teacher=teacher, teacher_hidden=teacher_states,
+                                  teacher=teacher, teacher_hidden=teacher_outputs.hidden,
                                   kl_mask=kl_mask)
   ce = ce_sum / count
   kl = kl_sum / jnp.maximum(jnp.sum(kl_mask), 1)
   loss = ce + kl_weight * kl
-  return loss, {"loss": loss, "ce": ce, "kl": kl}
+  metrics = {"ce": ce, "kl": kl}
+  if selection_weight > 0:
+    budget = next((s.indices.shape[-1] for s in selections if s is not None), 0)
+    sel = selection_loss(model, views, budget, teacher_outputs.keys,
+                         alpha_includes_block=alpha_includes_block, score_chunk=score_chunk,
+                         num_views=num_views, remat=remat)
+    loss = loss + selection_weight * sel
+    metrics["sel"] = sel
+  return loss, {"loss": loss, **metrics}

@@ -286,20 +286,24 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
         (None, "batch", "seq"))
 
   def micro_loss(params, frozen_shared, views, selections, teacher_states, teacher,
-                 kl_weight=mage.kl_weight):
+                 kl_weight=mage.kl_weight, views_per_sequence=num_views):
     model = layout.model(params, frozen_shared)
     if mode == "pretrain":
       return objective.pretrain_loss(model, views, chunk=cfg.loss_chunk, remat=cfg.remat)
-    return objective.selfdistill_loss(model, teacher, views, selections, teacher_states,
-                                      kl_weight=kl_weight, chunk=cfg.loss_chunk,
-                                      remat=cfg.remat)
+    return objective.selfdistill_loss(
+        model, teacher, views, selections, teacher_states, kl_weight=kl_weight,
+        chunk=cfg.loss_chunk, remat=cfg.remat, selection_weight=mage.selection_weight,
+        alpha_includes_block=mage.alpha_includes_block, score_chunk=mage.score_chunk,
+        num_views=views_per_sequence)
 
   def view_by_view(params, frozen_shared, views, selections, teacher_states, teacher):
     """micro_loss's value and gradient with the complementary views run one after the other
     (a scan: one view's activations live at a time). Every view scores the same number of
     tokens, so the CE is the views' mean; the KL averages over all views' masked tokens, so each
     view's KL is weighted by its share of them (masked and scored: position 0 is not scored
-    under token shift, see objective.predicting_hidden)."""
+    under token shift, see objective.predicting_hidden). The selection loss is a mean over the
+    view's rows, the same count in every view, so the views' mean is the joint one (each view
+    runs its own All-[MASK] pass: its gradient is taken apart from the other's)."""
     per_view = lambda x: x.reshape((num_views, x.shape[0] // num_views) + x.shape[1:])
     masked = views.masked[:, 1:] if model_cfg.token_shift else views.masked
     kl_tokens = jnp.maximum(jnp.sum(per_view(masked), axis=(1, 2)), 1).astype(jnp.float32)
@@ -310,7 +314,7 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
       (view, view_selections, view_teacher_states), share = x
       (_, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(
           params, frozen_shared, view, view_selections, view_teacher_states,
-          teacher, mage.kl_weight * share * num_views)
+          teacher, mage.kl_weight * share * num_views, 1)
       metrics["kl"] = metrics["kl"] * share * num_views
       return jax.tree.map(lambda a, g: a + g / num_views, grad_sum, grads), metrics
 
@@ -334,7 +338,9 @@ def make_train_step(cfg: TrainConfig, mode: str, layout: ParamLayout,
             dense_layers=mage.dense_layers, selection_queries=mage.selection_queries,
             alpha_includes_block=mage.alpha_includes_block, score_chunk=mage.score_chunk,
             num_views=num_views)
-        teacher_states = objective.teacher_hidden(teacher, views)
+        teacher_states = objective.teacher_states(
+            teacher, views,
+            selection_dense_layers=mage.dense_layers if mage.selection_weight > 0 else None)
       if cfg.split_views:
         metrics, grads = view_by_view(state.params, frozen.shared, views, selections,
                                       teacher_states, teacher)

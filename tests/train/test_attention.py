@@ -130,3 +130,71 @@ def test_sparse_attention_gradients_reach_q_k_v():
   unpicked = [j for j in range(seq) if j not in picked]
   assert unpicked
   np.testing.assert_array_equal(np.asarray(grads[1][:, seq + np.array(unpicked)]), 0)
+
+
+def _reference_alpha(keys, block, include_block):
+  """[b, n, kv_heads, L] alpha of every noisy block from inference's dense mask-step reference
+  (the block over a cache of its earlier clean keys); the first block's is 0."""
+  from pallas_kernels.decode_attention import mask_step_attention_reference
+
+  batch, seq = keys.q_noisy.shape[:2]
+  cache = keys.k_clean.swapaxes(1, 2)
+  alphas = [jnp.zeros((batch, cache.shape[1], seq))]
+  for n in range(1, seq // block):
+    rows = slice(n * block, (n + 1) * block)
+    _, alpha = mask_step_attention_reference(
+        keys.q_noisy[:, rows], cache, cache, jnp.full((batch,), n * block), keys.k_noisy[:, rows],
+        keys.k_noisy[:, rows], alpha_includes_block=include_block)
+    alphas.append(alpha)
+  return jnp.stack(alphas, axis=1)
+
+
+def _reference_divergence(student, target, block, include_block):
+  """KL(target || student) of the normalised reference alphas, blocks >= 1, target rows as
+  views of the student's."""
+  normalise = lambda a: a[:, 1:] / jnp.sum(a[:, 1:], axis=-1, keepdims=True)
+  s = normalise(_reference_alpha(student, block, include_block))
+  t = normalise(_reference_alpha(target, block, include_block))
+  s = jnp.concatenate([s] * (t.shape[0] // s.shape[0]))
+  seen = t > 0
+  log_ratio = jnp.log(jnp.where(seen, t, 1.0)) - jnp.log(jnp.where(seen, s, 1.0))
+  return jnp.sum(jnp.where(seen, t * log_ratio, 0.0), axis=-1)
+
+
+@pytest.mark.parametrize("include_block", [True, False])
+def test_selection_statistics_match_the_mask_step_reference(include_block):
+  # 4 blocks of 4 walked in chunks of 5 (the last padded); block 1 sees only 4 clean keys.
+  seq, block, chunk = 16, 4, 5
+  q, k_noisy, _ = _qkv(5, seq)
+  student = attention.NoisyKeys(q, k_noisy, _qkv(6, seq)[1])
+  q_t, k_t, _ = _qkv(7, seq)  # the target has two rows: two views of the student's one
+  target = attention.NoisyKeys(jnp.concatenate([q_t, 2 * q_t]), jnp.concatenate([k_t, k_t]),
+                               jnp.concatenate([_qkv(8, seq)[1]] * 2))
+  def chunked(q, k_clean):
+    divergence = attention.selection_divergence(
+        student._replace(q_noisy=q, k_clean=k_clean), target, block_size=block, chunk=chunk,
+        include_block=include_block)
+    return jnp.sum(divergence), divergence
+
+  def dense(q, k_clean):
+    divergence = _reference_divergence(student._replace(q_noisy=q, k_clean=k_clean), target,
+                                       block, include_block)
+    return jnp.sum(divergence), divergence
+
+  @jax.jit
+  def both():  # one compilation
+    lse = attention.noisy_query_lse(student, block, chunk, include_block)
+    scores = attention.noisy_block_scores(student.q_noisy, student.k_clean, lse, block, chunk)
+    grad = lambda f: jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(student.q_noisy,
+                                                                         student.k_clean)
+    return scores, _reference_alpha(student, block, include_block), grad(chunked), grad(dense)
+
+  scores, expected_scores, ((_, divergence), grads), ((_, expected), expected_grads) = both()
+  np.testing.assert_allclose(np.asarray(scores), np.asarray(expected_scores), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(divergence[:, 0]), 0)  # block 0 sees no clean key
+  assert np.all(np.asarray(divergence[:, 1:]) > 0)
+  np.testing.assert_allclose(np.asarray(divergence[:, 1:]), np.asarray(expected), rtol=1e-4,
+                             atol=1e-6)
+  for got, want in zip(grads, expected_grads):
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)

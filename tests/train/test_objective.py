@@ -1,5 +1,7 @@
 """The noising, the prediction positions and the MAGE-FT loss."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,7 +69,7 @@ def _selfdistill_terms(budget, seq=32):
     selections = objective.select_keys(model, views, budget=budget, dense_layers=1,
                                        selection_queries="all_mask", alpha_includes_block=True,
                                        score_chunk=8, num_views=2)
-    teacher_states = objective.teacher_hidden(model, views)
+    teacher_states = objective.teacher_states(model, views)
     _, metrics = objective.selfdistill_loss(model, model, views, selections, teacher_states,
                                             kl_weight=1.0, chunk=16, remat=False)
     pretrain, _ = objective.pretrain_loss(model, views, chunk=16, remat=False)
@@ -141,3 +143,93 @@ def test_training_view_predicts_what_a_decoding_step_predicts():
                                            state, StepInfo(True, jnp.int32(0)))
   decoded = jnp.concatenate([prev_logits[:, None], logits[:, :-1]], axis=1)[0]
   np.testing.assert_allclose(decoded, trained, atol=2e-5, rtol=2e-5)
+
+
+@functools.cache
+def _selection_setup():
+  """A tiny float32 model (layer 0 dense, layer 1 sparse), two sequences of four blocks in both
+  complementary views, their selections at budget 4 (blocks 1-3 see more keys than that), the
+  teacher's keys, and the selection loss's value and gradient in the model's weights (one
+  compilation), shared by the selection-loss tests."""
+  from train import trainer
+
+  cfg = ModelConfig.preset("tiny_qwen2", dtype="float32")
+  model = build_model(cfg, seed=0)
+  tokens = jax.random.randint(jax.random.key(5), (2, 4 * cfg.block_size), 4, cfg.vocab_size)
+  views = objective.noise_views(jax.random.key(6), tokens, block_size=cfg.block_size,
+                                mask_id=cfg.mask_token_id, eps=0.05, complementary=True)
+  with use_kernels("reference"):
+    selections = objective.select_keys(model, views, budget=4, dense_layers=1,
+                                       selection_queries="all_mask", alpha_includes_block=True,
+                                       score_chunk=8, num_views=2)
+    teacher = objective.teacher_states(model, views, selection_dense_layers=1)
+  layout = trainer.ParamLayout(cfg, "all")
+  params, shared = layout.split(build_model(cfg, seed=0), seed=0)
+
+  @jax.jit
+  def value_and_grad(keys):
+    def loss(p):
+      with use_kernels("reference"):
+        return objective.selection_loss(layout.model(p, shared), views, 4, keys,
+                                        alpha_includes_block=True, score_chunk=6, num_views=2,
+                                        remat=False)
+    return jax.value_and_grad(loss)(params)
+
+  return cfg, model, views, selections, teacher, value_and_grad
+
+
+def test_selection_loss_is_zero_when_the_later_steps_attend_as_the_first():
+  cfg, model, views, _, teacher, value_and_grad = _selection_setup()
+  assert teacher.keys[0] is None and teacher.keys[1] is not None
+  # The teacher is the student and its x_t is all [MASK]: the target is the student's own alpha.
+  all_mask = views._replace(noisy=jnp.full_like(views.noisy, cfg.mask_token_id))
+  with use_kernels("reference"):
+    same = objective.teacher_states(model, all_mask, selection_dense_layers=1)
+  assert abs(float(value_and_grad(same.keys)[0])) < 1e-7
+  assert float(value_and_grad(teacher.keys)[0]) > 1e-5  # random weights: near uniform
+
+
+def test_selection_loss_trains_what_feeds_the_sparse_layers_queries_and_keys():
+  _, _, _, _, teacher, value_and_grad = _selection_setup()
+  _, grads = value_and_grad(teacher.keys)
+  moved = {name for name, g in grads.items() if np.any(np.asarray(g) != 0)}
+  # The sparse layer's q/k (and its input norm), and everything upstream of them: the
+  # embedding and the whole dense layer 0 (its output feeds layer 1's q/k).
+  for name in ("layers.1.self_attn.q_proj", "layers.1.self_attn.k_proj",
+               "layers.1.input_layernorm", "layers.0.self_attn.q_proj",
+               "layers.0.self_attn.v_proj", "layers.0.mlp", "embed_tokens"):
+    assert any(name in m for m in moved), name
+  # Nothing after them: the sparse layer's values, output projection, MLP and the final norm.
+  for name in ("layers.1.self_attn.v_proj", "layers.1.self_attn.o_proj", "layers.1.mlp",
+               "layers.1.post_attention_layernorm", "model.norm"):
+    assert not any(name in m for m in moved), name
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in grads.values())
+
+
+def test_selection_weight_zero_is_the_papers_loss_and_adds_its_term_otherwise():
+  _, model, views, selections, teacher, _ = _selection_setup()
+  run = lambda weight: objective.selfdistill_loss(
+      model, model, views, selections, teacher, kl_weight=1.0, chunk=16, remat=False,
+      selection_weight=weight, score_chunk=6, num_views=2)
+  with use_kernels("reference"):
+    (loss, metrics), (weighted, weighted_metrics) = run(0.0), run(0.5)
+  assert set(metrics) == {"loss", "ce", "kl"}
+  assert float(loss) == float(metrics["ce"] + metrics["kl"])
+  for key in ("ce", "kl"):
+    assert float(weighted_metrics[key]) == float(metrics[key]), key
+  assert float(weighted_metrics["sel"]) > 1e-5
+  np.testing.assert_allclose(weighted, loss + 0.5 * weighted_metrics["sel"], rtol=1e-6)
+  with pytest.raises(ValueError, match="needs the teacher's keys"):  # not a silent 0
+    objective.selfdistill_loss(model, model, views, selections, teacher._replace(keys=()),
+                               kl_weight=1.0, chunk=16, remat=False, selection_weight=0.5)
+
+
+@pytest.mark.parametrize("weight", [-0.5, float("nan")])
+def test_negative_selection_weight_is_a_config_error(weight):
+  from train import config as config_lib
+
+  cfg = config_lib.from_dict({"model": "tiny_qwen2", "workdir": "/tmp/x", "steps": 1,
+                              "seq_len": 64, "mage": {"selection_weight": weight}})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^mage.selection_weight: must be >= 0, got (-0.5|nan)$"):
+    cfg.validate(ModelConfig.preset("tiny_qwen2"), "selfdistill")
