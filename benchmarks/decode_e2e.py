@@ -248,15 +248,28 @@ def main(argv):
     print(json.dumps(prefills[-1]), flush=True)
     for name in FLAGS.methods:
       for layer_kernels in FLAGS.layer_kernels:
-        steps += _time_steps(cfg, graphdef, params, cache, _method(name), contexts, batch, bw,
-                             layer_kernels)
+        try:
+          steps += _time_steps(cfg, graphdef, params, cache, _method(name), contexts, batch, bw,
+                               layer_kernels)
+        except Exception as error:  # pylint: disable=broad-except
+          # A variant that fails (a kernel that does not compile, out of memory) is recorded
+          # and spares the others: a device call is too scarce to lose whole.
+          steps.append(dict(method=name, layers=layer_kernels, batch=batch,
+                            error=f"{type(error).__name__}: {error}"[:300]))
+          print(json.dumps(steps[-1]), flush=True)
+        _write(meta, loop, prefills, steps)
     del cache
+  print(_write(meta, loop, prefills, steps))
+
+
+def _write(meta, loop, prefills, steps) -> str:
+  """decode_e2e.json and .md under --out (rewritten after every variant); returns the table."""
   with open(os.path.join(FLAGS.out, "decode_e2e.json"), "w") as f:
     json.dump(dict(meta=meta, loop=loop, prefill=prefills, steps=steps), f, indent=2)
   table = _markdown(meta, loop, prefills, steps)
   with open(os.path.join(FLAGS.out, "decode_e2e.md"), "w") as f:
     f.write(table)
-  print(table)
+  return table
 
 
 def _markdown(meta, loop, prefills, steps) -> str:
@@ -285,10 +298,12 @@ def _markdown(meta, loop, prefills, steps) -> str:
             "block of 32 steps | exact / this block |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   at_3tbs = meta["copy_bandwidth_GBps"] * 1e9 / GPU_MD_COPY_BYTES_PER_S
-  per_block = {id(r): r["first_step_ms"] + (STEPS_PER_BLOCK - 1) * r["step_ms"] for r in steps}
   # The ratios are to exact attention with the same layers (rows saved before the layers
   # column existed ran XLA's).
   layers = lambda r: r.get("layers", "xla")
+  failed = [r for r in steps if "error" in r]
+  steps = [r for r in steps if "error" not in r]
+  per_block = {id(r): r["first_step_ms"] + (STEPS_PER_BLOCK - 1) * r["step_ms"] for r in steps}
   exact = {(r["batch"], r["context"], layers(r)): r for r in steps if r["method"] == "exact"}
   for r in steps:
     ref = exact.get((r["batch"], r["context"], layers(r)))
@@ -303,6 +318,10 @@ def _markdown(meta, loop, prefills, steps) -> str:
         f"{r['step_ms'] / (r['floor_step_ms'] * at_3tbs):.2f} | {r['call_ms']:.2f} | "
         f"{step_ratio} | {paper} | "
         f"{per_block[id(r)]:.1f} | {block_ratio} |")
+  for r in failed:
+    error = r["error"].replace("\n", " ").replace("|", "/")
+    lines.append(f"| {r['method']} | {layers(r)} | {r['batch']} | failed: {error} |"
+                 + " - |" * 11)
   lines += ["", "paper: MAGE's per-step speedup over exact in the paper (Fast-dLLM v1 numbers, "
             "batch unpublished); its end-to-end speedup at 128K is 6.82x. block: one first step "
             f"+ {STEPS_PER_BLOCK - 1} later steps (fixed {STEPS_PER_BLOCK} steps per 32-token "

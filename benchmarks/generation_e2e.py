@@ -26,7 +26,8 @@ exactly --new_tokens tokens.
 
 Memory: one cell at a time; its cache lives inside generate and is freed when the call
 returns, so two 128K batch-8 caches never coexist. A cell that runs out of device memory is
-recorded as "out of memory" and the run goes on. The JSON and markdown are rewritten after
+recorded as "out of memory" (any other failure, e.g. a kernel that does not compile, with its
+message) and the run goes on. The JSON and markdown are rewritten after
 every cell (a run cut short keeps what it measured). Writes generation_e2e.json and
 generation_e2e.md under --out. Runtime (1.5B, H100, the command above): ~6 min, mostly 8
 compiles (~20-30 s each: one per batch, capacity and method) and the 128K batch-8 prefills
@@ -175,11 +176,13 @@ def main(argv):
           cell_options = dataclasses.replace(options, layer_kernels=layers)
           try:
             rows.append(time_cell(model, cfg, top, name, cell_options, batch, context))
-          except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-              raise
+          except Exception as e:  # pylint: disable=broad-except
+            # A cell that fails (out of memory, a kernel that does not compile) is recorded
+            # and spares the others.
+            error = ("out of memory" if "RESOURCE_EXHAUSTED" in str(e)
+                     else f"{type(e).__name__}: {e}"[:300].replace("\n", " ").replace("|", "/"))
             rows.append(dict(method=name, layers=layers, batch=batch, context=context,
-                             error="out of memory"))
+                             error=error))
           print(json.dumps(rows[-1]), flush=True)
           gc.collect()
           write_results(meta, rows)

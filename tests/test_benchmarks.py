@@ -37,6 +37,15 @@ def test_decode_e2e_times_every_method_in_the_loop_and_rewrites_its_table(tmp_pa
   os.remove(tmp_path / "decode_e2e.md")
   _run("decode_e2e.py", f"--markdown_from={tmp_path / 'decode_e2e.json'}", f"--out={tmp_path}")
   assert (tmp_path / "decode_e2e.md").read_text() == table
+  # A variant that failed (recorded by the run, which goes on) gets a row of its own.
+  saved["steps"].append(dict(method="mage", layers="fused", batch=8,
+                             error="JaxRuntimeError: triton\ncompile | failed"))
+  (tmp_path / "decode_e2e.json").write_text(json.dumps(saved))
+  _run("decode_e2e.py", f"--markdown_from={tmp_path / 'decode_e2e.json'}", f"--out={tmp_path}")
+  rewritten = (tmp_path / "decode_e2e.md").read_text().splitlines()
+  assert set(table.splitlines()) < set(rewritten)
+  assert ("| mage | fused | 8 | failed: JaxRuntimeError: triton compile / failed |" + " - |" * 11
+          in rewritten)
 
 
 def test_step_profile_runs_a_variant_in_its_own_process(tmp_path):
