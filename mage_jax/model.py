@@ -16,9 +16,10 @@ the Hugging Face name map lives in mage_jax.checkpoint.
 ``layer_kernels`` picks how the layers outside attention run: "xla" (XLA's fusions and GEMMs)
 or "fused" (pallas_kernels.decode_gemm: input norm + q/k/v + bias + q/k norm + RoPE, o_proj +
 residual, post-attention norm + gate/up + SwiGLU, down_proj + residual, four launches per
-layer, for the 1..256 rows of a denoising step or a commit; larger calls run the "xla" path). The fused
-kernels run under the active kernel setting (pallas_kernels.dispatch): the Triton kernels on
-a GPU, their float32 references elsewhere. Same weights, same outputs to bf16 rounding.
+layer, for the 1..256 rows of a denoising step or a commit; larger calls run the "xla" path).
+The fused kernels run under the active kernel setting (pallas_kernels.dispatch): the Triton
+kernels on a GPU, their float32 references elsewhere. Same weights, same outputs to bf16
+rounding.
 """
 
 from __future__ import annotations
@@ -261,9 +262,9 @@ class Transformer(nnx.Module):
                        excluded_token: int | None) -> tuple[jax.Array, jax.Array]:
     """The greedy proposal of every position of hidden [..., hidden]: (argmax token int32,
     its softmax probability float32), ``excluded_token`` never proposed: what
-    sampling.propose_tokens computes at temperature 0 from ``logits``, through
-    decode_gemm.greedy_head (no [rows, vocab] logits) for up to MAX_KERNEL_ROWS rows, from the
-    logits above."""
+    sampling.propose_tokens computes at temperature 0 from ``logits``. Up to MAX_KERNEL_ROWS
+    rows go through decode_gemm.greedy_head (no [rows, vocab] logits), more through
+    ``logits``."""
     if self.lm_head is None:
       w, layout = self.embed_tokens.embedding[...], "ve"
     else:
