@@ -120,7 +120,8 @@ def forward_write(model: Transformer, tokens: jax.Array, positions: jax.Array, v
   ends = jnp.max(jnp.where(valid, positions + 1, 0), axis=1)
   cache = KVCache(layers=cache.layers, lengths=jnp.maximum(cache.lengths, ends).astype(jnp.int32))
   attend = make_write_attend(method, model.config.block_size)
-  hidden, carry = model(tokens, positions, attend, WriteCarry(cache, method_state, positions, valid),
+  hidden, carry = model(tokens, positions, attend,
+                        WriteCarry(cache, method_state, positions, valid),
                         layer_kernels=layer_kernels)
   return hidden, carry.cache, carry.method_state
 

@@ -246,8 +246,8 @@ def _gemm_kernel(*refs, rows: int, k: int, widths: tuple[int, ...], block_m: int
         if widths[index] % block_n else None
     (acc,), ssq = _accumulate(
         x_ref, g_ref, _weight_tile(w_refs[index], n0, col_mask, block_k, block_n), 1,
-        all_rows=all_rows, rows=rows, k=k, block_m=block_m, block_k=block_k, block_n=block_n, k_start=k_start,
-        k_len=k_len)
+        all_rows=all_rows, rows=rows, k=k, block_m=block_m, block_k=block_k, block_n=block_n,
+        k_start=k_start, k_len=k_len)
     if split_k > 1:
       _store_partial(out_ref, acc, split, all_rows, out_cols, out_mask)
       if normalize:
@@ -360,8 +360,9 @@ def _swiglu_kernel(x_ref, g_ref, w_ref, out_ref, *ssq_ref, rows: int, k: int, wi
     return tuple(_masked(w_ref.at[pl.ds(k0, block_k), pl.ds(start, block_n)], mask)
                  for start in (n0, width + n0))
 
-  (gate, up), ssq = _accumulate(x_ref, g_ref, load, 2, all_rows=all_rows, rows=rows, k=k, block_m=block_m,
-                                block_k=block_k, block_n=block_n, k_start=k_start, k_len=k_len)
+  (gate, up), ssq = _accumulate(x_ref, g_ref, load, 2, all_rows=all_rows, rows=rows, k=k,
+                                block_m=block_m, block_k=block_k, block_n=block_n,
+                                k_start=k_start, k_len=k_len)
   if split_k > 1:
     _store_partial(out_ref, gate, split, all_rows, pl.ds(n0, block_n), out_mask)
     _store_partial(out_ref, up, split, all_rows, pl.ds(width + n0, block_n), out_mask)
@@ -393,9 +394,9 @@ def _head_kernel(x_ref, w_ref, max_ref, arg_ref, sum_ref, *, rows: int, k: int, 
                  None if col_valid is None else col_valid[None, :])
     return (_masked(w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], mask),)
 
-  (logits,), _ = _accumulate(x_ref, None, load, 1, all_rows=all_rows, rows=rows, k=k, block_m=block_m,
-                             block_k=block_k, block_n=block_n, k_start=0, k_len=k,
-                             transposed=transposed)
+  (logits,), _ = _accumulate(x_ref, None, load, 1, all_rows=all_rows, rows=rows, k=k,
+                             block_m=block_m, block_k=block_k, block_n=block_n, k_start=0,
+                             k_len=k, transposed=transposed)
   keep = cols != excluded
   if col_valid is not None:
     keep = keep & col_valid

@@ -65,8 +65,9 @@ def test_fused_layers_and_head_match_xla(preset, dtype, head_dim, tolerance):
 
 def test_fused_generate_equals_xla():
   """A whole greedy generate with token shift (the first proposal from the last commit's
-  logits), ragged prompts (16 new tokens in two blocks, or three with a prompt tail): the fused layers and head (interpret mode) decode
-  the same tokens in the same number of steps."""
+  logits), ragged prompts (16 new tokens in two blocks, or three with a prompt tail): the
+  fused layers and head (interpret mode) decode the same tokens in the same number of
+  steps."""
   cfg = ModelConfig.preset("tiny_qwen2", head_dim=32)  # RoPE in the q/k/v kernel
   model = build_model(cfg, seed=1)
   # Weights x 5: a random tiny model then proposes varied tokens (at init scale every position

@@ -6,8 +6,9 @@ MAGE-FT's teacher weights, all from the ParamLayout built over ``nnx.eval_shape`
 activation part is a model of what a remat step keeps live (docs/training.md, "Memory plan"),
 an estimate to check against benchmarks/train_step.py's measured peaks:
 
-* residuals: each layer's input, [views x batch x 2L, hidden] (views: those in one pass) in the model dtype (remat keeps
-  only these; without remat every layer's projections and MLP activations stay too);
+* residuals: each layer's input, [views x batch x 2L, hidden] (views: those in one pass) in
+  the model dtype (remat keeps only these; without remat every layer's projections and MLP
+  activations stay too);
 * one layer's recompute: the MLP's [rows, intermediate] tensors, ~4 live (gate, up, their
   product, its gradient);
 * MAGE-FT's sparse student attention (every sparse layer in turn): float32 logits,
