@@ -16,8 +16,9 @@ layer_kernels="fused" path calls it:
 it times the Triton kernel against XLA's jitted equivalent, written as the model's "xla" path
 computes it (RMSNorm in float32 rounded to bf16, bf16 dots, the bias / residual added in bf16,
 RoPE in float32, SiLU x up in bf16; for the head float32 logits, [MASK] set to -inf, softmax,
-argmax and the pick, as the generate loop), and against the floor max(bytes moved / copy bandwidth, FLOPs /
-matmul rate) with both rates measured in the same run (decode_kernels.measure_ceilings).
+argmax and the pick, as the generate loop), and against the floor max(bytes moved / copy
+bandwidth, FLOPs / matmul rate) with both rates measured in the same run
+(decode_kernels.measure_ceilings).
 
 * check: kernel (default tuning) vs its float32 reference on the GPU, and XLA's model path vs
   the same reference for scale, at every shape and at 96 rows (batch 3: padded rows); the head
