@@ -36,6 +36,13 @@ from pallas_kernels import decode_gemm
 from pallas_kernels.dispatch import MOSAIC, active_impl
 
 LAYER_KERNELS = ("xla", "fused")
+# The fused path's ops and, for each, the most rows (batch x block tokens) at which it runs its
+# kernel; a call with more rows runs XLA's code for that op, and 0 turns the op's kernel off.
+# Every op is on up to the kernels' limit until benchmarks/decode_gemm.py and decode_e2e.py
+# --layer_kernels=xla,fused measure where each beats XLA (issue 28): set the measured rows here.
+FUSED_OP_ROWS = {"qkv": decode_gemm.MAX_KERNEL_ROWS, "o_proj": decode_gemm.MAX_KERNEL_ROWS,
+                 "swiglu": decode_gemm.MAX_KERNEL_ROWS, "down": decode_gemm.MAX_KERNEL_ROWS,
+                 "head": decode_gemm.MAX_KERNEL_ROWS}
 
 AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -152,8 +159,10 @@ class DecoderLayer(nnx.Module):
 
   def fused_call(self, x, positions, layer: int, attend: AttendFn, carry, rope):
     """The same layer through the fused decode kernels (``layer_kernels="fused"``): four
-    launches around the attention, the norms, RoPE and residual adds inside them. ``rope``:
-    decode_gemm.rope_tables of the flattened positions, computed once for all layers."""
+    launches around the attention, the norms, RoPE and residual adds inside them, each op
+    where FUSED_OP_ROWS turns it on for this many rows (else the op's XLA code, as
+    ``__call__``). ``rope``: decode_gemm.rope_tables of the flattened positions, computed once
+    for all layers."""
     attn, mlp = self.self_attn, self.mlp
     projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
     if not all(type(p) is nnx.Einsum for p in projections):
@@ -161,36 +170,55 @@ class DecoderLayer(nnx.Module):
                        "into the weights first (mage_jax.lora)")
     impl = active_impl()
     batch, seq, embed = x.shape
-    rows = x.reshape(batch * seq, embed)
-    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
-    kernels = tuple(p.kernel[...].reshape(embed, -1) for p in qkv)
-    biases = None if attn.q_proj.bias is None else tuple(p.bias[...].reshape(-1) for p in qkv)
+    fused = lambda op: batch * seq <= FUSED_OP_ROWS[op]
+    flat = lambda a: a.reshape(batch * seq, -1)
     heads = lambda a, proj: a.reshape(batch, seq, *proj.kernel.shape[1:])
     norm = self.input_layernorm
     head_dim = attn.q_proj.kernel.shape[-1]
-    if impl in ("pallas", "interpret") and not decode_gemm.rope_kernel_supports(head_dim):
-      # A head too small for the kernel's rotary pairs: the projection fused, norms and RoPE
-      # by XLA.
-      q, k, v = decode_gemm.norm_matmul(rows, norm.scale[...], kernels, biases, eps=norm.eps,
-                                        impl=impl)
-      out, carry = attn.attend_heads(heads(q, attn.q_proj), heads(k, attn.k_proj),
-                                     heads(v, attn.v_proj), positions, layer, attend, carry)
+
+    if not fused("qkv"):
+      h = norm(x)
+      out, carry = attn.attend_heads(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), positions,
+                                     layer, attend, carry)
     else:
-      head_norms = None if attn.q_norm is None else (attn.q_norm.scale[...],
-                                                     attn.k_norm.scale[...])
-      q, k, v = decode_gemm.norm_qkv_rope(rows, norm.scale[...], kernels, biases,
-                                          rope_cos=rope[0], rope_sin=rope[1],
-                                          head_norms=head_norms, eps=norm.eps, impl=impl)
-      out, carry = attend(layer, heads(q, attn.q_proj), heads(k, attn.k_proj),
-                          heads(v, attn.v_proj), carry)
-    o_kernel = attn.o_proj.kernel[...]
-    rows = decode_gemm.matmul_residual(out.astype(x.dtype).reshape(batch * seq, -1),
-                                       o_kernel.reshape(-1, embed), rows, impl=impl)
-    act = decode_gemm.norm_swiglu(rows, self.post_attention_layernorm.scale[...],
-                                  mlp.gate_up_proj.kernel[...],
-                                  eps=self.post_attention_layernorm.eps, impl=impl)
-    rows = decode_gemm.matmul_residual(act, mlp.down_proj.kernel[...], rows, impl=impl)
-    return rows.reshape(batch, seq, embed), carry
+      qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+      kernels = tuple(p.kernel[...].reshape(embed, -1) for p in qkv)
+      biases = None if attn.q_proj.bias is None else tuple(p.bias[...].reshape(-1) for p in qkv)
+      if impl in ("pallas", "interpret") and not decode_gemm.rope_kernel_supports(head_dim):
+        # A head too small for the kernel's rotary pairs: the projection fused, norms and
+        # RoPE by XLA.
+        q, k, v = decode_gemm.norm_matmul(flat(x), norm.scale[...], kernels, biases,
+                                          eps=norm.eps, impl=impl)
+        out, carry = attn.attend_heads(heads(q, attn.q_proj), heads(k, attn.k_proj),
+                                       heads(v, attn.v_proj), positions, layer, attend, carry)
+      else:
+        head_norms = None if attn.q_norm is None else (attn.q_norm.scale[...],
+                                                       attn.k_norm.scale[...])
+        q, k, v = decode_gemm.norm_qkv_rope(flat(x), norm.scale[...], kernels, biases,
+                                            rope_cos=rope[0], rope_sin=rope[1],
+                                            head_norms=head_norms, eps=norm.eps, impl=impl)
+        out, carry = attend(layer, heads(q, attn.q_proj), heads(k, attn.k_proj),
+                            heads(v, attn.v_proj), carry)
+    out = out.astype(x.dtype)
+
+    if fused("o_proj"):
+      x = decode_gemm.matmul_residual(flat(out), attn.o_proj.kernel[...].reshape(-1, embed),
+                                      flat(x), impl=impl).reshape(x.shape)
+    else:
+      x = x + attn.o_proj(out)
+    post_norm = self.post_attention_layernorm
+    if fused("swiglu"):
+      act = decode_gemm.norm_swiglu(flat(x), post_norm.scale[...], mlp.gate_up_proj.kernel[...],
+                                    eps=post_norm.eps, impl=impl)
+    else:
+      gate_up = mlp.gate_up_proj(post_norm(x))
+      act = flat(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+    if fused("down"):
+      x = decode_gemm.matmul_residual(act, mlp.down_proj.kernel[...], flat(x),
+                                      impl=impl).reshape(x.shape)
+    else:
+      x = x + mlp.down_proj(act).reshape(x.shape)
+    return x, carry
 
 
 def _layer_call(index: int, positions: jax.Array, attend: AttendFn):
@@ -229,7 +257,8 @@ class Transformer(nnx.Module):
     "xla")."""
     if layer_kernels not in LAYER_KERNELS:
       raise ValueError(f"layer_kernels must be one of {LAYER_KERNELS}, got {layer_kernels!r}")
-    fused = layer_kernels == "fused" and tokens.size <= decode_gemm.MAX_KERNEL_ROWS
+    fused = layer_kernels == "fused" and tokens.size <= max(
+        FUSED_OP_ROWS[op] for op in ("qkv", "o_proj", "swiglu", "down"))
     if fused and (remat or jax.sharding.get_abstract_mesh().size > 1):
       raise ValueError("layer_kernels='fused' runs inference on one device (no remat, no "
                        "mesh of several devices)")
@@ -262,16 +291,16 @@ class Transformer(nnx.Module):
                        excluded_token: int | None) -> tuple[jax.Array, jax.Array]:
     """The greedy proposal of every position of hidden [..., hidden]: (argmax token int32,
     its softmax probability float32), ``excluded_token`` never proposed: what
-    sampling.propose_tokens computes at temperature 0 from ``logits``. Up to MAX_KERNEL_ROWS
-    rows go through decode_gemm.greedy_head (no [rows, vocab] logits), more through
-    ``logits``."""
+    sampling.propose_tokens computes at temperature 0 from ``logits``. Up to
+    FUSED_OP_ROWS["head"] rows go through decode_gemm.greedy_head (no [rows, vocab] logits),
+    more through ``logits``."""
     if self.lm_head is None:
       w, layout = self.embed_tokens.embedding[...], "ve"
     else:
       w, layout = self.lm_head.kernel[...], "ev"
     lead, features = hidden.shape[:-1], hidden.shape[-1]
     rows = hidden.reshape(-1, features).astype(w.dtype)
-    if rows.shape[0] > decode_gemm.MAX_KERNEL_ROWS:
+    if rows.shape[0] > FUSED_OP_ROWS["head"]:
       logits = self.logits(rows)
       if excluded_token is not None:
         logits = logits.at[:, excluded_token].set(-jnp.inf)
