@@ -55,8 +55,12 @@ from pallas_kernels.dispatch import resolve_impl
 
 # All rows live in one program: its float32 accumulator is [rows, block_n].
 MAX_KERNEL_ROWS = 256
-# Programs to aim for: one wave on a 132-SM H100.
-TARGET_PROGRAMS = 132
+# The launch model that picks the default K splits (`default_split_k`): an H100's 132 SMs,
+# each with an even share of ~3 TB/s of HBM bandwidth and of a ~600 TFLOP/s bf16 GEMM ceiling
+# (../shared/docs/gpu.md, measured here).
+NUM_SMS = 132
+HBM_BYTES_PER_S = 3.0e12
+GEMM_FLOPS_PER_S = 600e12
 # Fewest K tiles per split (shorter splits spend their time in the pipeline's ramp).
 MIN_SPLIT_TILES = 2
 # Tuning keywords and their defaults (None: chosen from the shapes; see `kernel_tuning`).
@@ -67,15 +71,26 @@ _DTYPES = (jnp.bfloat16, jnp.float32)
 HEAD_LAYOUTS = ("ev", "ve")  # w [hidden, vocab] (an lm_head kernel) or [vocab, hidden] (tied)
 
 
-def default_split_k(n_tiles: int, k_tiles: int, rows: int, k: int, weight_bytes: int) -> int:
-  """K splits so that n_tiles x splits is about one wave of TARGET_PROGRAMS, each split at
-  least MIN_SPLIT_TILES tiles long, and the float32 partials written and read back
-  (splits x rows x N x 8 bytes) at most half of w's bytes (K x N x weight_bytes): a heuristic
-  until the GPU sweep (benchmarks/decode_gemm.py) measures the choice."""
-  wanted = max(1, round(TARGET_PROGRAMS / n_tiles))
-  longest = max(1, k_tiles // MIN_SPLIT_TILES)
-  cheap = max(1, (k * weight_bytes) // (16 * rows))
-  return max(1, min(wanted, longest, cheap))
+def launch_seconds(rows: int, k: int, n: int, n_tiles: int, split_k: int,
+                   weight_bytes: int) -> float:
+  """Modelled time of one launch: the larger of its FLOPs over the busy SMs' share of the GEMM
+  ceiling and its bytes (w once, plus with several splits the float32 partials written and
+  read back) over their share of the bandwidth; a program keeps one SM busy."""
+  busy = min(n_tiles * split_k, NUM_SMS) / NUM_SMS
+  flops = 2 * tu.next_power_of_two(rows) * k * n  # the padded rows are multiplied too
+  data = k * n * weight_bytes + (split_k > 1) * split_k * rows * n * 8
+  return max(flops / (busy * GEMM_FLOPS_PER_S), data / (busy * HBM_BYTES_PER_S))
+
+
+def default_split_k(n_tiles: int, k_tiles: int, rows: int, k: int, n: int,
+                    weight_bytes: int) -> int:
+  """The K splits (each at least MIN_SPLIT_TILES tiles long) with the least `launch_seconds`,
+  the fewest on a tie: at 32 rows (weight-bound) about one wave of programs; at 256 rows
+  (near the H100's ridge point) as many as the SMs' compute needs, where the partials cost
+  less than idle SMs. A model until the GPU sweep (benchmarks/decode_gemm.py) measures it."""
+  candidates = range(1, max(1, k_tiles // MIN_SPLIT_TILES) + 1)
+  return min(candidates,
+             key=lambda s: (launch_seconds(rows, k, n, n_tiles, s, weight_bytes), s))
 
 
 def _largest_dividing_power_of_two(value: int, ceiling: int) -> int:
@@ -111,7 +126,7 @@ def kernel_tuning(rows: int, k: int, n: int, weight_bytes: int, *,
       raise ValueError(f"grouped weights of widths {tuple(group_widths)}: every width must be "
                        "a multiple of 16")
   n_tiles, k_tiles = pl.cdiv(n, block_n), pl.cdiv(k, block_k)
-  split_k = t.get("split_k") or default_split_k(n_tiles, k_tiles, rows, k, weight_bytes)
+  split_k = t.get("split_k") or default_split_k(n_tiles, k_tiles, rows, k, n, weight_bytes)
   split_k = min(split_k, k_tiles)
   # Tiles per split, then the splits that get any tile at all.
   split_tiles = pl.cdiv(k_tiles, split_k)

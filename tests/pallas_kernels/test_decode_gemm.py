@@ -86,8 +86,13 @@ def test_tuning_fills_the_gpu_and_keeps_every_split_nonempty():
   # 1.5B q/k/v at one block: 32 N tiles of 64, split 4 ways over 12 K tiles -> 128 programs.
   t = decode_gemm.kernel_tuning(32, 1536, 2048, 2)
   assert (t["n_tiles"], t["split_k"], t["split_tiles"], t["block_k"]) == (32, 4, 3, 128)
-  # 256 rows: float32 partials would cost more than w itself, so no split.
-  assert decode_gemm.kernel_tuning(256, 1536, 2048, 2)["split_k"] == 1
+  # 256 rows (near the ridge point): one split would be 32 programs, 100 SMs idle in a
+  # compute-bound GEMM; 4 splits cost 17 MB of float32 partials and still win in the model.
+  assert decode_gemm.kernel_tuning(256, 1536, 2048, 2)["split_k"] == 4
+  assert (decode_gemm.launch_seconds(256, 1536, 2048, 32, 4, 2)
+          < decode_gemm.launch_seconds(256, 1536, 2048, 32, 1, 2))
+  # The gate/up width of 8960 columns: 140 programs fill the GPU without splits.
+  assert decode_gemm.kernel_tuning(256, 1536, 8960, 2)["split_k"] == 1
   # 3 K tiles asked to split 2 ways: tiles of 2 and 1; 4 ways: only 3 splits get a tile.
   assert decode_gemm.kernel_tuning(24, 96, 80, 4, block_k=32, split_k=2)["split_tiles"] == 2
   assert decode_gemm.kernel_tuning(24, 96, 80, 4, block_k=32, split_k=4)["split_k"] == 3
