@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mage_jax import sampling, sharding
+from mage_jax import fused_layers, sampling, sharding
 from mage_jax.attention import DenoiseCarry, WriteCarry, make_denoise_attend, make_write_attend
 from mage_jax.config import ModelConfig
 from mage_jax.kv_cache import KVCache, init_cache
@@ -54,8 +54,8 @@ class DecodeOptions:
     kernels: the kernel setting of every attention call of the decode (one of
       pallas_kernels.dispatch.SETTINGS), resolved once by ``generate``.
     layer_kernels: how the layers outside attention run in the denoising steps and commits
-      (mage_jax.model.LAYER_KERNELS): "xla", or "fused" (pallas_kernels.decode_gemm's kernels
-      under ``kernels``; with greedy decoding also the LM head's fused argmax, no logits).
+      (mage_jax.model.LAYER_KERNELS): "xla", or "fused" (mage_jax.fused_layers, under
+      ``kernels``; with greedy decoding also the LM head's fused argmax, no logits).
   """
 
   policy: str = "fast_dllm_v2"
@@ -207,11 +207,11 @@ def block_proposals(model: Transformer, hidden: jax.Array, prev_logits: jax.Arra
   [batch, block, hidden]. With token shift (Fast-dLLM v2) position i is proposed from hidden
   state i - 1 and position 0 from ``prev_logits`` [batch, vocab] (the last committed
   position's). Greedy decoding with ``layer_kernels="fused"`` runs the fused head
-  (Transformer.greedy_proposals: no [batch, block, vocab] logits)."""
+  (fused_layers.greedy_proposals: no [batch, block, vocab] logits)."""
   cfg = model.config
   if options.temperature == 0.0 and options.layer_kernels == "fused":
-    tokens, confidence = model.greedy_proposals(hidden[:, :-1] if cfg.token_shift else hidden,
-                                                cfg.mask_token_id)
+    tokens, confidence = fused_layers.greedy_proposals(
+        model, hidden[:, :-1] if cfg.token_shift else hidden, cfg.mask_token_id)
     if not cfg.token_shift:
       return tokens, confidence
     first_token, first_confidence = propose_from_logits(cfg, prev_logits, key, options)

@@ -13,13 +13,9 @@ step and training are all the same forward with different attend functions (mage
 Weights keep their head structure (q: [embed, heads, head_dim], o: [heads, head_dim, embed]);
 the Hugging Face name map lives in mage_jax.checkpoint.
 
-``layer_kernels`` picks how the layers outside attention run: "xla" (XLA's fusions and GEMMs)
-or "fused" (pallas_kernels.decode_gemm: input norm + q/k/v + bias + q/k norm + RoPE, o_proj +
-residual, post-attention norm + gate/up + SwiGLU, down_proj + residual, four launches per
-layer, for the 1..256 rows of a denoising step or a commit; larger calls run the "xla" path).
-The fused kernels run under the active kernel setting (pallas_kernels.dispatch): the Triton
-kernels on a GPU, their float32 references elsewhere. Same weights, same outputs to bf16
-rounding.
+``layer_kernels`` picks how the layers outside attention run: "xla" (the modules below) or
+"fused" (mage_jax.fused_layers: the same layers through pallas_kernels.decode_gemm's fused
+kernels, for the 1..256 rows of a denoising step or a commit; larger calls run "xla").
 """
 
 from __future__ import annotations
@@ -31,18 +27,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mage_jax import fused_layers
 from mage_jax.config import ModelConfig
 from pallas_kernels import decode_gemm
-from pallas_kernels.dispatch import MOSAIC, active_impl
 
 LAYER_KERNELS = ("xla", "fused")
-# The fused path's ops and, for each, the most rows (batch x block tokens) at which it runs its
-# kernel; a call with more rows runs XLA's code for that op, and 0 turns the op's kernel off.
-# Every op is on up to the kernels' limit until benchmarks/decode_gemm.py and decode_e2e.py
-# --layer_kernels=xla,fused measure where each beats XLA (issue 28): set the measured rows here.
-FUSED_OP_ROWS = {"qkv": decode_gemm.MAX_KERNEL_ROWS, "o_proj": decode_gemm.MAX_KERNEL_ROWS,
-                 "swiglu": decode_gemm.MAX_KERNEL_ROWS, "down": decode_gemm.MAX_KERNEL_ROWS,
-                 "head": decode_gemm.MAX_KERNEL_ROWS}
 
 AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -157,69 +146,6 @@ class DecoderLayer(nnx.Module):
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, carry
 
-  def fused_call(self, x, positions, layer: int, attend: AttendFn, carry, rope):
-    """The same layer through the fused decode kernels (``layer_kernels="fused"``): four
-    launches around the attention, the norms, RoPE and residual adds inside them, each op
-    where FUSED_OP_ROWS turns it on for this many rows (else the op's XLA code, as
-    ``__call__``). ``rope``: decode_gemm.rope_tables of the flattened positions, computed once
-    for all layers."""
-    attn, mlp = self.self_attn, self.mlp
-    projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-    if not all(type(p) is nnx.Einsum for p in projections):
-      raise ValueError("layer_kernels='fused' needs the plain projections; merge LoRA adapters "
-                       "into the weights first (mage_jax.lora)")
-    impl = active_impl()
-    batch, seq, embed = x.shape
-    fused = lambda op: batch * seq <= FUSED_OP_ROWS[op]
-    flat = lambda a: a.reshape(batch * seq, -1)
-    heads = lambda a, proj: a.reshape(batch, seq, *proj.kernel.shape[1:])
-    norm = self.input_layernorm
-    head_dim = attn.q_proj.kernel.shape[-1]
-
-    if not fused("qkv"):
-      h = norm(x)
-      out, carry = attn.attend_heads(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), positions,
-                                     layer, attend, carry)
-    else:
-      qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
-      kernels = tuple(p.kernel[...].reshape(embed, -1) for p in qkv)
-      biases = None if attn.q_proj.bias is None else tuple(p.bias[...].reshape(-1) for p in qkv)
-      if impl in ("pallas", "interpret") and not decode_gemm.rope_kernel_supports(head_dim):
-        # A head too small for the kernel's rotary pairs: the projection fused, norms and
-        # RoPE by XLA.
-        q, k, v = decode_gemm.norm_matmul(flat(x), norm.scale[...], kernels, biases,
-                                          eps=norm.eps, impl=impl)
-        out, carry = attn.attend_heads(heads(q, attn.q_proj), heads(k, attn.k_proj),
-                                       heads(v, attn.v_proj), positions, layer, attend, carry)
-      else:
-        head_norms = None if attn.q_norm is None else (attn.q_norm.scale[...],
-                                                       attn.k_norm.scale[...])
-        q, k, v = decode_gemm.norm_qkv_rope(flat(x), norm.scale[...], kernels, biases,
-                                            rope_cos=rope[0], rope_sin=rope[1],
-                                            head_norms=head_norms, eps=norm.eps, impl=impl)
-        out, carry = attend(layer, heads(q, attn.q_proj), heads(k, attn.k_proj),
-                            heads(v, attn.v_proj), carry)
-    out = out.astype(x.dtype)
-
-    if fused("o_proj"):
-      x = decode_gemm.matmul_residual(flat(out), attn.o_proj.kernel[...].reshape(-1, embed),
-                                      flat(x), impl=impl).reshape(x.shape)
-    else:
-      x = x + attn.o_proj(out)
-    post_norm = self.post_attention_layernorm
-    if fused("swiglu"):
-      act = decode_gemm.norm_swiglu(flat(x), post_norm.scale[...], mlp.gate_up_proj.kernel[...],
-                                    eps=post_norm.eps, impl=impl)
-    else:
-      gate_up = mlp.gate_up_proj(post_norm(x))
-      act = flat(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
-    if fused("down"):
-      x = decode_gemm.matmul_residual(act, mlp.down_proj.kernel[...], flat(x),
-                                      impl=impl).reshape(x.shape)
-    else:
-      x = x + mlp.down_proj(act).reshape(x.shape)
-    return x, carry
-
 
 def _layer_call(index: int, positions: jax.Array, attend: AttendFn):
   """A layer call for nnx.remat with the layer index closed over, so it stays a Python int
@@ -252,19 +178,14 @@ class Transformer(nnx.Module):
                *, remat: bool = False, layer_kernels: str = "xla"):
     """tokens, positions: int32 [batch, seq]. Returns (hidden [batch, seq, hidden], carry).
 
-    ``layer_kernels``: "xla" or "fused" (see the module docstring; inference only: the fused
-    kernels have no gradient, and calls of more than decode_gemm.MAX_KERNEL_ROWS tokens run
-    "xla")."""
+    ``layer_kernels``: "xla" or "fused" (mage_jax.fused_layers; inference only: the fused
+    kernels have no gradient, and calls with more tokens than fused_layers.FUSED_OP_ROWS
+    allows run "xla")."""
     if layer_kernels not in LAYER_KERNELS:
       raise ValueError(f"layer_kernels must be one of {LAYER_KERNELS}, got {layer_kernels!r}")
-    fused = layer_kernels == "fused" and tokens.size <= max(
-        FUSED_OP_ROWS[op] for op in ("qkv", "o_proj", "swiglu", "down"))
-    if fused and (remat or jax.sharding.get_abstract_mesh().size > 1):
-      raise ValueError("layer_kernels='fused' runs inference on one device (no remat, no "
-                       "mesh of several devices)")
-    if fused and active_impl() in MOSAIC:
-      raise ValueError("layer_kernels='fused' has Triton (GPU) kernels only; on a TPU use "
-                       "layer_kernels='xla'")
+    fused = layer_kernels == "fused" and fused_layers.applies(tokens.size)
+    if fused:
+      fused_layers.check_context(remat)
     x = self.embed_tokens(tokens)
     if fused:
       rope = decode_gemm.rope_tables(positions.reshape(-1), self.config.rope_theta,
@@ -273,7 +194,7 @@ class Transformer(nnx.Module):
       if remat:
         x, carry = nnx.remat(_layer_call(i, positions, attend))(layer, x, carry)
       elif fused:
-        x, carry = layer.fused_call(x, positions, i, attend, carry, rope)
+        x, carry = fused_layers.decoder_layer(layer, x, positions, i, attend, carry, rope)
       else:
         x, carry = layer(x, positions, i, attend, carry)
     return self.norm(x), carry
@@ -286,31 +207,6 @@ class Transformer(nnx.Module):
     else:
       w, spec = self.lm_head.kernel[...], "...e,ev->...v"
     return jnp.einsum(spec, hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
-
-  def greedy_proposals(self, hidden: jax.Array,
-                       excluded_token: int | None) -> tuple[jax.Array, jax.Array]:
-    """The greedy proposal of every position of hidden [..., hidden]: (argmax token int32,
-    its softmax probability float32), ``excluded_token`` never proposed: what
-    sampling.propose_tokens computes at temperature 0 from ``logits``. Up to
-    FUSED_OP_ROWS["head"] rows go through decode_gemm.greedy_head (no [rows, vocab] logits),
-    more through ``logits``."""
-    if self.lm_head is None:
-      w, layout = self.embed_tokens.embedding[...], "ve"
-    else:
-      w, layout = self.lm_head.kernel[...], "ev"
-    lead, features = hidden.shape[:-1], hidden.shape[-1]
-    rows = hidden.reshape(-1, features).astype(w.dtype)
-    if rows.shape[0] > FUSED_OP_ROWS["head"]:
-      logits = self.logits(rows)
-      if excluded_token is not None:
-        logits = logits.at[:, excluded_token].set(-jnp.inf)
-      tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      confidence = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), tokens[:, None], -1)
-      return tokens.reshape(lead), confidence.reshape(lead)
-    tokens, confidence = decode_gemm.greedy_head(rows, w, layout=layout,
-                                                 excluded_token=excluded_token,
-                                                 impl=active_impl())
-    return tokens.reshape(lead), confidence.reshape(lead)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, *,

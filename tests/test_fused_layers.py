@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from mage_jax import DecodeOptions, ModelConfig, build_model, generate, lora, sampling
-from mage_jax import model as model_lib
+from mage_jax import fused_layers
 from pallas_kernels.dispatch import use_kernels
 
 
@@ -59,17 +59,17 @@ def test_fused_layers_and_head_match_xla(preset, dtype, head_dim, tolerance):
 
     logits = model.logits(got).at[..., cfg.mask_token_id].set(-jnp.inf)
     want_tokens, want_conf = sampling.propose_tokens(logits, None, 0.0, 1.0)
-    tokens, conf = model.greedy_proposals(got, cfg.mask_token_id)
+    tokens, conf = fused_layers.greedy_proposals(model, got, cfg.mask_token_id)
   np.testing.assert_array_equal(tokens, want_tokens)
   np.testing.assert_allclose(conf, want_conf, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kernel_ops", [("o_proj", "down"), ("qkv", "swiglu", "head")])
 def test_ops_turned_off_run_their_xla_code(monkeypatch, kernel_ops):
-  """model.FUSED_OP_ROWS turns single ops of the fused path back to XLA's code (where the
+  """fused_layers.FUSED_OP_ROWS turns single ops of the fused path back to XLA's code (where the
   benchmark finds XLA faster): the two complementary mixes give the XLA path's outputs."""
-  monkeypatch.setattr(model_lib, "FUSED_OP_ROWS",
-                      {op: 256 if op in kernel_ops else 0 for op in model_lib.FUSED_OP_ROWS})
+  monkeypatch.setattr(fused_layers, "FUSED_OP_ROWS",
+                      {op: 256 if op in kernel_ops else 0 for op in fused_layers.FUSED_OP_ROWS})
   cfg = ModelConfig.preset("tiny_qwen2", head_dim=32)
   model = build_model(cfg, seed=1)
   tokens = jax.random.randint(jax.random.key(1), (2, cfg.block_size), 0, cfg.vocab_size,
@@ -77,7 +77,7 @@ def test_ops_turned_off_run_their_xla_code(monkeypatch, kernel_ops):
   with use_kernels("interpret"):
     want, _ = _run(model, tokens, "xla")
     got, _ = _run(model, tokens, "fused")
-    tokens_got, conf_got = model.greedy_proposals(got, cfg.mask_token_id)
+    tokens_got, conf_got = fused_layers.greedy_proposals(model, got, cfg.mask_token_id)
     logits = model.logits(want).at[..., cfg.mask_token_id].set(-jnp.inf)
   _assert_close(got, want, 1e-5)
   want_tokens, want_conf = sampling.propose_tokens(logits, None, 0.0, 1.0)
