@@ -24,7 +24,8 @@ bandwidth, FLOPs / matmul rate) with both rates measured in the same run
   the same reference for scale, at every shape and at 96 rows (batch 3: padded rows); the head
   compares tokens (all equal for ok) and confidences.
 * sweep: the kernel's tuning grid (--grid: "small", "full" or a JSON list of tuning dicts),
-  variants that resolve to the same launch timed once (the head takes no split_k).
+  variants that resolve to the same launch timed once (the head takes no split_k), each
+  timed launch checked against the reference as in check (only a correct one is the best).
 * table: per shape XLA, the kernel's defaults and the sweep's best against the floor, the
   per-layer sums (qkv + swiglu + o_proj + down), and the device kernels each timed program
   launches (profiler trace).
@@ -341,6 +342,24 @@ def check_error(case: Case, out, ref) -> dict:
   return dict(rel_err=max(relative_error(o, r) for o, r in zip(outs, refs)))
 
 
+def check_call(problem: "Problem", impl: str, args, ref, tuning: dict | None = None) -> dict:
+  """One kernel call (``tuning`` over the defaults) and XLA's model path on ``args``, each
+  against the float32 reference ``ref``: their errors and ``ok`` (the kernel within twice
+  XLA's error or 1e-2; for the head, no more tokens off the reference's than XLA's)."""
+  case = problem.case
+  kernel = check_error(case, problem.kernel(impl, **(tuning or {}))(*args), ref)
+  xla = check_error(case, jax.jit(problem.xla())(*args), ref)
+  row = dict(kernel_rel_err=kernel["rel_err"], xla_rel_err=xla["rel_err"])
+  row["ok"] = row["kernel_rel_err"] <= max(2 * row["xla_rel_err"], 1e-2)
+  if case.op == "head":
+    row["kernel_token_match"], row["xla_token_match"] = (kernel["token_match"],
+                                                         xla["token_match"])
+    # Near-ties among ~150K random logits may order differently in any float32 sum: no
+    # fewer tokens than XLA's own path may differ from the reference's.
+    row["ok"] = row["ok"] and kernel["token_match"] >= xla["token_match"]
+  return row
+
+
 def run_checks(log, all_cases: list[Case], impl: str) -> list[dict]:
   """Kernel and XLA's model path, each against the float32 reference, bf16 inputs, at every
   row count of the run and at 96 rows (batch 3: padded rows)."""
@@ -350,23 +369,10 @@ def run_checks(log, all_cases: list[Case], impl: str) -> list[dict]:
     problem = Problem(case, reps=1, sets=1, seed=7)
     for rows_count in row_counts:
       args = problem.one_call_args(rows_count)
-      ref = problem.reference(args)
       row = dict(model=case.model, op=case.op, rows=rows_count, k=case.k, n=case.n)
-      out = attempt(log, f"check {row}", lambda: problem.kernel(impl)(*args))
-      if out is None:
-        row.update(kernel_rel_err=None, ok=False)
-        rows.append(row)
-        continue
-      kernel, xla = check_error(case, out, ref), check_error(case, jax.jit(problem.xla())(*args),
-                                                             ref)
-      row["kernel_rel_err"], row["xla_rel_err"] = kernel["rel_err"], xla["rel_err"]
-      row["ok"] = row["kernel_rel_err"] <= max(2 * row["xla_rel_err"], 1e-2)
-      if case.op == "head":
-        row["kernel_token_match"], row["xla_token_match"] = (kernel["token_match"],
-                                                             xla["token_match"])
-        # Near-ties among ~150K random logits may order differently in any float32 sum: no
-        # fewer tokens than XLA's own path may differ from the reference's.
-        row["ok"] = row["ok"] and kernel["token_match"] >= xla["token_match"]
+      checked = attempt(log, f"check {row}",
+                        lambda: check_call(problem, impl, args, problem.reference(args)))
+      row.update(checked or dict(kernel_rel_err=None, ok=False))
       rows.append(row)
       log(json.dumps(row))
   return rows
@@ -409,7 +415,8 @@ def measure_baseline(timer: CaseTimer, ceilings: dict, trace: bool) -> dict:
 
 def sweep_case(timer: CaseTimer, row: dict, grid: list[dict], deadline: float) -> None:
   """Times ``grid``'s launches not yet timed for this case into ``row`` (sweep, best_us,
-  best_tuning) until ``deadline``."""
+  best_tuning) until ``deadline``; each timed launch is checked against the reference (its
+  ``ok``), and only a correct one can be the best."""
   seen = {resolved(timer.case, {})}
   for tuning in kernel_grid(timer.case, grid):
     key = resolved(timer.case, tuning)
@@ -421,10 +428,17 @@ def sweep_case(timer: CaseTimer, row: dict, grid: list[dict], deadline: float) -
       return
     seen.add(key)
     us, _ = timer(json.dumps(tuning), timer.problem.kernel(timer.impl, **tuning))
-    if us is not None:
-      row["sweep"].append({**tuning, "us": us})
-      if row["best_us"] is None or us < row["best_us"]:
-        row["best_us"], row["best_tuning"] = us, tuning
+    if us is None:
+      continue
+    # A launch the sweep may pick is checked too: a tiling that computes wrong never wins.
+    args = timer.problem.one_call_args()
+    checked = attempt(timer.log, f"{timer.case} check {json.dumps(tuning)}",
+                      lambda: check_call(timer.problem, timer.impl, args,
+                                         timer.problem.reference(args), tuning))
+    ok = bool(checked and checked["ok"])
+    row["sweep"].append({**tuning, "us": us, "ok": ok})
+    if ok and (row["best_us"] is None or us < row["best_us"]):
+      row["best_us"], row["best_tuning"] = us, tuning
 
 
 def format_table(rows: list[dict], ceilings: dict) -> str:

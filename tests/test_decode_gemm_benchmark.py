@@ -35,7 +35,8 @@ def test_benchmark_checks_sweeps_and_tables_each_shape(tmp_path):
     # block_n is 128, without split_k.
     want = {"qkv": [], "down": [{"block_n": 16, "split_k": 2}],
             "head": [{"block_n": 16}, {"block_n": 64}]}[r["op"]]
-    assert [{k: v for k, v in s.items() if k != "us"} for s in r["sweep"]] == want, r
+    assert [{k: v for k, v in s.items() if k not in ("us", "ok")} for s in r["sweep"]] == want
+    assert all(s["ok"] for s in r["sweep"]), r  # every timed launch checked correct
     assert r["best_us"] == min([r["kernel_us"]] + [s["us"] for s in r["sweep"]])
   assert "| toy | down | 32 | 48 x 64 |" in (tmp_path / "decode_gemm.md").read_text()
 
