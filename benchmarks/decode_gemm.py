@@ -76,10 +76,13 @@ EPS = 1e-6
 L2_BYTES = 50e6
 MAX_SETS = 16
 GRIDS = {
-    "small": [dict(block_n=bn, split_k=s) for bn in (32, 128) for s in (1, 4)],
-    "full": [dict(block_n=bn, split_k=s, num_warps=w, num_stages=st)
-             for bn, s, w, st in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (4, 8),
-                                                   (3, 4))],
+    # finish="kernel": the splits summed by the tile's last program instead of an XLA fusion
+    # (the same launch as "xla" at one split, so timed once).
+    "small": [dict(block_n=bn, split_k=s, finish=f)
+              for bn, s, f in itertools.product((32, 128), (1, 4), ("xla", "kernel"))],
+    "full": [dict(block_n=bn, split_k=s, num_warps=w, num_stages=st, finish=f)
+             for bn, s, w, st, f in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (4, 8),
+                                                      (3, 4), ("xla", "kernel"))],
 }
 
 

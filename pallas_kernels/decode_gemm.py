@@ -33,7 +33,9 @@ normalised activations), accumulates each row's sum of squares from the same til
 scales the rows by rstd = rsqrt(mean(x^2) + eps) in the epilogue. With one K split the
 epilogue also adds the bias (or the residual, or applies SiLU x up) and stores the output;
 with several (few N tiles would leave the H100's 132 SMs idle) each split stores float32
-partial products and sums of squares, and one XLA fusion sums them and finishes.
+partial products and sums of squares, and either one XLA fusion sums them and finishes
+(finish="xla"), or the last program of each N tile to count itself in (an atomic add after a
+barrier) does, in the same launch (finish="kernel").
 
 The references compute the same definitions in float32 without intermediate rounding. Entry
 points dispatch through `pallas_kernels.dispatch` ("pallas" / "interpret": the Triton kernel,
@@ -42,7 +44,7 @@ compiled or interpreted; every other setting: the reference, as there is no TPU 
 
 import functools
 import math
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 from jax import lax
@@ -64,7 +66,9 @@ GEMM_FLOPS_PER_S = 600e12
 # Fewest K tiles per split (shorter splits spend their time in the pipeline's ramp).
 MIN_SPLIT_TILES = 2
 # Tuning keywords and their defaults (None: chosen from the shapes; see `kernel_tuning`).
-_TUNING = dict(block_n=64, block_k=None, split_k=None, num_warps=None, num_stages=3)
+_TUNING = dict(block_n=64, block_k=None, split_k=None, num_warps=None, num_stages=3,
+               finish="xla")
+FINISHES = ("xla", "kernel")  # who sums several K splits: one XLA fusion after, or the kernel
 # The greedy head never splits K (its vocabulary gives thousands of N tiles).
 _HEAD_TUNING = dict(block_n=128, block_k=None, num_warps=None, num_stages=3)
 _DTYPES = (jnp.bfloat16, jnp.float32)
@@ -118,6 +122,8 @@ def kernel_tuning(rows: int, k: int, n: int, weight_bytes: int, *,
   for name in ("split_k", "num_warps"):
     if t.get(name) is not None and t[name] < 1:
       raise ValueError(f"{name}={t[name]} must be >= 1 (or None: chosen from the shapes)")
+  if t.get("finish", "xla") not in FINISHES:
+    raise ValueError(f"finish={t['finish']!r} must be one of {FINISHES}")
   block_k = tu.fit_block_k(block_k, k)
   block_n = tu.fit_block_k(t["block_n"], n)
   if len(group_widths) > 1:
@@ -134,7 +140,7 @@ def kernel_tuning(rows: int, k: int, n: int, weight_bytes: int, *,
   num_warps = t["num_warps"] or (8 if block_m * block_n >= 128 * 64 else 4)
   return dict(block_m=block_m, block_k=block_k, block_n=block_n, split_k=split_k,
               split_tiles=split_tiles, n_tiles=n_tiles, num_warps=num_warps,
-              num_stages=t["num_stages"])
+              num_stages=t["num_stages"], finish=t.get("finish", "xla") if split_k > 1 else "xla")
 
 
 def head_tuning(rows: int, k: int, vocab: int, weight_bytes: int, **tuning) -> dict:
@@ -211,39 +217,89 @@ def _weight_tile(w_ref, n0, col_mask, block_k: int, block_n: int):
   return load
 
 
-def _store_partial(out_ref, acc, split, all_rows, cols, out_mask):
-  """Several K splits: this split's float32 partial product of the tile."""
-  plt.store(out_ref.at[split, all_rows, cols], acc, mask=out_mask)
+class _Splits(NamedTuple):
+  """How a program's K split ends (static, and the refs it needs).
+
+  split_k == 1: the program runs the epilogue. Several splits: each stores its float32
+  partial products into ``partials`` [split_k, rows, N] and its rows' sums of squares into
+  ``ssq`` [split_k, n_tiles, rows] (when normalising); then with ``in_kernel`` the last of an
+  N tile's split_k programs to count itself in on ``counters`` [n_tiles] (an atomic add, acq_rel
+  at GPU scope, after a barrier over the program's threads) sums them and runs the epilogue
+  (no second launch; the counters return to 0), else XLA finishes after the kernel."""
+
+  split_k: int
+  in_kernel: bool
+  interpret: bool
+  partials: Any = None
+  ssq: Any = None
+  counters: Any = None
 
 
-def _store_partial_ssq(ssq_ref, ssq, split, all_rows, row_mask, first_tile):
-  """Several K splits: the rows' partial sums of squares, stored once (by the first N tile)."""
-  @pl.when(first_tile)
+def _end_split(splits: _Splits, accs, ssq, cols, masks, epilogue, *, split, n_tile, all_rows,
+               row_mask) -> None:
+  """The end of one program: ``epilogue(accs, ssq)`` now (one split) or, with several, the
+  partials stored and (in_kernel) the epilogue of the tile's last program over their sums.
+  ``cols`` / ``masks``: where each accumulator's columns go in the [rows, N] layout."""
+  if splits.split_k == 1:
+    epilogue(accs, ssq)
+    return
+  rows_mask = None if row_mask is None else row_mask[:, 0]
+  for acc, col, mask in zip(accs, cols, masks):
+    plt.store(splits.partials.at[split, all_rows, col], acc, mask=mask)
+  if splits.ssq is not None:
+    plt.store(splits.ssq.at[split, n_tile, all_rows], ssq, mask=rows_mask)
+  if not splits.in_kernel:
+    return
+  if not splits.interpret:  # (the interpreter runs programs one by one, and has no barrier)
+    plt.debug_barrier()  # every thread's partial stored before the count releases them
+  arrived = plt.atomic_add(splits.counters, n_tile, jnp.int32(1))
+
+  @pl.when(arrived == splits.split_k - 1)
   def _():
-    plt.store(ssq_ref.at[split, all_rows], ssq,
-              mask=None if row_mask is None else row_mask[:, 0])
+    if not splits.interpret:
+      plt.debug_barrier()
+    # Volatile loads: the partials were written by other programs, never through this SM's L1.
+    part = lambda ref, mask: (plt.load(ref, volatile=True) if mask is None else
+                              plt.load(ref, mask=mask, other=0, volatile=True))
+    ids = [jnp.int32(s) for s in range(splits.split_k)]  # (a traced index: interpret mode)
+    totals = [sum(part(splits.partials.at[s, all_rows, col], mask) for s in ids)
+              for col, mask in zip(cols, masks)]
+    total_ssq = None if splits.ssq is None else sum(
+        part(splits.ssq.at[s, n_tile, all_rows], rows_mask) for s in ids)
+    epilogue(totals, total_ssq)
+    plt.atomic_add(splits.counters, n_tile, jnp.int32(-splits.split_k))
+
+
+def _split_refs(refs: list, split_k: int, in_kernel: bool, normalize: bool,
+                interpret: bool) -> tuple[Any, _Splits]:
+  """Pops a launch's output refs (see `_split_io`): (out or None, _Splits)."""
+  if split_k > 1 and in_kernel:
+    refs.pop(0)  # the counters' input: aliased to the counters output, used through that
+  out_ref = refs.pop(0) if split_k == 1 or in_kernel else None
+  partials = refs.pop(0) if split_k > 1 else None
+  ssq = refs.pop(0) if split_k > 1 and normalize else None
+  counters = refs.pop(0) if split_k > 1 and in_kernel else None
+  assert not refs, refs
+  return out_ref, _Splits(split_k, in_kernel, interpret, partials, ssq, counters)
 
 
 def _gemm_kernel(*refs, rows: int, k: int, widths: tuple[int, ...], block_m: int,
                  block_k: int, block_n: int, split_k: int, split_tiles: int, normalize: bool,
-                 epilogue: str | None, eps: float):
+                 epilogue: str | None, eps: float, in_kernel: bool, interpret: bool):
   """One (N tile, K split) program of x [* g] @ [w_0 | w_1 | ...]: its tile lies in one
   weight (widths: their output widths, each a multiple of block_n when there are several).
 
-  refs: x, [norm weight], w_0.., [bias_0.. or residual (one K split only)], then outputs: out
-  [rows, sum(widths)], or with several splits float32 partials [split_k, rows, sum(widths)]
-  and, if normalize, partial sums of squares [split_k, rows]."""
+  refs: x, [norm weight], w_0.., [bias_0.. or residual, when the kernel runs the epilogue],
+  then the outputs of `_split_io`."""
   refs = list(refs)
   x_ref = refs.pop(0)
   g_ref = refs.pop(0) if normalize else None
   w_refs = [refs.pop(0) for _ in widths]
   extra_refs = []
-  if epilogue == "bias" and split_k == 1:
-    extra_refs = [refs.pop(0) for _ in widths]
-  elif epilogue == "residual" and split_k == 1:
-    extra_refs = [refs.pop(0)]
-  out_ref = refs.pop(0)
-  ssq_ref = refs.pop(0) if normalize and split_k > 1 else None
+  if split_k == 1 or in_kernel:
+    extra_refs = ([refs.pop(0) for _ in widths] if epilogue == "bias" else
+                  [refs.pop(0)] if epilogue == "residual" else [])
+  out_ref, splits = _split_refs(refs, split_k, in_kernel, normalize, interpret)
 
   n_tile, split = pl.program_id(0), pl.program_id(1)
   all_rows, row_mask = _all_rows(block_m), _row_mask(rows, block_m)
@@ -263,22 +319,22 @@ def _gemm_kernel(*refs, rows: int, k: int, widths: tuple[int, ...], block_m: int
         x_ref, g_ref, _weight_tile(w_refs[index], n0, col_mask, block_k, block_n), 1,
         all_rows=all_rows, rows=rows, k=k, block_m=block_m, block_k=block_k, block_n=block_n,
         k_start=k_start, k_len=k_len)
-    if split_k > 1:
-      _store_partial(out_ref, acc, split, all_rows, out_cols, out_mask)
+
+    def finish(accs, ssq):
+      (acc,) = accs
       if normalize:
-        _store_partial_ssq(ssq_ref, ssq, split, all_rows, row_mask, n_tile == 0)
-      return
-    if normalize:
-      acc = acc * lax.rsqrt(ssq / k + eps)[:, None]
-    if epilogue == "bias":
-      bias = _masked(extra_refs[index].at[pl.ds(n0, block_n)],
-                     None if col_mask is None else col_mask[0])
-      acc = acc + bias.astype(jnp.float32)[None, :]
-    elif epilogue == "residual":
-      residual = extra_refs[0].at[all_rows, out_cols]
-      acc = acc + _masked(residual, out_mask).astype(jnp.float32)
-    plt.store(out_ref.at[all_rows, out_cols],
-              acc.astype(out_ref.dtype), mask=out_mask)
+        acc = acc * lax.rsqrt(ssq / k + eps)[:, None]
+      if epilogue == "bias":
+        bias = _masked(extra_refs[index].at[pl.ds(n0, block_n)],
+                       None if col_mask is None else col_mask[0])
+        acc = acc + bias.astype(jnp.float32)[None, :]
+      elif epilogue == "residual":
+        residual = extra_refs[0].at[all_rows, out_cols]
+        acc = acc + _masked(residual, out_mask).astype(jnp.float32)
+      plt.store(out_ref.at[all_rows, out_cols], acc.astype(out_ref.dtype), mask=out_mask)
+
+    _end_split(splits, (acc,), ssq, (out_cols,), (out_mask,), finish, split=split,
+               n_tile=n_tile, all_rows=all_rows, row_mask=row_mask)
 
   if len(widths) == 1:
     group(0, 0)
@@ -292,22 +348,30 @@ def _gemm_kernel(*refs, rows: int, k: int, widths: tuple[int, ...], block_m: int
 
 
 def _qkv_rope_kernel(*refs, rows: int, k: int, widths: tuple[int, ...], head_dim: int,
-                     block_m: int, block_k: int, block_n: int, has_bias: bool,
-                     head_norm: bool, eps: float):
-  """One program of norm_qkv_rope with one K split: in one head of q, k or v, the rotary pairs
-  of block_n / 2 columns [c, c + block_n / 2) and [c + head_dim / 2, ...) (two accumulators),
-  so that RoPE (and, with block_n = head_dim, the per-head q / k norm) happen in registers.
+                     block_m: int, block_k: int, block_n: int, split_k: int, split_tiles: int,
+                     has_bias: bool, head_norm: bool, eps: float, in_kernel: bool,
+                     interpret: bool):
+  """One (N tile, K split) program of norm_qkv_rope: in one head of q, k or v, the rotary
+  pairs of block_n / 2 columns [c, c + block_n / 2) and [c + head_dim / 2, ...) (two
+  accumulators), so that RoPE (and, with block_n = head_dim, the per-head q / k norm) happen
+  in registers.
 
-  refs: x, g, w_q, w_k, w_v, [b_q, b_k, b_v], [q norm weight, k norm weight], cos, sin
-  ([rows, head_dim / 2] float32), then the output [rows, sum(widths)] (q | k | v)."""
+  refs: x, g, w_q, w_k, w_v, [when the kernel runs the epilogue: [b_q, b_k, b_v], [q norm
+  weight, k norm weight], cos, sin ([rows, head_dim / 2] float32)], then the outputs of
+  `_split_io` (out: [rows, sum(widths)], q | k | v)."""
   refs = list(refs)
   x_ref, g_ref = refs.pop(0), refs.pop(0)
   w_refs = [refs.pop(0) for _ in widths]
-  bias_refs = [refs.pop(0) for _ in widths] if has_bias else None
-  norm_refs = [refs.pop(0), refs.pop(0)] if head_norm else None
-  cos_ref, sin_ref, out_ref = refs
-  n_tile = pl.program_id(0)
+  bias_refs = norm_refs = cos_ref = sin_ref = None
+  if split_k == 1 or in_kernel:
+    bias_refs = [refs.pop(0) for _ in widths] if has_bias else None
+    norm_refs = [refs.pop(0), refs.pop(0)] if head_norm else None
+    cos_ref, sin_ref = refs.pop(0), refs.pop(0)
+  out_ref, splits = _split_refs(refs, split_k, in_kernel, True, interpret)
+  n_tile, split = pl.program_id(0), pl.program_id(1)
   all_rows, row_mask = _all_rows(block_m), _row_mask(rows, block_m)
+  k_start = split * (split_tiles * block_k)
+  k_len = jnp.minimum(k - k_start, split_tiles * block_k)
   half, pair = head_dim // 2, block_n // 2
   tiles_per_head = head_dim // block_n
 
@@ -322,29 +386,33 @@ def _qkv_rope_kernel(*refs, rows: int, k: int, widths: tuple[int, ...], head_dim
       return tuple(_masked(w_refs[index].at[pl.ds(k0, block_k), pl.ds(start, pair)], mask)
                    for start in (lo, hi))
 
-    (acc_lo, acc_hi), ssq = _accumulate(
-        x_ref, g_ref, load, 2, all_rows=all_rows, rows=rows, k=k, block_m=block_m,
-        block_k=block_k, block_n=pair, k_start=0, k_len=k)
-    rstd = lax.rsqrt(ssq / k + eps)[:, None]
-    acc_lo, acc_hi = acc_lo * rstd, acc_hi * rstd
-    if has_bias:
-      acc_lo += bias_refs[index][pl.ds(lo, pair)].astype(jnp.float32)[None, :]
-      acc_hi += bias_refs[index][pl.ds(hi, pair)].astype(jnp.float32)[None, :]
-    if index < 2:  # q and k: per-head norm (Qwen3), then RoPE
-      if head_norm:
-        head_rstd = lax.rsqrt((jnp.sum(acc_lo * acc_lo, axis=1) + jnp.sum(acc_hi * acc_hi,
-                                                                           axis=1))
-                              / head_dim + eps)[:, None]
-        weight = norm_refs[index]
-        acc_lo = acc_lo * head_rstd * weight[pl.ds(0, half)].astype(jnp.float32)[None, :]
-        acc_hi = acc_hi * head_rstd * weight[pl.ds(half, half)].astype(jnp.float32)[None, :]
-      table = (all_rows, pl.ds(chunk * pair, pair))
-      cos = _masked(cos_ref.at[table], row_mask)
-      sin = _masked(sin_ref.at[table], row_mask)
-      acc_lo, acc_hi = acc_lo * cos - acc_hi * sin, acc_hi * cos + acc_lo * sin
-    for start, acc in ((lo, acc_lo), (hi, acc_hi)):
-      plt.store(out_ref.at[all_rows, pl.ds(out_offset + start, pair)],
-                acc.astype(out_ref.dtype), mask=row_mask)
+    accs, ssq = _accumulate(x_ref, g_ref, load, 2, all_rows=all_rows, rows=rows, k=k,
+                            block_m=block_m, block_k=block_k, block_n=pair, k_start=k_start,
+                            k_len=k_len)
+    cols = (pl.ds(out_offset + lo, pair), pl.ds(out_offset + hi, pair))
+
+    def finish(accs, ssq):
+      rstd = lax.rsqrt(ssq / k + eps)[:, None]
+      acc_lo, acc_hi = accs[0] * rstd, accs[1] * rstd
+      if has_bias:
+        acc_lo += bias_refs[index][pl.ds(lo, pair)].astype(jnp.float32)[None, :]
+        acc_hi += bias_refs[index][pl.ds(hi, pair)].astype(jnp.float32)[None, :]
+      if index < 2:  # q and k: per-head norm (Qwen3), then RoPE
+        if head_norm:
+          head_rstd = lax.rsqrt((jnp.sum(acc_lo * acc_lo, axis=1)
+                                 + jnp.sum(acc_hi * acc_hi, axis=1)) / head_dim + eps)[:, None]
+          weight = norm_refs[index]
+          acc_lo = acc_lo * head_rstd * weight[pl.ds(0, half)].astype(jnp.float32)[None, :]
+          acc_hi = acc_hi * head_rstd * weight[pl.ds(half, half)].astype(jnp.float32)[None, :]
+        table = (all_rows, pl.ds(chunk * pair, pair))
+        cos = _masked(cos_ref.at[table], row_mask)
+        sin = _masked(sin_ref.at[table], row_mask)
+        acc_lo, acc_hi = acc_lo * cos - acc_hi * sin, acc_hi * cos + acc_lo * sin
+      for col, acc in zip(cols, (acc_lo, acc_hi)):
+        plt.store(out_ref.at[all_rows, col], acc.astype(out_ref.dtype), mask=row_mask)
+
+    _end_split(splits, accs, ssq, cols, (row_mask, row_mask), finish, split=split,
+               n_tile=n_tile, all_rows=all_rows, row_mask=row_mask)
 
   first = offset = 0
   for index, width in enumerate(widths):
@@ -355,13 +423,17 @@ def _qkv_rope_kernel(*refs, rows: int, k: int, widths: tuple[int, ...], head_dim
     offset += width
 
 
-def _swiglu_kernel(x_ref, g_ref, w_ref, out_ref, *ssq_ref, rows: int, k: int, width: int,
-                   block_m: int, block_k: int, block_n: int, split_k: int, split_tiles: int,
-                   eps: float):
+def _swiglu_kernel(*refs, rows: int, k: int, width: int, block_m: int, block_k: int,
+                   block_n: int, split_k: int, split_tiles: int, eps: float, in_kernel: bool,
+                   interpret: bool):
   """One (N tile, K split) program of silu(h @ w_gate) * (h @ w_up), h = rmsnorm(x) * g, with
   w = [w_gate | w_up] ([K, 2 * width], the model's [K, 2, width] kernel reshaped): the gate
-  and up tiles of the same columns, two accumulators. Several splits store the float32 partial
-  products [split_k, rows, 2 * width] (gate columns, then up) and sums of squares."""
+  and up tiles of the same columns, two accumulators (partials: gate columns, then up).
+
+  refs: x, g, w, then the outputs of `_split_io` (out: [rows, width])."""
+  refs = list(refs)
+  x_ref, g_ref, w_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+  out_ref, splits = _split_refs(refs, split_k, in_kernel, True, interpret)
   n_tile, split = pl.program_id(0), pl.program_id(1)
   all_rows, row_mask = _all_rows(block_m), _row_mask(rows, block_m)
   k_start = split * (split_tiles * block_k)
@@ -375,18 +447,19 @@ def _swiglu_kernel(x_ref, g_ref, w_ref, out_ref, *ssq_ref, rows: int, k: int, wi
     return tuple(_masked(w_ref.at[pl.ds(k0, block_k), pl.ds(start, block_n)], mask)
                  for start in (n0, width + n0))
 
-  (gate, up), ssq = _accumulate(x_ref, g_ref, load, 2, all_rows=all_rows, rows=rows, k=k,
-                                block_m=block_m, block_k=block_k, block_n=block_n,
-                                k_start=k_start, k_len=k_len)
-  if split_k > 1:
-    _store_partial(out_ref, gate, split, all_rows, pl.ds(n0, block_n), out_mask)
-    _store_partial(out_ref, up, split, all_rows, pl.ds(width + n0, block_n), out_mask)
-    _store_partial_ssq(ssq_ref[0], ssq, split, all_rows, row_mask, n_tile == 0)
-    return
-  rstd = lax.rsqrt(ssq / k + eps)[:, None]
-  gate, up = gate * rstd, up * rstd
-  plt.store(out_ref.at[all_rows, pl.ds(n0, block_n)],
-            (jax.nn.sigmoid(gate) * gate * up).astype(out_ref.dtype), mask=out_mask)
+  accs, ssq = _accumulate(x_ref, g_ref, load, 2, all_rows=all_rows, rows=rows, k=k,
+                          block_m=block_m, block_k=block_k, block_n=block_n, k_start=k_start,
+                          k_len=k_len)
+
+  def finish(accs, ssq):
+    rstd = lax.rsqrt(ssq / k + eps)[:, None]
+    gate, up = accs[0] * rstd, accs[1] * rstd
+    plt.store(out_ref.at[all_rows, pl.ds(n0, block_n)],
+              (jax.nn.sigmoid(gate) * gate * up).astype(out_ref.dtype), mask=out_mask)
+
+  _end_split(splits, accs, ssq, (pl.ds(n0, block_n), pl.ds(width + n0, block_n)),
+             (out_mask, out_mask), finish, split=split, n_tile=n_tile, all_rows=all_rows,
+             row_mask=row_mask)
 
 
 def _head_kernel(x_ref, w_ref, max_ref, arg_ref, sum_ref, *, rows: int, k: int, vocab: int,
@@ -432,59 +505,81 @@ def _whole(shape):
 
 
 def _launch(kernel, name: str, inputs: list, out_shape: list, grid: tuple, t: dict,
-            interpret: bool):
+            interpret: bool, aliases: dict | None = None):
   return pl.pallas_call(
       kernel, grid=grid, in_specs=[_whole(a.shape) for a in inputs],
       out_specs=[_whole(s.shape) for s in out_shape], out_shape=out_shape,
       compiler_params=tu.compiler_params(t["num_warps"], t["num_stages"]),
-      interpret=interpret, name=name)(*inputs)
+      input_output_aliases=aliases or {}, interpret=interpret, name=name)(*inputs)
 
 
-def _partials_shape(split: int, rows: int, n: int, normalize: bool) -> list:
-  shapes = [jax.ShapeDtypeStruct((split, rows, n), jnp.float32)]
+def _split_io(inputs: list, t: dict, rows: int, n: int, out: jax.ShapeDtypeStruct,
+              normalize: bool) -> tuple[list, list, dict]:
+  """(inputs, output shapes, aliases) of a launch with t's K splits: the output alone (one
+  split); float32 partials [split_k, rows, n] and, if ``normalize``, sums of squares
+  [split_k, n_tiles, rows] (XLA finishes); with finish="kernel" the output first and the
+  counters [n_tiles] last, zeros in and out (aliased)."""
+  split, tiles = t["split_k"], t["n_tiles"]
+  if split == 1:
+    return inputs, [out], {}
+  partials = [jax.ShapeDtypeStruct((split, rows, n), jnp.float32)]
   if normalize:
-    shapes.append(jax.ShapeDtypeStruct((split, rows), jnp.float32))
-  return shapes
+    partials.append(jax.ShapeDtypeStruct((split, tiles, rows), jnp.float32))
+  if t["finish"] != "kernel":
+    return inputs, partials, {}
+  counters = jax.ShapeDtypeStruct((tiles,), jnp.int32)
+  outs = [out, *partials, counters]
+  return inputs + [jnp.zeros(counters.shape, counters.dtype)], outs, {len(inputs): len(outs) - 1}
+
+
+def _xla_sums(outs: list, k: int, eps: float, normalize: bool) -> jax.Array:
+  """The XLA finish's start: the partials summed, times each row's rstd if ``normalize``."""
+  acc = jnp.sum(outs[0], axis=0)
+  if normalize:
+    acc = acc * lax.rsqrt(jnp.sum(outs[1][:, 0], axis=0) / k + eps)[:, None]
+  return acc
+
+
+def _split_columns(out: jax.Array, widths: tuple[int, ...]) -> tuple[jax.Array, ...]:
+  ends = [sum(widths[:i + 1]) for i in range(len(widths))]
+  return tuple(out[:, end - width:end] for end, width in zip(ends, widths))
 
 
 @functools.partial(jax.jit, static_argnames=("normalize", "epilogue", "eps", "out_dtype",
                                              "interpret", "block_n", "block_k", "split_k",
-                                             "num_warps", "num_stages"))
+                                             "num_warps", "num_stages", "finish"))
 def _fused_gemm(x, g, ws, extras, *, normalize: bool, epilogue: str | None, eps: float,
                 out_dtype, interpret: bool, block_n: int, block_k: int | None,
-                split_k: int | None, num_warps: int | None, num_stages: int):
-  """norm_matmul / matmul_residual: the kernel launch and, with several K splits, the XLA
-  fusion that finishes it. ws: a tuple of weights; extras: their biases, or (residual,), or
-  (). Returns a tuple of outputs, one per weight."""
+                split_k: int | None, num_warps: int | None, num_stages: int, finish: str):
+  """norm_matmul / matmul_residual: the kernel launch and, with several K splits finished by
+  XLA, the fusion that does it. ws: a tuple of weights; extras: their biases, or
+  (residual,), or (). Returns a tuple of outputs, one per weight."""
   rows, k = x.shape
   widths = tuple(w.shape[1] for w in ws)
   n = sum(widths)
   t = kernel_tuning(rows, k, n, ws[0].dtype.itemsize, group_widths=widths, block_n=block_n,
                     block_k=block_k, split_k=split_k, num_warps=num_warps,
-                    num_stages=num_stages)
-  split = t["split_k"]
+                    num_stages=num_stages, finish=finish)
+  split, in_kernel = t["split_k"], t["finish"] == "kernel"
   kernel = functools.partial(
       _gemm_kernel, rows=rows, k=k, widths=widths, block_m=t["block_m"], block_k=t["block_k"],
       block_n=t["block_n"], split_k=split, split_tiles=t["split_tiles"], normalize=normalize,
-      epilogue=epilogue, eps=eps)
-  inputs = [x] + ([g] if normalize else []) + list(ws) + (list(extras) if split == 1 else [])
-  out_shape = ([jax.ShapeDtypeStruct((rows, n), out_dtype)] if split == 1
-               else _partials_shape(split, rows, n, normalize))
+      epilogue=epilogue, eps=eps, in_kernel=in_kernel, interpret=interpret)
+  inputs = [x] + ([g] if normalize else []) + list(ws)
+  if split == 1 or in_kernel:
+    inputs += list(extras)
+  inputs, out_shape, aliases = _split_io(inputs, t, rows, n,
+                                         jax.ShapeDtypeStruct((rows, n), out_dtype), normalize)
   outs = _launch(kernel, "norm_matmul" if normalize else "matmul_residual", inputs, out_shape,
-                 (t["n_tiles"], split), t, interpret)
-  if split == 1:
-    out = outs[0]
-  else:
-    acc = jnp.sum(outs[0], axis=0)
-    if normalize:
-      acc = acc * lax.rsqrt(jnp.sum(outs[1], axis=0) / k + eps)[:, None]
-    if epilogue == "bias":
-      acc = acc + jnp.concatenate([b.astype(jnp.float32) for b in extras])[None, :]
-    elif epilogue == "residual":
-      acc = acc + extras[0].astype(jnp.float32)
-    out = acc.astype(out_dtype)
-  ends = [sum(widths[:i + 1]) for i in range(len(widths))]
-  return tuple(out[:, end - width:end] for end, width in zip(ends, widths))
+                 (t["n_tiles"], split), t, interpret, aliases)
+  if split == 1 or in_kernel:
+    return _split_columns(outs[0], widths)
+  acc = _xla_sums(outs, k, eps, normalize)
+  if epilogue == "bias":
+    acc = acc + jnp.concatenate([b.astype(jnp.float32) for b in extras])[None, :]
+  elif epilogue == "residual":
+    acc = acc + extras[0].astype(jnp.float32)
+  return _split_columns(acc.astype(out_dtype), widths)
 
 
 def _finish_qkv(q, k, v, biases, head_norms, cos, sin, *, eps: float, out_dtype):
@@ -509,10 +604,10 @@ def _finish_qkv(q, k, v, biases, head_norms, cos, sin, *, eps: float, out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret", "block_n", "block_k",
-                                             "split_k", "num_warps", "num_stages"))
+                                             "split_k", "num_warps", "num_stages", "finish"))
 def _fused_qkv_rope(x, g, ws, biases, head_norms, cos, sin, *, eps: float, interpret: bool,
                     block_n: int, block_k: int | None, split_k: int | None,
-                    num_warps: int | None, num_stages: int):
+                    num_warps: int | None, num_stages: int, finish: str):
   rows, k = x.shape
   head_dim = 2 * cos.shape[1]
   widths = tuple(w.shape[1] for w in ws)
@@ -524,52 +619,53 @@ def _fused_qkv_rope(x, g, ws, biases, head_norms, cos, sin, *, eps: float, inter
   block_n = head_dim if head_norms is not None else min(block_n, head_dim)
   t = kernel_tuning(rows, k, sum(widths), ws[0].dtype.itemsize,
                     group_widths=widths + (head_dim,), block_n=block_n, block_k=block_k,
-                    split_k=split_k, num_warps=num_warps, num_stages=num_stages)
+                    split_k=split_k, num_warps=num_warps, num_stages=num_stages, finish=finish)
   if head_norms is not None and t["block_n"] != head_dim:
     raise ValueError(f"norm_qkv_rope: the per-head norms need one program per head: head_dim "
                      f"{head_dim} must be a power of two")
-  if t["split_k"] > 1:
-    # Float32 partials through the plain grouped kernel; biases, norms and RoPE in the finish.
-    q, k_out, v = _fused_gemm(x, g, ws, (), normalize=True, epilogue=None, eps=eps,
-                              out_dtype=jnp.float32, interpret=interpret,
-                              block_n=t["block_n"], block_k=t["block_k"],
-                              split_k=t["split_k"], num_warps=t["num_warps"],
-                              num_stages=num_stages)
-    return _finish_qkv(q, k_out, v, biases, head_norms, cos, sin, eps=eps, out_dtype=x.dtype)
+  split, in_kernel = t["split_k"], t["finish"] == "kernel"
   kernel = functools.partial(
       _qkv_rope_kernel, rows=rows, k=k, widths=widths, head_dim=head_dim,
-      block_m=t["block_m"], block_k=t["block_k"], block_n=t["block_n"],
-      has_bias=biases is not None, head_norm=head_norms is not None, eps=eps)
-  inputs = [x, g, *ws, *(biases or ()), *(head_norms or ()), cos, sin]
-  (out,) = _launch(kernel, "norm_qkv_rope", inputs,
-                   [jax.ShapeDtypeStruct((rows, sum(widths)), x.dtype)], (t["n_tiles"], 1), t,
-                   interpret)
-  ends = [sum(widths[:i + 1]) for i in range(len(widths))]
-  return tuple(out[:, end - width:end] for end, width in zip(ends, widths))
+      block_m=t["block_m"], block_k=t["block_k"], block_n=t["block_n"], split_k=split,
+      split_tiles=t["split_tiles"], has_bias=biases is not None,
+      head_norm=head_norms is not None, eps=eps, in_kernel=in_kernel, interpret=interpret)
+  inputs = [x, g, *ws]
+  if split == 1 or in_kernel:
+    inputs += [*(biases or ()), *(head_norms or ()), cos, sin]
+  n = sum(widths)
+  inputs, out_shape, aliases = _split_io(inputs, t, rows, n,
+                                         jax.ShapeDtypeStruct((rows, n), x.dtype), True)
+  outs = _launch(kernel, "norm_qkv_rope", inputs, out_shape, (t["n_tiles"], split), t,
+                 interpret, aliases)
+  if split == 1 or in_kernel:
+    return _split_columns(outs[0], widths)
+  q, k_out, v = _split_columns(_xla_sums(outs, k, eps, True), widths)
+  return _finish_qkv(q, k_out, v, biases, head_norms, cos, sin, eps=eps, out_dtype=x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret", "block_n", "block_k",
-                                             "split_k", "num_warps", "num_stages"))
+                                             "split_k", "num_warps", "num_stages", "finish"))
 def _fused_swiglu(x, g, w, *, eps: float, interpret: bool, block_n: int, block_k: int | None,
-                  split_k: int | None, num_warps: int | None, num_stages: int):
+                  split_k: int | None, num_warps: int | None, num_stages: int, finish: str):
   rows, k = x.shape
   width = w.shape[2]
   w = w.reshape(k, 2 * width)  # [K, 2, F] -> [K, 2F]: gate columns, then up; no copy
-  # Tiles over the intermediate columns; the split heuristic's ratio (float32 partials to
-  # weight bytes) is the same for the two weights as for one.
+  # Tiles over the intermediate columns; the split model's terms (FLOPs, weight and partial
+  # bytes) all double for the two weights, so its choice is the same as for one.
   t = kernel_tuning(rows, k, width, w.dtype.itemsize, block_n=block_n, block_k=block_k,
-                    split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-  split = t["split_k"]
+                    split_k=split_k, num_warps=num_warps, num_stages=num_stages, finish=finish)
+  split, in_kernel = t["split_k"], t["finish"] == "kernel"
   kernel = functools.partial(
       _swiglu_kernel, rows=rows, k=k, width=width, block_m=t["block_m"], block_k=t["block_k"],
-      block_n=t["block_n"], split_k=split, split_tiles=t["split_tiles"], eps=eps)
-  out_shape = ([jax.ShapeDtypeStruct((rows, width), x.dtype)] if split == 1
-               else _partials_shape(split, rows, 2 * width, True))
-  outs = _launch(kernel, "norm_swiglu", [x, g, w], out_shape, (t["n_tiles"], split), t,
-                 interpret)
-  if split == 1:
+      block_n=t["block_n"], split_k=split, split_tiles=t["split_tiles"], eps=eps,
+      in_kernel=in_kernel, interpret=interpret)
+  inputs, out_shape, aliases = _split_io([x, g, w], t, rows, 2 * width,
+                                         jax.ShapeDtypeStruct((rows, width), x.dtype), True)
+  outs = _launch(kernel, "norm_swiglu", inputs, out_shape, (t["n_tiles"], split), t,
+                 interpret, aliases)
+  if split == 1 or in_kernel:
     return outs[0]
-  acc = jnp.sum(outs[0], axis=0) * lax.rsqrt(jnp.sum(outs[1], axis=0) / k + eps)[:, None]
+  acc = _xla_sums(outs, k, eps, True)
   gate, up = acc[:, :width], acc[:, width:]
   return (jax.nn.silu(gate) * up).astype(x.dtype)
 
@@ -651,7 +747,9 @@ def norm_matmul(x, norm_weight, w, bias=None, *, eps: float, impl: str = "auto",
       the Triton kernel (compiled / interpreted), "auto" the kernel on a GPU; every other value
       runs `norm_matmul_reference`.
     **tuning: block_n (outputs per program, default 64), block_k (features per tile, default
-      128 up to 64 rows, else 64), split_k (K splits, default `default_split_k`), num_warps
+      128 up to 64 rows, else 64), split_k (K splits, default `default_split_k`), finish (who
+      sums several splits: "xla", one fusion after the kernel, the default; or "kernel", the
+      last program of each N tile, counted in with an atomic add: one launch), num_warps
       (default 8 from 128 x 64 accumulator elements, else 4), num_stages (default 3).
 
   Returns:

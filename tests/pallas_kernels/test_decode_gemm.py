@@ -40,6 +40,9 @@ def _assert_close(got, want, dtype):
     (96, 96, 80, jnp.bfloat16, False, dict(block_n=32, block_k=32, split_k=2)),
     (32, 96, 80, jnp.bfloat16, True, dict(block_n=16, block_k=32, split_k=3)),
     (24, 64, 48, jnp.float32, False, {}),
+    # Splits finished in the kernel (the last program of a tile sums the partials and runs
+    # the norm and bias epilogue), padded rows and a masked last N tile.
+    (24, 96, 80, jnp.float32, True, dict(block_n=32, block_k=32, split_k=3, finish="kernel")),
 ])
 def test_norm_matmul_matches_reference(rows, k, n, dtype, with_bias, tuning):
   x, norm_weight, w, bias, _ = _inputs(rows, k, n, dtype)
@@ -52,6 +55,7 @@ def test_norm_matmul_matches_reference(rows, k, n, dtype, with_bias, tuning):
 @pytest.mark.parametrize("rows,k,n,dtype,tuning", [
     (24, 96, 80, jnp.bfloat16, dict(block_n=32, block_k=32, split_k=1)),
     (96, 96, 80, jnp.float32, dict(block_n=32, block_k=32, split_k=2)),
+    (96, 96, 80, jnp.bfloat16, dict(block_n=32, block_k=32, split_k=2, finish="kernel")),
 ])
 def test_matmul_residual_matches_reference(rows, k, n, dtype, tuning):
   x, _, w, _, residual = _inputs(rows, k, n, dtype, seed=1)
@@ -131,6 +135,9 @@ def test_tuning_fills_the_gpu_and_keeps_every_split_nonempty():
     (lambda a: decode_gemm.matmul_residual(a["x"], a["w"], a["r"], impl="interpret",
                                            split_k=0),
      "split_k=0 must be >= 1"),
+    (lambda a: decode_gemm.matmul_residual(a["x"], a["w"], a["r"], impl="interpret",
+                                           finish="atomic"),
+     "finish='atomic' must be one of"),
     (lambda a: decode_gemm.norm_matmul(a["x"], a["g"], (a["w"], a["w"]), (a["b"],), eps=EPS),
      "1 biases for 2 weights"),
     (lambda a: decode_gemm.norm_matmul(a["x"], a["g"], (a["w"], a["w"][:, :8]), eps=EPS,
@@ -179,6 +186,7 @@ def test_bad_input_fails_with_a_message_naming_it(call, message):
 @pytest.mark.parametrize("rows,dtype,with_bias,tuning", [
     (24, jnp.float32, True, dict(block_n=32, block_k=32, split_k=1)),
     (40, jnp.bfloat16, False, dict(block_n=64, block_k=32, split_k=2)),
+    (24, jnp.float32, True, dict(block_n=16, block_k=32, split_k=2, finish="kernel")),
 ])
 def test_grouped_norm_matmul_matches_each_weight(rows, dtype, with_bias, tuning):
   x, norm_weight, w, bias, _ = _inputs(rows, 96, 128, dtype, seed=2)
@@ -206,11 +214,14 @@ def _qkv_inputs(rows, heads, head_dim, dtype, bias, head_norms, seed=8):
 
 # Qwen2.5-like (biases, no head norms) with two programs per head of 64 (rotary pairs of 16
 # columns: [c, c + 16) with [c + 32, c + 48)); Qwen3-like (head norms: one program per head) in
-# bfloat16 at padded rows; and K split in two (the partials finished by XLA).
+# bfloat16 at padded rows; K split in two (the partials finished by XLA), and K splits
+# finished in the kernel (the last program of a tile runs norms and RoPE on the sums).
 @pytest.mark.parametrize("rows,dtype,bias,head_norms,tuning", [
     (24, jnp.float32, True, False, dict(block_n=32, split_k=1)),
     (40, jnp.bfloat16, False, True, dict(split_k=1)),
     (24, jnp.float32, True, True, dict(block_k=32, split_k=2)),
+    (24, jnp.float32, True, True, dict(block_k=32, split_k=3, finish="kernel")),
+    (40, jnp.bfloat16, True, False, dict(block_n=32, block_k=32, split_k=2, finish="kernel")),
 ])
 def test_norm_qkv_rope_matches_reference(rows, dtype, bias, head_norms, tuning):
   x, g, ws, biases, norms, cos, sin = _qkv_inputs(rows, (4, 2, 2), 64, dtype, bias, head_norms)
@@ -244,6 +255,7 @@ def test_norm_qkv_rope_reference_is_the_models_attention_input():
 @pytest.mark.parametrize("rows,dtype,tuning", [
     (24, jnp.float32, dict(block_n=32, block_k=32, split_k=1)),
     (96, jnp.bfloat16, dict(block_n=16, block_k=32, split_k=3)),
+    (24, jnp.float32, dict(block_n=32, block_k=32, split_k=3, finish="kernel")),
 ])
 def test_norm_swiglu_matches_reference(rows, dtype, tuning):
   x, norm_weight, _, _, _ = _inputs(rows, 96, 8, dtype, seed=3)
@@ -334,6 +346,15 @@ def test_kernels_lower_for_the_gpu_at_model_shapes():
        (bf16(256, 1536), bf16(1536), bf16(1536, 2, 8960))),
       (lambda x, w, r: decode_gemm.matmul_residual(x, w, r, impl="pallas"),
        (bf16(96, 8960), bf16(8960, 1536), bf16(96, 1536))),
+      # K splits finished in the kernel: barrier, atomic count, the last program's epilogue.
+      (lambda x, w, r: decode_gemm.matmul_residual(x, w, r, impl="pallas", finish="kernel"),
+       (bf16(32, 8960), bf16(8960, 1536), bf16(32, 1536))),
+      (lambda x, g, ws, bs, c, s: decode_gemm.norm_qkv_rope(
+          x, g, ws, bs, rope_cos=c, rope_sin=s, eps=EPS, impl="pallas", finish="kernel"),
+       (bf16(32, 1536), bf16(1536), qkv, biases, f32(32, 64), f32(32, 64))),
+      (lambda x, g, w: decode_gemm.norm_swiglu(x, g, w, eps=EPS, impl="pallas", split_k=2,
+                                               finish="kernel"),
+       (bf16(32, 1536), bf16(1536), bf16(1536, 2, 8960))),
       (lambda x, w: decode_gemm.greedy_head(x, w, layout="ve", excluded_token=151665,
                                             impl="pallas"),
        (bf16(32, 1536), bf16(151936, 1536))),
