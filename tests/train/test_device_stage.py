@@ -57,11 +57,14 @@ def device(tmp_path):
   init = tmp_path / "init"
   init.mkdir()
 
-  def run(*args, shards=(1000, 2000), eval_status=0, out=True):
+  def run(*args, shards=(1000, 2000), eval_status=0, out=True, mode=None):
     env = {**os.environ, "PYTHON": str(stub), "STUB_LOG": str(tmp_path / "calls.jsonl"),
            "STUB_SHARD_BYTES": json.dumps(list(shards)), "STUB_EVAL_STATUS": str(eval_status),
            "RUNS_DIR": str(tmp_path / "runs"), "MAX_FILE_BYTES": "5000"}
     env.pop("OUT", None)
+    env.pop("MODE", None)
+    if mode is not None:
+      env["MODE"] = mode
     if out:
       env["OUT"] = str(tmp_path / "out")
     args = [a.replace("INIT", str(init)) for a in args]
@@ -92,14 +95,24 @@ def test_a_call_returns_shards_and_one_archive(device):
   train, evaluation = calls()
   assert train["module"] == "configs.train.long_context.stage"
   assert train["opts"]["config"] == "configs/train/long_context/l1_8k.json"
-  assert (train["opts"]["init"], train["opts"]["minutes"],
-          train["opts"]["steps_done"]) == (str(tmp / "init"), "6", "300")
+  assert (train["opts"]["init"], train["opts"]["minutes"], train["opts"]["steps_done"],
+          train["opts"]["mode"]) == (str(tmp / "init"), "6", "300", "pretrain")
   assert evaluation["module"] == "eval"
   assert evaluation["opts"]["checkpoint"] == os.path.join(train["opts"]["run_dir"], "model")
   assert evaluation["opts"]["context_lengths"] == "2048,8192"
   assert evaluation["opts"]["num_samples"] == "3"  # 12 prompts: 3 per depth, 5 depths
   assert evaluation["opts"]["method"] == "exact" and evaluation["opts"]["task"] == "niah"
   assert '"steps_done": 7' in res.stdout and "train_config" not in res.stdout.split("\n")[-2]
+
+
+def test_a_mage_ft_segment_runs_the_stage_driver_in_selfdistill_mode(device):
+  run, calls, tmp = device
+  res = run("ft_mage_16k", "INIT", "7", "none", "5", mode="selfdistill")
+  assert res.returncode == 0, res.stderr
+  (train,) = calls()
+  assert train["opts"]["config"] == "configs/train/long_context/ft_mage_16k.json"
+  assert train["opts"]["mode"] == "selfdistill"
+  assert sorted(os.listdir(tmp / "out" / "ft_mage_16k"))[-1] == "run.tar.gz"
 
 
 def test_every_call_uses_fresh_folders(device):
@@ -130,6 +143,8 @@ def test_no_eval_and_a_failed_eval_still_return_the_weights(device):
     (("l1_8k", "INIT", "6", "8192", "5"), {"out": False}, "OUT is not set"),
     (("l1_8k", "INIT", "6", "8192", "5"), {"shards": (1000, 6000)}, "above 5000"),
     (("l1_8k", "INIT", "6", "8192", "5"), {"shards": (10,) * 5}, "5 weight files"),
+    (("ft_mage_16k", "INIT", "6", "none", "5"), {"mode": "distill"},
+     "MODE: expected pretrain or selfdistill, got distill"),
 ])
 def test_bad_input_fails_with_one_line(device, args, kwargs, message):
   run, _, _ = device

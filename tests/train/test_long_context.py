@@ -63,6 +63,33 @@ def test_stage_config_validates_with_mixed_lengths_up_to_the_stage(name):
     assert cfg.seq_len // 2 < max(lengths) <= source.context_tokens
 
 
+def test_the_16k_mage_ft_config_starts_from_the_16k_stage_and_validates():
+  """ft_mage_16k (MAGE-FT at 16K, device_stage.sh with MODE=selfdistill) trains the 16K
+  stage's export: its positions and RoPE base (written into that export's config.json)."""
+  raw = _raw("ft_mage_16k")
+  assert raw["model"] == _raw("l2_16k")["export_dir"] and raw["seq_len"] == 16384
+  cfg = config_lib.load_config(os.path.join(RECIPE, "ft_mage_16k.json"), {"data.workers": 0})
+  model_cfg = ModelConfig.from_json_file(os.path.join(SHIPPED, "config.json"),
+                                         **_raw("l2_16k")["model_overrides"])
+  cfg.validate(model_cfg, "selfdistill")
+  assert cfg.mage.budget == 1024 and cfg.mage.dense_layers == 2  # the paper's k at 16K
+  assert cfg.export_max_shard_bytes < 16_000_000
+
+
+def test_a_segment_trains_in_the_mode_it_is_given(monkeypatch, tmp_path):
+  """stage.run_segment hands its mode to the trainer (selfdistill: a MAGE-FT segment) and
+  records it; a mode the trainer lacks is a one-line ConfigError before any work."""
+  modes = []
+  monkeypatch.setattr(trainer, "train", lambda cfg, mode, **kw: modes.append(mode) or [{}] * 300)
+  (tmp_path / "run").mkdir()  # an empty run folder is a fresh one
+  record = stage_lib.run_segment(os.path.join(RECIPE, "ft_mage_16k.json"), SHIPPED, 1.0, 0,
+                                 str(tmp_path / "run"), mode="selfdistill")
+  assert modes == ["selfdistill"] and record["mode"] == "selfdistill" and record["complete"]
+  with pytest.raises(ConfigError, match="--mode: must be one of"):
+    stage_lib.run_segment(os.path.join(RECIPE, "ft_mage_16k.json"), SHIPPED, 1.0, 0,
+                          str(tmp_path / "other"), mode="distill")
+
+
 def test_the_8k_stage_packs_full_sequences_with_the_shipped_tokenizer(tmp_path):
   cfg = config_lib.load_config(os.path.join(RECIPE, "l1_8k.json"), {
       "data.workers": 0, "data.tokenizer": os.path.join(SHIPPED, "tokenizer.json")})

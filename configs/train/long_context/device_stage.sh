@@ -26,7 +26,8 @@
 # Unpack into a model directory:  tar -xzf .../STAGE/run.tar.gz -C DEST &&
 #                                 cp .../STAGE/model-*.safetensors DEST/model/
 # Optimizer state does not survive a call (configs/train/long_context/stage.py says why and how
-# a later segment continues the stage's learning-rate schedule). Env: PYTHON (default python3),
+# a later segment continues the stage's learning-rate schedule). Env: MODE (pretrain, the
+# default, or selfdistill: a MAGE-FT config such as ft_mage_16k), PYTHON (default python3),
 # EVAL_BATCH (prompts decoded together, default 25), MAX_FILE_BYTES (default 16 MiB), RUNS_DIR
 # (default runs/long_context).
 set -euo pipefail
@@ -37,6 +38,7 @@ fi
 stage_arg=$1 init=$2 minutes=$3 eval_lengths=$4 n_prompts=$5 steps_done=${6:-0}
 cd "$(dirname "$0")/../../.."
 python=${PYTHON:-python3}
+mode=${MODE:-pretrain}
 eval_batch=${EVAL_BATCH:-25}
 max_file_bytes=${MAX_FILE_BYTES:-16777216}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -50,6 +52,8 @@ esac
 [ -f "$config" ] || fail "STAGE: no config $config"
 stage=$(basename "$config" .json)
 [ -d "$init" ] || fail "INIT_MODEL_DIR: $init is not a directory"
+[[ $mode == pretrain || $mode == selfdistill ]] ||
+  fail "MODE: expected pretrain or selfdistill, got $mode"
 [[ $n_prompts =~ ^[1-9][0-9]*$ ]] || fail "N_PROMPTS: expected a positive integer, got $n_prompts"
 [[ $eval_lengths == none || $eval_lengths =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] ||
   fail "EVAL_LENGTHS: expected a comma list of token counts or none, got $eval_lengths"
@@ -57,10 +61,10 @@ stage=$(basename "$config" .json)
 run=${RUNS_DIR:-runs/long_context}/$stage/$(date -u +%Y%m%dT%H%M%SZ)-$$
 [ ! -e "$run" ] || fail "run folder $run exists already"
 mkdir -p "$run/run"
-echo "device_stage: $stage from $init, $minutes min, steps done $steps_done -> $run"
+echo "device_stage: $stage ($mode) from $init, $minutes min, steps done $steps_done -> $run"
 
 "$python" -m configs.train.long_context.stage --config="$config" --init="$init" \
-  --minutes="$minutes" --steps_done="$steps_done" --run_dir="$run/segment" \
+  --minutes="$minutes" --steps_done="$steps_done" --run_dir="$run/segment" --mode="$mode" \
   2>&1 | tee "$run/run/train.log"
 cp "$run/segment/progress.json" "$run/segment/train/metrics.jsonl" "$run/run/"
 

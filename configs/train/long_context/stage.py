@@ -21,6 +21,8 @@ Training stops at ``--minutes`` (after the first step that ends later; compilati
 the end of the stage; either way the weights are exported to ``<run_dir>/model`` (in shards of
 the config's ``export_max_shard_bytes``) and ``<run_dir>/progress.json`` says how far the stage
 got (``steps_done``, to pass to the next segment). device_stage.sh runs this on the GPU machine.
+``--mode=selfdistill`` runs a MAGE-FT config the same way (e.g. ft_mage_16k.json on the 16K
+stage's export: the sparse student against the exact teacher at the stage's length).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import sys
 import time
 from typing import Any, Mapping
 
-from train.config import ConfigError, OptimConfig, load_config, parse_override, to_dict
+from train.config import MODES, ConfigError, OptimConfig, load_config, parse_override, to_dict
 
 # Warmup of a segment after the first: Adam's moments restart at zero.
 SEGMENT_WARMUP = 20
@@ -79,11 +81,15 @@ def segment_overrides(stage: Mapping[str, Any], steps_done: int,
 
 
 def run_segment(config: str, init: str, minutes: float, steps_done: int, run_dir: str, *,
-                warmup: int = SEGMENT_WARMUP, overrides: Mapping[str, Any] = ()) -> dict:
-  """Trains one segment into a fresh ``run_dir`` (train/, model/, progress.json); returns the
-  progress record. ``overrides``: further dotted-path config overrides (tests, data.workers)."""
+                mode: str = "pretrain", warmup: int = SEGMENT_WARMUP,
+                overrides: Mapping[str, Any] = ()) -> dict:
+  """Trains one segment into a fresh ``run_dir`` (train/, model/, progress.json) in the
+  trainer's ``mode`` (pretrain, or selfdistill: MAGE-FT); returns the progress record.
+  ``overrides``: further dotted-path config overrides (tests, data.workers)."""
   from train import trainer
 
+  if mode not in MODES:
+    raise ConfigError(f"--mode: must be one of {MODES}, got {mode!r}")
   if os.path.exists(run_dir) and os.listdir(run_dir):
     raise ConfigError(f"--run_dir: {run_dir} is not empty; every segment starts in a fresh one")
   if minutes <= 0:
@@ -96,12 +102,13 @@ def run_segment(config: str, init: str, minutes: float, steps_done: int, run_dir
                              "workdir": os.path.join(run_dir, "train"),
                              "export_dir": export_dir, "progress_bar": False})
   started = time.monotonic()
-  history = trainer.train(cfg, "pretrain", max_seconds=60.0 * minutes)
+  history = trainer.train(cfg, mode, max_seconds=60.0 * minutes)
   ran = len(history)
   if ran < cfg.steps:  # stopped by the time box: export the checkpoint it saved at the stop
-    trainer.train(dataclasses.replace(cfg, steps=ran), "pretrain")
+    trainer.train(dataclasses.replace(cfg, steps=ran), mode)
   record = {
       "stage": os.path.splitext(os.path.basename(config))[0],
+      "mode": mode,
       "config": config,
       "init": init,
       "stage_steps": int(stage["steps"]),
@@ -129,6 +136,8 @@ def main(argv: list[str]) -> int:
                       help="steps the stage's earlier segments ran (their progress.json)")
   parser.add_argument("--run_dir", required=True, help="a fresh folder for this segment")
   parser.add_argument("--segment_warmup", type=int, default=SEGMENT_WARMUP)
+  parser.add_argument("--mode", default="pretrain",
+                      help=f"the trainer's mode, one of {MODES} (selfdistill: MAGE-FT)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                       help="further config override, repeatable")
   args = parser.parse_args(argv)
@@ -137,7 +146,7 @@ def main(argv: list[str]) -> int:
   try:
     overrides = dict(parse_override(text) for text in args.set)
     record = run_segment(args.config, args.init, args.minutes, args.steps_done, args.run_dir,
-                         warmup=args.segment_warmup, overrides=overrides)
+                         mode=args.mode, warmup=args.segment_warmup, overrides=overrides)
   except (ConfigError, OSError, json.JSONDecodeError) as e:
     print(f"stage: error: {e}", file=sys.stderr)
     return 2
