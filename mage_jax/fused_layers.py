@@ -24,9 +24,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
+from mage_jax import sampling
 from pallas_kernels import decode_gemm
 from pallas_kernels.dispatch import MOSAIC, active_impl
 
@@ -110,8 +110,7 @@ def decoder_layer(layer, x: jax.Array, positions: jax.Array, index: int, attend,
     act = decode_gemm.norm_swiglu(flat(x), post_norm.scale[...], mlp.gate_up_proj.kernel[...],
                                   eps=post_norm.eps, impl=impl)
   else:
-    gate_up = mlp.gate_up_proj(post_norm(x))
-    act = flat(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+    act = flat(mlp.activation(post_norm(x)))
   if fused("down"):
     x = decode_gemm.matmul_residual(act, mlp.down_proj.kernel[...], flat(x),
                                     impl=impl).reshape(x.shape)
@@ -136,11 +135,10 @@ def greedy_proposals(model, hidden: jax.Array,
   if rows.shape[0] > FUSED_OP_ROWS["head"]:
     logits = model.logits(rows)
     if excluded_token is not None:
-      logits = logits.at[:, excluded_token].set(-jnp.inf)
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    confidence = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), tokens[:, None], -1)
-    return tokens.reshape(lead), confidence.reshape(lead)
-  tokens, confidence = decode_gemm.greedy_head(rows, w, layout=layout,
-                                               excluded_token=excluded_token,
-                                               impl=active_impl())
+      logits = logits.at[:, excluded_token].set(sampling.NEG_INF)
+    tokens, confidence = sampling.propose_tokens(logits, None, 0.0, 1.0)
+  else:
+    tokens, confidence = decode_gemm.greedy_head(rows, w, layout=layout,
+                                                 excluded_token=excluded_token,
+                                                 impl=active_impl())
   return tokens.reshape(lead), confidence.reshape(lead)

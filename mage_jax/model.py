@@ -127,8 +127,12 @@ class MLP(nnx.Module):
                                 kernel_init=init, rngs=rngs)
 
   def __call__(self, x):
+    return self.down_proj(self.activation(x))
+
+  def activation(self, x):
+    """silu(gate(x)) * up(x): the input of down_proj."""
     gate_up = self.gate_up_proj(x)
-    return self.down_proj(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+    return jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
 
 
 class DecoderLayer(nnx.Module):

@@ -31,6 +31,17 @@ def _run(model, tokens, layer_kernels):
   return model(tokens, positions, _attend, (), layer_kernels=layer_kernels)
 
 
+def _assert_greedy_proposals_match(model, hidden, reference_hidden):
+  """fused_layers.greedy_proposals of ``hidden`` equals sampling.propose_tokens on the model's
+  logits of ``reference_hidden`` with [MASK] excluded (the generate loop's greedy proposal)."""
+  mask_id = model.config.mask_token_id
+  tokens, conf = fused_layers.greedy_proposals(model, hidden, mask_id)
+  logits = model.logits(reference_hidden).at[..., mask_id].set(-jnp.inf)
+  want_tokens, want_conf = sampling.propose_tokens(logits, None, 0.0, 1.0)
+  np.testing.assert_array_equal(tokens, want_tokens)
+  np.testing.assert_allclose(conf, want_conf, rtol=1e-4, atol=1e-6)
+
+
 def _assert_close(got, want, tolerance):
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   np.testing.assert_allclose(got, want, atol=tolerance * np.max(np.abs(want)), rtol=0)
@@ -56,12 +67,7 @@ def test_fused_layers_and_head_match_xla(preset, dtype, head_dim, tolerance):
       for a, b in zip(got_layer, want_layer):
         _assert_close(a, b, tolerance)
     _assert_close(got, want, tolerance)
-
-    logits = model.logits(got).at[..., cfg.mask_token_id].set(-jnp.inf)
-    want_tokens, want_conf = sampling.propose_tokens(logits, None, 0.0, 1.0)
-    tokens, conf = fused_layers.greedy_proposals(model, got, cfg.mask_token_id)
-  np.testing.assert_array_equal(tokens, want_tokens)
-  np.testing.assert_allclose(conf, want_conf, rtol=1e-4, atol=1e-6)
+    _assert_greedy_proposals_match(model, got, got)
 
 
 @pytest.mark.parametrize("kernel_ops", [("o_proj", "down"), ("qkv", "swiglu", "head")])
@@ -77,12 +83,8 @@ def test_ops_turned_off_run_their_xla_code(monkeypatch, kernel_ops):
   with use_kernels("interpret"):
     want, _ = _run(model, tokens, "xla")
     got, _ = _run(model, tokens, "fused")
-    tokens_got, conf_got = fused_layers.greedy_proposals(model, got, cfg.mask_token_id)
-    logits = model.logits(want).at[..., cfg.mask_token_id].set(-jnp.inf)
-  _assert_close(got, want, 1e-5)
-  want_tokens, want_conf = sampling.propose_tokens(logits, None, 0.0, 1.0)
-  np.testing.assert_array_equal(tokens_got, want_tokens)
-  np.testing.assert_allclose(conf_got, want_conf, rtol=1e-4, atol=1e-6)
+    _assert_close(got, want, 1e-5)
+    _assert_greedy_proposals_match(model, got, want)
 
 
 def test_fused_generate_equals_xla():
